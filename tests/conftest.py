@@ -34,3 +34,20 @@ def require_ml100k() -> Path:
 
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_lake(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A lake URI holding 3 generated days (2026-01-01 .. 03) at scale "tiny", seed 0: events, users, items.
+
+    Built once per session; treat it as read-only (copy it with shutil.copytree before writing).
+    No user_history: build it with features.history.build_user_history or features.stage.ingest.
+    """
+    from datetime import date
+
+    from features.generate import GeneratorConfig, generate
+    from features.lake import Lake
+
+    uri = str(tmp_path_factory.mktemp("tiny-lake") / "lake")
+    generate(Lake(uri), GeneratorConfig(scale="tiny", seed=0), days=3, start=date(2026, 1, 1), progress=None)
+    return uri

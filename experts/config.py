@@ -1,0 +1,81 @@
+"""The expert's configuration: one frozen dataclass, resolved into MLflow params and every checkpoint.
+
+Variants (`VARIANTS`) switch FM-fed parts on and off; everything else is shared so that variants
+differ only in the FM knowledge they consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+VARIANTS = ("base", "loopfm", "kd", "fe", "loopfm_kd")
+
+# Hashed categorical inputs the expert embeds (its "own features"), in a fixed order.
+OWN_FEATURES = ("user_id", "item_id", "segment", "region", "category", "brand", "position", "device")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Sizes, loss weights and optimisation settings of one surface expert.
+
+    kd_alpha: label scaling of the FM prediction the auxiliary head fits (target = clip(alpha * p_fm)).
+    kd_weight: loss weight w of the auxiliary (distillation) loss.
+    kd_beta: gradient scale from the auxiliary loss into the shared layers (0 = aux head only).
+    adapter_weight: loss weight of the second distillation target (the student adapter's output).
+    """
+
+    variant: str = "base"
+    id_buckets: int = 2**14  # hashed rows for user_id and item_id (unseen ids need no vocabulary)
+    side_buckets: int = 512  # hashed rows for each small categorical (segment, ..., device)
+    emb_dim: int = 8
+    hidden: tuple[int, ...] = (64, 32)
+    history_length: int = 20
+    att_hidden: int = 4  # DIN scorer width: it runs once per history slot
+    kd_alpha: float = 1.0
+    kd_weight: float = 0.5
+    kd_beta: float = 0.5
+    adapter_hidden: int = 8
+    adapter_weight: float = 0.25
+    lr: float = 3e-3
+    batch_size: int = 256
+    epochs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown expert variant {self.variant!r}; known: {VARIANTS}")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Hash rows per OWN_FEATURES entry."""
+        return tuple(self.id_buckets if f in ("user_id", "item_id") else self.side_buckets for f in OWN_FEATURES)
+
+    @property
+    def uses_loop(self) -> bool:
+        return self.variant in ("loopfm", "loopfm_kd")
+
+    @property
+    def uses_kd(self) -> bool:
+        return self.variant in ("kd", "loopfm_kd")
+
+    @property
+    def uses_tae(self) -> bool:
+        return self.variant == "fe"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExpertConfig:
+        known = {f.name for f in fields(cls)}
+        clean = {k: v for k, v in values.items() if k in known}
+        if "hidden" in clean:
+            clean["hidden"] = tuple(clean["hidden"])
+        return cls(**clean)
+
+    def with_overrides(self, **overrides: Any) -> ExpertConfig:
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown ExpertConfig fields {sorted(unknown)}")
+        return replace(self, **overrides)

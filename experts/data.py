@@ -1,0 +1,89 @@
+"""expert_examples partitions -> tensors the expert reads (see experts/model.py for shapes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from experts.config import OWN_FEATURES
+from features.lake import Lake
+from features.schemas import CLICK, FM_VERSION
+
+
+@dataclass
+class ExpertData:
+    """One window of one surface, as tensors; `fm_versions` are the distinct FM versions of its rows."""
+
+    tensors: dict[str, torch.Tensor]
+    label: torch.Tensor  # (N,) float32
+    fm_versions: list[str]
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    @property
+    def repr_dim(self) -> int:
+        return int(self.tensors["loop_repr"].shape[-1])
+
+    @property
+    def tae_dim(self) -> int:
+        return int(self.tensors["tae"].shape[-1])
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """fixed_size_list<float>[W] column -> (N, W) float32."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), width)
+
+
+def _history(column: pa.ChunkedArray, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """list<fixed_size_list<float>[R]> -> (N, L, R) zero padded after the entries, and (N, L) mask."""
+    arr = column.combine_chunks()
+    n = len(arr)
+    lengths = np.minimum(arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), length)
+    out = np.zeros((n, length, width), dtype=np.float32)
+    mask = np.arange(length)[None, :] < lengths[:, None]  # (N, L)
+    inner = arr.flatten()
+    if len(inner):
+        values = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(inner), width)
+        offsets = arr.offsets.to_numpy()[:-1]
+        full = np.asarray(arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False))
+        # keep the newest `length` entries of longer lists (they are ordered oldest -> newest)
+        starts = offsets + (full - lengths)
+        rows = np.repeat(np.arange(n), lengths)
+        slots = np.concatenate([np.arange(k) for k in lengths]) if n else np.zeros(0, int)
+        src = np.repeat(starts, lengths) + slots
+        out[rows, slots] = values[src]
+    return out, mask
+
+
+def to_tensors(table: pa.Table, history_length: int) -> ExpertData:
+    """An EXPERT_EXAMPLES table -> ExpertData. Fails on an empty table."""
+    if table.num_rows == 0:
+        raise ValueError("expert_examples partition has no rows")
+    cats = np.stack([table[c].to_numpy().astype(np.int64) for c in OWN_FEATURES], axis=1)  # (N, F)
+    tae = _vectors(table["fm_tae"])
+    width = table["loop_hist_repr"].type.value_type.list_size
+    hist, mask = _history(table["loop_hist_repr"], history_length, width)
+    tensors = {
+        "cats": torch.from_numpy(cats),
+        "loop_repr": torch.from_numpy(hist),
+        "loop_mask": torch.from_numpy(mask),
+        "tae": torch.from_numpy(tae),
+        "fm_logit": torch.from_numpy(table["fm_logit_click"].to_numpy().astype(np.float32)),
+    }
+    label = torch.from_numpy(table[CLICK].to_numpy().astype(np.float32))
+    versions = sorted(set(table[FM_VERSION].to_pylist()))
+    return ExpertData(tensors, label, versions)
+
+
+def load_examples(lake: Lake, preset: str, ds: str, surface: str, history_length: int) -> ExpertData:
+    """Read expert_examples(fm=preset, ds, surface) as tensors (raises PartitionNotFound when absent)."""
+    return to_tensors(lake.read("expert_examples", fm=preset, ds=ds, surface=surface), history_length)

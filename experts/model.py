@@ -1,0 +1,109 @@
+"""The surface expert: hashed embeddings of its own features + MLP, with optional FM-fed parts.
+
+Inputs (a dict of tensors, see experts/data.py; B = batch, L = history length, R = FM repr width,
+T = target-aware embedding width):
+  cats      (B, F) int64   raw ids of OWN_FEATURES, hashed here (so serving needs no vocabulary)
+  loop_repr (B, L, R) f32  the user's last L historical FM representations (loopfm), zero padded
+  loop_mask (B, L) bool    True where loop_repr holds a real entry
+  tae       (B, T) f32     FM target-aware embedding (fe), detached
+  fm_logit  (B,) f32       FM click logit (kd: the adapter's input; never a serving-head input)
+Output: {"logit": (B,)} plus "aux_logit", "adapter_logit" for kd variants. The serving prediction is
+sigmoid(logit) for every variant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from experts.config import OWN_FEATURES, ExpertConfig
+from experts.distill import StudentAdapter, scale_grad
+
+_HASH_MULT = 0x9E3779B1  # Fibonacci hashing; int64 overflow wraps, which is fine for bucketing
+
+
+class HashedEmbeddings(nn.Module):
+    """One table; feature f uses its own block of buckets[f] rows (TorchRec-style offsets)."""
+
+    def __init__(self, buckets: tuple[int, ...], dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(sum(buckets), dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        sizes = torch.tensor(buckets, dtype=torch.int64)
+        self.register_buffer("sizes", sizes, persistent=False)
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+
+    def forward(self, cats: torch.Tensor) -> torch.Tensor:
+        salt = torch.arange(cats.shape[1], device=cats.device) * 7919
+        idx = torch.remainder((cats + salt) * _HASH_MULT, self.sizes) + self.offsets  # (B, F)
+        return self.table(idx)  # (B, F, D)
+
+
+class TargetAttention(nn.Module):
+    """DIN-style attention: the expert's item embedding queries the user's FM history."""
+
+    def __init__(self, query_dim: int, repr_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(query_dim, repr_dim)
+        self.score = nn.Sequential(nn.Linear(4 * repr_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, item: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.query(item).unsqueeze(1).expand_as(hist)  # (B, L, R)
+        s = self.score(torch.cat([q, hist, q * hist, q - hist], dim=-1)).squeeze(-1)  # (B, L)
+        s = s.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows (no history) -> zero weights
+        return (w.unsqueeze(-1) * hist).sum(1)  # (B, R)
+
+
+class Expert(nn.Module):
+    def __init__(self, cfg: ExpertConfig, repr_dim: int, tae_dim: int) -> None:
+        super().__init__()
+        self.cfg, self.repr_dim, self.tae_dim = cfg, repr_dim, tae_dim
+        n = len(OWN_FEATURES)
+        self.emb = HashedEmbeddings(cfg.buckets, cfg.emb_dim)
+        width = n * cfg.emb_dim
+        if cfg.uses_loop:
+            self.attention = TargetAttention(cfg.emb_dim, repr_dim, cfg.att_hidden)
+            width += 2 * repr_dim  # mean pool + attention pool
+        if cfg.uses_tae:
+            width += tae_dim
+        layers: list[nn.Module] = []
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 1)
+        if cfg.uses_kd:
+            self.aux_head = nn.Linear(width, 1)
+            self.adapter = StudentAdapter(cfg.adapter_hidden)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        e = self.emb(batch["cats"])  # (B, F, D)
+        parts = [e.flatten(1)]
+        if self.cfg.uses_loop:
+            hist, mask = batch["loop_repr"], batch["loop_mask"]
+            count = mask.sum(1, keepdim=True).clamp(min=1)
+            parts.append((hist * mask.unsqueeze(-1)).sum(1) / count)  # (B, R) mean over real entries
+            parts.append(self.attention(e[:, OWN_FEATURES.index("item_id")], hist, mask))
+        if self.cfg.uses_tae:
+            parts.append(batch["tae"].detach())
+        h = self.trunk(torch.cat(parts, dim=-1))  # (B, H)
+        out = {"logit": self.head(h).squeeze(-1)}
+        if self.cfg.uses_kd:
+            out["aux_logit"] = self.aux_head(scale_grad(h, self.cfg.kd_beta)).squeeze(-1)
+            out["adapter_logit"] = self.adapter(batch["fm_logit"])
+        return out
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_example(model: Expert) -> int:
+    """Multiply-adds x2 of the dense layers for one example (embedding lookups are free)."""
+    total = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    if model.cfg.uses_loop:  # the attention MLP and query run once per history slot, not once
+        att = model.attention
+        per_slot = sum(2 * m.in_features * m.out_features for m in att.score if isinstance(m, nn.Linear))
+        total += per_slot * (model.cfg.history_length - 1)
+    return total

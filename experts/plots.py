@@ -1,0 +1,48 @@
+"""Figures logged with every expert run (matplotlib Agg; no MLflow here — the stage logs them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _figure() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(4.5, 3.5))
+
+
+def calibration_curve(labels: np.ndarray, probs: np.ndarray, title: str, bins: int = 10) -> Any:
+    """Mean label vs mean prediction per prediction-quantile bin; returns the matplotlib Figure."""
+    fig, ax = _figure()
+    order = np.argsort(probs)
+    for chunk in np.array_split(order, min(bins, max(len(order), 1))):
+        if len(chunk):
+            ax.plot(probs[chunk].mean(), labels[chunk].mean(), "o", color="tab:blue")
+    top = float(max(probs.max(initial=0.0), labels.mean() if len(labels) else 0.0, 1e-3))
+    ax.plot([0, top], [0, top], "--", color="gray", lw=1)
+    ax.set(xlabel="mean prediction", ylabel="mean label", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def ne_by_day(days: list[str], series: dict[str, list[float]], title: str) -> Any:
+    """NE per day for each named series (variant, FM); returns the Figure."""
+    fig, ax = _figure()
+    for name, values in series.items():
+        ax.plot(days[-len(values):], values, marker="o", label=name)
+    ax.set(xlabel="window", ylabel="NE", title=title)
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def close_figure(fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

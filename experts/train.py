@@ -1,0 +1,178 @@
+"""Warm-started daily expert training, checkpoints and the FM-lineage rule.
+
+Checkpoints: ``<lake>/models/experts/<preset>/<surface>/<variant>/ds=<D>/expert.pt`` holds the model
+trained THROUGH window D (config, shapes, weights, optimizer, the FM lineage). Written atomically
+(temporary name, rename) via `Lake.write_bytes`.
+
+FM lineage rule (`check_lineage`): a checkpoint records its FM preset and the ordered list of
+(ds, fm_version) it consumed. Features for a new window are refused (`FMLineageError`) when
+  - they come from another FM preset (a foreign FM), or
+  - their fm_version is one the expert consumed before but not the last one (an older, stale FM —
+    e.g. fm_outputs left over from a rolled-back FM),
+unless `rebaseline=True`, which keeps the weights and restarts the recorded lineage. The same
+version as last time is accepted (the FM may skip training a day); a new version is the normal case
+(the FM trains every day). FM versions named ``<preset>-<trained-through ds>-<hash>`` (fm/checkpoint.py)
+are also checked, rebaseline or not, to come from that preset and to be trained through a window
+before the one they scored (leakage guard), and — without rebaseline — not through an earlier day than
+the last consumed version.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from experts.config import ExpertConfig
+from experts.data import ExpertData
+from experts.distill import expert_loss
+from experts.model import Expert
+from features.lake import Lake
+from features.windows import Window
+
+CKPT_FILE = "expert.pt"
+
+
+class FMLineageError(ValueError):
+    """Features come from an FM preset/version the expert was not trained with."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume or score an expert trained through `trained_through`."""
+
+    config: ExpertConfig
+    repr_dim: int
+    tae_dim: int
+    model: dict[str, Any]
+    optim: dict[str, Any] | None
+    trained_through: str
+    fm_preset: str
+    surface: str
+    fm_versions: list[tuple[str, str]] = field(default_factory=list)  # (ds, fm_version), oldest first
+
+    def build(self) -> Expert:
+        model = Expert(self.config, self.repr_dim, self.tae_dim)
+        model.load_state_dict(self.model)
+        return model
+
+
+def ckpt_dir(preset: str, surface: str, variant: str) -> str:
+    return f"models/experts/{preset}/{surface}/{variant}"
+
+
+def ckpt_relpath(preset: str, surface: str, variant: str, ds: str) -> str:
+    return f"{ckpt_dir(preset, surface, variant)}/ds={ds}/{CKPT_FILE}"
+
+
+def save_checkpoint(lake: Lake, ckpt: Checkpoint) -> str:
+    buf = io.BytesIO()
+    payload = {**ckpt.__dict__, "config": ckpt.config.to_dict()}
+    torch.save(payload, buf)
+    rel = ckpt_relpath(ckpt.fm_preset, ckpt.surface, ckpt.config.variant, ckpt.trained_through)
+    lake.write_bytes(rel, buf.getvalue())
+    return rel
+
+
+def load_checkpoint(lake: Lake, relpath: str) -> Checkpoint:
+    payload = torch.load(io.BytesIO(lake.read_bytes(relpath)), weights_only=False)
+    payload["config"] = ExpertConfig.from_dict(payload["config"])
+    payload["fm_versions"] = [tuple(v) for v in payload["fm_versions"]]
+    return Checkpoint(**payload)
+
+
+def latest_before(lake: Lake, preset: str, surface: str, variant: str, window: Window) -> str | None:
+    """Relpath of the newest checkpoint trained through a window that ends before `window` starts."""
+    base = lake.path(ckpt_dir(preset, surface, variant))
+    if lake.fs.get_file_info(base).type != pafs.FileType.Directory:
+        return None
+    days = sorted(
+        info.base_name.split("=", 1)[1]
+        for info in lake.fs.get_file_info(pafs.FileSelector(base))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("ds=")
+    )
+    days = [d for d in days if Window.parse(d, window.days).end <= window.start
+            and lake.file_exists(ckpt_relpath(preset, surface, variant, d))]
+    return ckpt_relpath(preset, surface, variant, days[-1]) if days else None
+
+
+def check_lineage(ckpt: Checkpoint, preset: str, versions: list[str], ds: str, rebaseline: bool = False) -> list[tuple[str, str]]:
+    """The lineage after consuming `versions` at `ds`, or FMLineageError (see module docstring)."""
+    if len(versions) != 1:
+        raise FMLineageError(f"window {ds}: expert features come from {len(versions)} FM versions {versions}")
+    version = versions[0]
+    _check_version_name(version, preset, ds)
+    if rebaseline:
+        return [(ds, version)]
+    if preset != ckpt.fm_preset:
+        raise FMLineageError(
+            f"expert {ckpt.surface}/{ckpt.config.variant} was trained with FM preset {ckpt.fm_preset!r}; features "
+            f"for {ds} come from FM preset {preset!r}. Pass rebaseline=True (--rebaseline) to start a new lineage."
+        )
+    seen = [v for _, v in ckpt.fm_versions]
+    if seen and version in seen and version != seen[-1]:
+        raise FMLineageError(
+            f"expert {ckpt.surface}/{ckpt.config.variant} last consumed fm_version {seen[-1]!r}; features for {ds} "
+            f"come from the older version {version!r} (stale FM outputs?). Re-export the FM for {ds} or pass "
+            "rebaseline=True (--rebaseline)."
+        )
+    last_day = version_day(seen[-1]) if seen else None
+    day = version_day(version)
+    if last_day and day and day < last_day:
+        raise FMLineageError(f"fm_version {version!r} for {ds} was trained through {day}, before the last consumed "
+                             f"version {seen[-1]!r}: stale FM outputs. Pass rebaseline=True to accept them.")
+    return [*ckpt.fm_versions, (ds, version)]
+
+
+_VERSION = re.compile(r"^(?P<preset>.+)-(?P<day>\d{4}-\d{2}-\d{2})-(?P<hash>[0-9a-f]+)$")
+
+
+def version_day(version: str) -> str | None:
+    """The trained-through day of a ``<preset>-<ds>-<hash>`` FM version, or None for other names."""
+    m = _VERSION.match(version)
+    return m.group("day") if m else None
+
+
+def _check_version_name(version: str, preset: str, ds: str) -> None:
+    m = _VERSION.match(version)
+    if m is None:
+        return
+    if m.group("preset") != preset:
+        raise FMLineageError(f"fm_version {version!r} names FM preset {m.group('preset')!r}, features were read "
+                             f"as preset {preset!r}")
+    if m.group("day") >= ds:
+        raise FMLineageError(f"leakage guard: fm_version {version!r} was trained through {m.group('day')}, so it "
+                             f"cannot supply features for window {ds}")
+
+
+def new_checkpoint(cfg: ExpertConfig, data: ExpertData, preset: str, surface: str) -> Checkpoint:
+    torch.manual_seed(cfg.seed)
+    model = Expert(cfg, data.repr_dim, data.tae_dim)
+    return Checkpoint(cfg, data.repr_dim, data.tae_dim, model.state_dict(), None, "", preset, surface, [])
+
+
+def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: list[tuple[str, str]]) -> tuple[Checkpoint, float]:
+    """One warm-started pass (cfg.epochs) over `data`; returns the checkpoint trained through `window`."""
+    cfg = ckpt.config
+    model = ckpt.build()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if ckpt.optim is not None:
+        opt.load_state_dict(ckpt.optim)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + window.start.toordinal())
+    model.train()
+    total, steps = 0.0, 0
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
+            batch = data.batch(idx)
+            loss = expert_loss(model(batch), data.label[idx], batch["fm_logit"], cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+    out = Checkpoint(cfg, ckpt.repr_dim, ckpt.tae_dim, model.state_dict(), opt.state_dict(), window.ds,
+                     ckpt.fm_preset, ckpt.surface, lineage)
+    return out, total / max(steps, 1)

@@ -1,0 +1,172 @@
+"""Point-in-time expert examples: events ⨝ FM outputs ⨝ side features ⨝ the user's FM history.
+
+`build_expert_examples(lake, window, surface, preset)` writes ``expert_examples(fm=preset, ds, surface)``
+(schema `EXPERT_EXAMPLES`) from:
+- ``events(ds, surface)``: the rows and labels;
+- ``fm_outputs(fm=preset, ds, surface)`` on event_id: fm_logit_click, fm_tae, fm_version — the FM that
+  scored window ds was trained through the window before ds (FM contract), so these carry no leakage;
+- ``users`` / ``items`` snapshots as of the window before ds (`asof_snapshot`); unknown ids -> 0;
+- LoopFM history: the user's last L FM representations (``fm_repr * fm_repr_scale``, dequantised) with
+  their click labels, from fm_outputs of ALL surfaces, with ts strictly before the event's ts. Day ds
+  contributes its own earlier rows; older days come from the carried ``loop_state(fm=preset, ds)``.
+
+LOOP_STATE contract: ``loop_state(fm, ds=W)`` is the per-user last-L FM history at the END of window W,
+built from fm_outputs(fm, W, every surface) ⨝ events(W) and loop_state(fm, W.prev()). It is built once
+per (preset, window) by `build_loop_state`; `build_expert_examples` for window D needs the state of D-1
+and builds it (and any missing predecessor) on demand. The chain starts at the first window the FM
+scored: before it the state is empty (None). The history length of the state is fixed per lake/preset
+(default 20); a different `history_length` with an existing state truncates to the shorter one.
+
+Errors: `MissingFMOutputs` (no fm_outputs for the window), `SurfaceNotScored` (the FM scored the
+window but not this surface, or left some events unscored), `FMVersionMismatch` (rows of one
+window come from several FM versions), `EmptySurface` (no events for the surface).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features.history import advance_state, asof_snapshot, history_features
+from features.lake import Lake, PartitionNotFound
+from features.schemas import (
+    CLICK,
+    EVENT_ID,
+    FM_VERSION,
+    ITEM_FEATURES,
+    ITEM_ID,
+    SURFACE,
+    TS,
+    USER_FEATURES,
+    USER_ID,
+)
+from features.windows import Window
+
+LOOP_PAYLOAD = ("repr", CLICK, SURFACE)  # -> hist_repr, hist_click, hist_surface (LOOP_STATE columns)
+
+
+class MissingFMOutputs(PartitionNotFound):
+    """The FM has not scored a window that a stage needs."""
+
+
+class SurfaceNotScored(ValueError):
+    """The FM scored the window, but not (all of) this surface."""
+
+
+class FMVersionMismatch(ValueError):
+    """Rows that must come from one FM version come from several."""
+
+
+class EmptySurface(ValueError):
+    """A surface has no events in the window."""
+
+
+def fm_surfaces(lake: Lake, window: Window, preset: str) -> list[str]:
+    """Surfaces the FM `preset` scored for `window` (may be empty)."""
+    return [p["surface"] for p in lake.partitions("fm_outputs", fm=preset, ds=window.ds)]
+
+
+def _events(lake: Lake, window: Window, surface: str) -> pl.LazyFrame:
+    if not lake.exists("events", ds=window.ds, surface=surface):
+        raise EmptySurface(f"surface {surface!r} has no events partition for window {window} in {lake.uri}")
+    return lake.scan("events", ds=window.ds, surface=surface)
+
+
+def _fm(lake: Lake, window: Window, preset: str, surface: str) -> pl.LazyFrame:
+    scored = fm_surfaces(lake, window, preset)
+    if not scored:
+        raise MissingFMOutputs(
+            f"no fm_outputs for fm={preset} window {window} in {lake.uri}: run `fmx fm export --ds {window.ds} "
+            f"--preset {preset}` first (the FM trained through {window.prev()} scores it)"
+        )
+    if surface not in scored:
+        raise SurfaceNotScored(f"FM {preset!r} scored window {window} for surfaces {scored}, not for {surface!r}")
+    return lake.scan("fm_outputs", fm=preset, ds=window.ds, surface=surface)
+
+
+def _one_version(frame: pl.DataFrame, what: str) -> str:
+    versions = frame[FM_VERSION].unique().sort().to_list()
+    if len(versions) != 1:
+        raise FMVersionMismatch(f"{what}: rows come from {len(versions)} FM versions {versions[:5]}, expected one")
+    return str(versions[0])
+
+
+def _loop_rows(lake: Lake, window: Window, preset: str) -> pl.DataFrame:
+    """Every FM-scored event of the window (all surfaces): event_id, user_id, ts, repr, click, surface."""
+    frames = []
+    for surface in fm_surfaces(lake, window, preset):
+        fm = lake.scan("fm_outputs", fm=preset, ds=window.ds, surface=surface).select(
+            EVENT_ID, USER_ID, TS, SURFACE, FM_VERSION, "fm_repr", "fm_repr_scale"
+        )
+        labels = _events(lake, window, surface).select(EVENT_ID, CLICK)
+        frames.append(fm.join(labels, on=EVENT_ID, how="inner"))
+    if not frames:
+        raise MissingFMOutputs(f"no fm_outputs for fm={preset} window {window} in {lake.uri}")
+    rows = pl.concat(frames).collect()
+    _one_version(rows, f"fm_outputs fm={preset} ds={window.ds} (all surfaces)")
+    width = rows.schema["fm_repr"].size  # type: ignore[attr-defined]
+    dequant = pl.col("fm_repr").cast(pl.Array(pl.Float32, width)) * pl.col("fm_repr_scale")
+    return rows.select(EVENT_ID, USER_ID, TS, dequant.alias("repr"), CLICK, SURFACE)
+
+
+def build_loop_state(lake: Lake, window: Window, preset: str, length: int = 20) -> str:
+    """Write loop_state(fm=preset, ds=window) = the FM history at the end of `window`; return its path."""
+    state = loop_state_before(lake, window, preset, length)
+    rows = _loop_rows(lake, window, preset).lazy()
+    new = advance_state(rows, state, length, LOOP_PAYLOAD).collect()
+    return lake.write("loop_state", new, fm=preset, ds=window.ds)
+
+
+def loop_state_before(lake: Lake, window: Window, preset: str, length: int = 20) -> pl.LazyFrame | None:
+    """The LOOP_STATE at the end of window.prev(), building missing states back to the FM's first window."""
+    missing: list[Window] = []
+    w = window.prev()
+    while not lake.exists("loop_state", fm=preset, ds=w.ds) and fm_surfaces(lake, w, preset):
+        missing.append(w)
+        w = w.prev()
+    for todo in reversed(missing):
+        build_loop_state(lake, todo, preset, length)
+    prev = window.prev()
+    if not lake.exists("loop_state", fm=preset, ds=prev.ds):
+        return None  # the FM scored nothing before this window: empty history
+    return lake.scan("loop_state", fm=preset, ds=prev.ds)
+
+
+def _side(lake: Lake, window: Window, table: str, key: str, columns: tuple[str, ...]) -> pl.LazyFrame | None:
+    snap = asof_snapshot(lake, table, window)
+    return None if snap is None else snap.select(key, *columns).unique(key, keep="last")
+
+
+def _with_side(frame: pl.LazyFrame, side: pl.LazyFrame | None, key: str, columns: tuple[str, ...]) -> pl.LazyFrame:
+    if side is None:
+        return frame.with_columns(pl.lit(0, pl.Int32).alias(c) for c in columns)
+    return frame.join(side, on=key, how="left").with_columns(pl.col(c).fill_null(0).cast(pl.Int32) for c in columns)
+
+
+def expert_frame(lake: Lake, window: Window, surface: str, preset: str, history_length: int = 20) -> pl.DataFrame:
+    """The expert_examples rows for (window, surface) as a DataFrame (not written)."""
+    events = _events(lake, window, surface).collect()
+    if events.height == 0:
+        raise EmptySurface(f"surface {surface!r} has no events in window {window}")
+    fm = _fm(lake, window, preset, surface).select(EVENT_ID, FM_VERSION, "fm_logit_click", "fm_tae").collect()
+    joined = events.join(fm, on=EVENT_ID, how="left")
+    unscored = joined[FM_VERSION].null_count()
+    if unscored:
+        raise SurfaceNotScored(f"fm_outputs fm={preset} ds={window.ds} surface={surface} miss {unscored} of "
+                               f"{events.height} events: re-run the FM export for this window")
+    _one_version(joined, f"fm_outputs fm={preset} ds={window.ds} surface={surface}")
+    state = loop_state_before(lake, window, preset, history_length)
+    hist = history_features(_loop_rows(lake, window, preset).lazy(), state, history_length, LOOP_PAYLOAD)
+    hist = hist.select(EVENT_ID, pl.col("hist_repr").alias("loop_hist_repr"), pl.col("hist_click").alias("loop_hist_click"))
+    out = _with_side(joined.lazy(), _side(lake, window, "users", USER_ID, USER_FEATURES), USER_ID, USER_FEATURES)
+    out = _with_side(out, _side(lake, window, "items", ITEM_ID, ITEM_FEATURES), ITEM_ID, ITEM_FEATURES)
+    out = out.join(hist, on=EVENT_ID, how="left").with_columns(
+        pl.col("loop_hist_click").fill_null(pl.lit([], pl.List(pl.Int8))),
+        pl.col("loop_hist_click").list.len().fill_null(0).cast(pl.Int16).alias("loop_hist_len"),
+    )
+    return out.sort(TS, EVENT_ID).collect()
+
+
+def build_expert_examples(lake: Lake, window: Window, surface: str, preset: str, history_length: int = 20) -> str:
+    """Write expert_examples(fm=preset, ds=window.ds, surface) (EXPERT_EXAMPLES); return its path."""
+    frame = expert_frame(lake, window, surface, preset, history_length)
+    return lake.write("expert_examples", frame, fm=preset, ds=window.ds, surface=surface)

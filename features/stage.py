@@ -1,0 +1,92 @@
+"""Stage wrappers for landing data: `ingest` (one window) and `lake_windows`.
+
+Called by the daily DAG's ingest task, by `fmx ingest` and by tests, with plain references only
+(ds string, lake URI string, scale name, seed); each returns a small JSON-able dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from features.lake import Lake, PartitionNotFound
+from features.schemas import EVENTS, USER_HISTORY
+from features.windows import Window, window_series
+
+SOURCES = ("generator", "lake")
+
+
+def lake_windows(lake_uri: str) -> list[str]:
+    """The ds of every window holding at least one events partition, sorted."""
+    return sorted({p["ds"] for p in Lake(lake_uri).partitions(EVENTS.name)})
+
+
+def ingest(ds: str, lake_uri: str, source: str = "generator", scale: str = "small", seed: int = 0) -> dict[str, Any]:
+    """Land and validate window `ds`, then write its user_history(ds) state.
+
+    source="generator": (re)generate window ds with `GeneratorConfig(scale, seed)` (deterministic,
+    so a re-run writes the same data). A new lake takes ds as its origin; windows between the lake's
+    origin and ds that hold no events yet are generated (and their history built) first, in order,
+    because each generated day carries over from the day before.
+    source="lake": the window was imported earlier (e.g. `fmx import`); its events(ds, *) must exist
+    and pass the schema check (PartitionNotFound / SchemaError otherwise).
+    Both: user_history of earlier windows is built first where missing, then user_history(ds) via
+    `features.history.build_user_history`. Returns {"ds", "surfaces", "rows", "source"}.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown ingest source {source!r}; expected one of {SOURCES}")
+    lake = Lake(lake_uri)
+    if source == "generator":
+        window = Window.parse(ds)
+        _generate_through(lake, window, scale, seed)
+    else:
+        window = Window.parse(ds, int(lake.meta().get("window_days", 1)))
+    surfaces, rows = _validate_events(lake, window)
+    _build_history_through(lake, window)
+    return {"ds": window.ds, "surfaces": surfaces, "rows": rows, "source": source}
+
+
+def _generate_through(lake: Lake, window: Window, scale: str, seed: int) -> None:
+    """Generate every missing window from the lake's origin up to `window`, then `window` itself."""
+    from features.generate import GeneratorConfig, generate_window
+
+    cfg = GeneratorConfig(scale=scale, seed=seed)
+    meta = lake.meta()
+    if meta.get("source") == "generator" and "origin" in meta:
+        origin = Window.parse(meta["origin"])
+        for earlier in window_series(origin.start, max(0, (window.start - origin.start).days)):
+            if earlier < window and not lake.partitions(EVENTS.name, ds=earlier.ds):
+                generate_window(lake, cfg, earlier)
+    generate_window(lake, cfg, window)
+
+
+def _validate_events(lake: Lake, window: Window) -> tuple[list[str], int]:
+    """Surfaces and row count of events(ds, *); every partition's schema is checked on scan."""
+    parts = lake.partitions(EVENTS.name, ds=window.ds)
+    if not parts:
+        raise PartitionNotFound(
+            f"no events for window ds={window.ds} in lake {lake.uri}; import or generate it first "
+            f"(windows present: {lake_windows(lake.uri)[:5]}{'...' if len(lake_windows(lake.uri)) > 5 else ''})"
+        )
+    rows = 0
+    for part in parts:
+        rows += lake.scan(EVENTS.name, **part).select(pl.len()).collect().item()
+    return [p["surface"] for p in parts], rows
+
+
+def _build_history_through(lake: Lake, window: Window) -> None:
+    """user_history for every earlier window lacking it (in order, gaps included), then for `window`.
+
+    Windows are stepped from the lake's first event window, so a window without events (a gap in an
+    imported log) still gets its carried-forward state and the chain of states is never broken.
+    """
+    from features.history import build_user_history
+
+    first = Window.parse(lake_windows(lake.uri)[0], window.days)
+    if (window.start - first.start).days % window.days:
+        raise ValueError(f"window {window} is not aligned with the lake's first window {first} ({lake.uri})")
+    for earlier in window_series(first.start, (window.start - first.start).days // window.days, window.days):
+        if earlier < window and not lake.exists(USER_HISTORY.name, ds=earlier.ds):
+            build_user_history(lake, earlier)
+    build_user_history(lake, window)

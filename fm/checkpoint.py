@@ -1,0 +1,81 @@
+"""FM checkpoints and the versions index, stored through the Lake's filesystem (local, s3://, ...).
+
+Layout under the lake root (all writes atomic: temporary file, then rename — `Lake.write_bytes`):
+  models/fm/<preset>/ds=<ds>/progress.pt   mid-window state (model, optimizers, step, RNG); removed at the end
+  models/fm/<preset>/ds=<ds>/final.pt      the FM trained through window ds (the next window warm-starts here)
+  models/fm/<preset>/versions.json         {ds: {"fm_version", "parent", "path", "steps"}}
+
+A checkpoint is a dict (torch.save): cfg (FMConfig.to_dict()), model (FMBundle state_dict), opt_fm, opt_ae,
+step, n_steps, ds, window_days, parent (fm_version warm-started from, or None), rng (torch CPU state),
+and for final ones fm_version, trained_through (= ds) and train_ctr {surface: CTR of window ds}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from features.lake import Lake
+
+ROOT = ("models", "fm")
+
+
+def relpath(preset: str, ds: str, kind: str) -> str:
+    if kind not in ("progress", "final"):
+        raise ValueError(f"checkpoint kind must be 'progress' or 'final', got {kind!r}")
+    return "/".join([*ROOT, preset, f"ds={ds}", f"{kind}.pt"])
+
+
+def save(lake: Lake, preset: str, ds: str, kind: str, state: dict[str, Any]) -> str:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return lake.write_bytes(relpath(preset, ds, kind), buf.getvalue())
+
+
+def load(lake: Lake, preset: str, ds: str, kind: str) -> dict[str, Any] | None:
+    """The checkpoint, or None if it does not exist."""
+    path = relpath(preset, ds, kind)
+    if not lake.file_exists(path):
+        return None
+    return torch.load(io.BytesIO(lake.read_bytes(path)), map_location="cpu", weights_only=True)
+
+
+def remove(lake: Lake, preset: str, ds: str, kind: str) -> None:
+    path = lake.path(relpath(preset, ds, kind))
+    if lake.file_exists(relpath(preset, ds, kind)):
+        lake.fs.delete_file(path)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every parameter and buffer, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fm_version(preset: str, ds: str, model: nn.Module) -> str:
+    """`<preset>-<ds>-<first 10 hex of the weights hash>`."""
+    return f"{preset}-{ds}-{weights_hash(model)[:10]}"
+
+
+def versions_path(preset: str) -> str:
+    return "/".join([*ROOT, preset, "versions.json"])
+
+
+def read_versions(lake: Lake, preset: str) -> dict[str, dict[str, Any]]:
+    path = versions_path(preset)
+    return json.loads(lake.read_bytes(path)) if lake.file_exists(path) else {}
+
+
+def record_version(lake: Lake, preset: str, ds: str, entry: dict[str, Any]) -> None:
+    """Add or replace ds's entry in the versions index (single writer: the rank-0 trainer of that ds)."""
+    versions = read_versions(lake, preset) | {ds: entry}
+    lake.write_bytes(versions_path(preset), json.dumps(dict(sorted(versions.items())), indent=2).encode())

@@ -1,0 +1,86 @@
+"""FMConfig: every setting of the foundation model, its training and its export, in one frozen dataclass.
+
+Size presets (`FMConfig.preset(name, **overrides)`); parameters and forward FLOPs per example are
+measured by `bench/bench_fm.py --sizes` (torch.utils.flop_counter, history length 32, batch 256):
+
+| preset | dim | hash rows (user/item) | history blocks | mlp      | parameters | fwd FLOPs/example |
+|--------|-----|-----------------------|----------------|----------|-----------:|------------------:|
+| small  | 16  | 2^15 / 2^15           | 0 (DIN only)   | 64, 32   |     1.15 M |           0.08 M  |
+| base   | 32  | 2^16 / 2^16           | 1              | 128, 64  |     4.6 M  |           0.69 M  |
+| large  | 64  | 2^17 / 2^17           | 2              | 256, 128 |    17.6 M  |           3.2 M   |
+
+(Parameters are dominated by the hashed ID tables; FLOPs by the history encoder and the MLP. The
+table in README/bench output is the authority; the numbers above are from the last measured run.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+SURFACES = ("feed", "search", "video", "live")
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(dim=16, user_buckets=2**15, item_buckets=2**15, n_blocks=0, n_heads=2, mlp=(64, 32)),
+    "base": dict(dim=32, user_buckets=2**16, item_buckets=2**16, n_blocks=1, n_heads=2, mlp=(128, 64)),
+    "large": dict(dim=64, user_buckets=2**17, item_buckets=2**17, n_blocks=2, n_heads=4, mlp=(256, 128)),
+}
+
+
+@dataclass(frozen=True)
+class FMConfig:
+    """Model size, training and export settings. Resolved copies travel with checkpoints and MLflow params."""
+
+    preset: str = "small"
+    # ---- model ----------------------------------------------------------------------------------
+    dim: int = 16  # width of every ID / side-feature embedding and of the history tokens
+    user_buckets: int = 2**15  # hashed user-id table rows
+    item_buckets: int = 2**15  # hashed item-id table rows (shared by candidate and history items)
+    side_buckets: int = 1024  # hashed rows for each small categorical (segment, region, ...)
+    n_blocks: int = 0  # self-attention blocks over the history before target attention
+    n_heads: int = 2
+    mlp: tuple[int, ...] = (64, 32)  # interaction MLP; its last width is the LoopFM source representation
+    hist_len: int = 32  # L: most recent cross-surface interactions per event
+    surfaces: tuple[str, ...] = SURFACES  # one head per (surface, label)
+    tasks: tuple[str, ...] = ("click", "like")
+    repr_width: int = 32  # LoopFM autoencoder bottleneck (tanh) -> int8 fm_repr
+    # ---- training -------------------------------------------------------------------------------
+    lr: float = 3e-3
+    ae_lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256  # global batch (split evenly across DDP ranks)
+    seed: int = 0
+    ckpt_every: int = 200  # steps between mid-window checkpoints
+    log_every: int = 100  # steps between progress lines on stderr
+    like_weight: float = 0.5  # loss weight of the like task
+    # ---- export ---------------------------------------------------------------------------------
+    export_batch: int = 4096
+
+    @classmethod
+    def from_preset(cls, name: str = "small", **overrides: Any) -> FMConfig:
+        """The preset's settings, then `overrides` (unknown keys raise with the valid names)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown FM preset {name!r}; choose one of {sorted(_PRESETS)}")
+        valid = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - valid)
+        if bad:
+            raise ValueError(f"unknown FMConfig fields {bad}; valid: {sorted(valid)}")
+        cfg = cls(preset=name, **_PRESETS[name])
+        return replace(cfg, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FMConfig:
+        tuples = {"mlp", "surfaces", "tasks"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+    def model_key(self) -> dict[str, Any]:
+        """The settings that fix the parameter shapes: a warm start requires them equal."""
+        keep = ("dim", "user_buckets", "item_buckets", "side_buckets", "n_blocks", "n_heads", "mlp")
+        return {k: getattr(self, k) for k in keep} | {"surfaces": self.surfaces, "tasks": self.tasks,
+                                                       "repr_width": self.repr_width}
+
+
+PRESETS = tuple(_PRESETS)

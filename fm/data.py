@@ -1,0 +1,147 @@
+"""One window's FM examples as in-memory tensors, features joined point in time.
+
+`load_window(lake, window, cfg)` reads ``events(ds=window.ds, every surface)`` (schemas.EVENTS), sorted by
+event_id, and joins
+- each event's last ``cfg.hist_len`` cross-surface interactions strictly before its ts
+  (features.history.history_features over ``read_user_history(lake, window)`` — the state at the end
+  of window.prev() — and this window's own events; payload item_id, surface, click);
+- user side features (segment, region) and item side features (category, brand) from the newest
+  ``users`` / ``items`` snapshot with ds <= window.prev() (features.history.asof_snapshot): a snapshot
+  written for day D may describe day D, so it is never used for day D itself. Ids absent from the
+  snapshot (new today) get -1, which hashes to its own "unknown" row.
+
+Batch tensors (`BATCH_KEYS`), N rows, L = cfg.hist_len:
+  user_id, item_id, segment, region, category, brand, position, device: (N,) int64 raw values
+  surface: (N,) int64 index into cfg.surfaces
+  hist_item (N, L) int64, hist_surface (N, L) int64, hist_click (N, L) int64 (0/1),
+  hist_mask (N, L) bool — right-aligned (newest interaction in the last column), padding False
+  click (N,) float32; like (N,) float32 with like_mask (N,) float32 (0 where the log has no like label)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from features.history import asof_snapshot, history_features, read_user_history
+from features.lake import Lake, PartitionNotFound
+from features.schemas import CLICK, EVENT_ID, ITEM_ID, LIKE, SURFACE, TS, USER_ID
+from features.windows import Window
+from fm.config import FMConfig
+
+PAYLOAD = (ITEM_ID, SURFACE, CLICK)
+SIDE = {"users": (USER_ID, ("segment", "region")), "items": (ITEM_ID, ("category", "brand"))}
+BATCH_KEYS = (
+    "user_id", "item_id", "segment", "region", "category", "brand", "position", "device", "surface",
+    "hist_item", "hist_surface", "hist_click", "hist_mask", "click", "like", "like_mask",
+)
+
+
+@dataclass
+class WindowData:
+    """All examples of one window: `tensors` (BATCH_KEYS, N rows) plus the ids the exporter writes back."""
+
+    tensors: dict[str, Tensor]
+    event_id: np.ndarray  # (N,) int64, ascending
+    ts: pa.Array  # (N,) timestamp[us, UTC]
+    surface_names: np.ndarray  # (N,) str
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    def batch(self, idx: Tensor) -> dict[str, Tensor]:
+        """Rows `idx` of every tensor (a contiguous copy per key)."""
+        return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+
+
+def read_events(lake: Lake, window: Window) -> pl.LazyFrame:
+    parts = lake.partitions("events", ds=window.ds)
+    if not parts:
+        raise PartitionNotFound(f"no events partitions for window {window} in lake {lake.uri}; ingest it first")
+    return lake.scan_many("events", parts)
+
+
+def load_window(lake: Lake, window: Window, cfg: FMConfig) -> WindowData:
+    """Every event of `window` with point-in-time features (see module docstring)."""
+    events = read_events(lake, window).sort(EVENT_ID)
+    hist = history_features(
+        events.select(EVENT_ID, USER_ID, TS, *PAYLOAD), read_user_history(lake, window), cfg.hist_len, PAYLOAD
+    )
+    frame = events.join(hist.select(pl.exclude("hist_ts")), on=EVENT_ID, how="left", maintain_order="left")
+    for table, (key, cols) in SIDE.items():
+        snap = asof_snapshot(lake, table, window)
+        if snap is None:
+            frame = frame.with_columns(pl.lit(-1, pl.Int64).alias(c) for c in cols)
+        else:
+            frame = frame.join(snap.select(key, *cols), on=key, how="left", maintain_order="left")
+    df = frame.collect()
+    return to_window_data(df, cfg)
+
+
+def _surface_index(names: pl.Series, surfaces: tuple[str, ...], what: str) -> np.ndarray:
+    unknown = sorted(set(names.unique().drop_nulls().to_list()) - set(surfaces))
+    if unknown:
+        raise ValueError(f"{what}: surfaces {unknown} are not among the FM's heads {list(surfaces)}; "
+                         "set FMConfig.surfaces (a new surface needs a new FM, not a warm start)")
+    lookup = {s: i for i, s in enumerate(surfaces)}
+    return names.replace_strict(lookup, default=len(surfaces), return_dtype=pl.Int64).to_numpy()
+
+
+def _padded(column: pl.Series, length: int, fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (N, length) right-aligned values (the last `length` elements) and a mask."""
+    arr = column.to_arrow()
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    n = len(offsets) - 1
+    lens = np.minimum(np.diff(offsets), length)
+    out = np.full((n, length), fill, dtype=values.dtype if values.dtype != object else object)
+    mask = np.zeros((n, length), dtype=bool)
+    rows = np.repeat(np.arange(n), lens)
+    within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 per row
+    cols = length - np.repeat(lens, lens) + within
+    src = np.repeat(offsets[1:] - lens, lens) + within  # the last `lens` values of each list
+    out[rows, cols] = values[src]
+    mask[rows, cols] = True
+    return out, mask
+
+
+def to_window_data(df: pl.DataFrame, cfg: FMConfig) -> WindowData:
+    """Frame with events + hist_* lists + side columns -> WindowData (no I/O; used by tests and bench)."""
+    def long(col: str) -> Tensor:
+        return torch.from_numpy(df[col].fill_null(-1).cast(pl.Int64).to_numpy().copy())
+
+    L = cfg.hist_len
+    hist_item, mask = _padded(df["hist_item_id"], L, 0)
+    hist_surf, _ = _padded(df["hist_surface"].list.eval(
+        pl.element().replace_strict({s: i for i, s in enumerate(cfg.surfaces)}, default=len(cfg.surfaces),
+                                    return_dtype=pl.Int64)), L, len(cfg.surfaces))
+    hist_click, _ = _padded(df["hist_click"].cast(pl.List(pl.Int64)), L, 0)
+    like = df[LIKE]
+    t = {c: long(c) for c in (USER_ID, ITEM_ID, "segment", "region", "category", "brand", "position", "device")}
+    t[SURFACE] = torch.from_numpy(_surface_index(df[SURFACE], cfg.surfaces, "events").copy())
+    t["hist_item"] = torch.from_numpy(hist_item.astype(np.int64))
+    t["hist_surface"] = torch.from_numpy(hist_surf.astype(np.int64))
+    t["hist_click"] = torch.from_numpy(hist_click.astype(np.int64).clip(0, 1))
+    t["hist_mask"] = torch.from_numpy(mask)
+    t["click"] = torch.from_numpy(df[CLICK].cast(pl.Float32).to_numpy().copy())
+    t["like"] = torch.from_numpy(like.fill_null(0).cast(pl.Float32).to_numpy().copy())
+    t["like_mask"] = torch.from_numpy(like.is_not_null().cast(pl.Float32).to_numpy().copy())
+    ts = df[TS].to_arrow()
+    return WindowData(
+        tensors=t,
+        event_id=df[EVENT_ID].to_numpy().copy(),
+        ts=ts.combine_chunks() if isinstance(ts, pa.ChunkedArray) else ts,
+        surface_names=df[SURFACE].to_numpy(),
+    )
+
+
+def surface_ctr(data: WindowData, surfaces: tuple[str, ...]) -> dict[str, float]:
+    """Click-through rate per surface present in `data` (the base rate the next window's NE uses)."""
+    s, y = data.tensors[SURFACE], data.tensors[CLICK]
+    return {name: float(y[s == i].mean()) for i, name in enumerate(surfaces) if bool((s == i).any())}

@@ -1,0 +1,173 @@
+"""Export the FM's knowledge about window D as data: ExFM scores, LoopFM representations, FE embeddings.
+
+`export_fm(cfg, window, lake) -> ExportResult` runs FM_{D-1} (the FM trained through window.prev(),
+``final.pt`` — it never saw D) once over every event of D and writes
+- ``fm_outputs(fm=<preset>, ds=D, surface=s)`` (schemas.FM_OUTPUTS), one row per event: fm_version,
+  fm_logit_click / fm_logit_like (the event's surface head), fm_repr = int8 of the LoopFM autoencoder's
+  tanh code (width cfg.repr_width) with fm_repr_scale = per-row max|code| / 127 (dequantise:
+  fm_repr * fm_repr_scale), fm_tae = the target-aware embedding (float32, width cfg.dim);
+- ``user_embeddings(fm, ds=D)`` / ``item_embeddings(fm, ds=D)``: FM_{D-1}'s user and item embeddings
+  (id + side features) of every user / item in the newest snapshot with ds <= D-1, i.e. the ids known
+  at the end of D-1, as FM_{D-1} (the version that scored D) sees them;
+- progressive metrics per surface on D (AUC, log loss, NE, calibration of sigmoid(fm_logit_click)). NE's
+  base rate is the CTR of the FM's own training window D-1 for that surface (stored as train_ctr in
+  final.pt); `base_rate_source` says so. Compression quality is measured on D too: the autoencoder's
+  relative MSE (squared error / total variance of the hidden representation) and the int8 quantisation
+  error relative to the code's energy.
+
+Leakage guard: the checkpoint's trained_through must end before D (features.windows.assert_after).
+First window of a lake (no FM yet): nothing is written; the result has fm_version None and `skipped`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from features.history import asof_snapshot
+from features.lake import Lake
+from features.metrics import all_metrics
+from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, USER_EMBEDDINGS, USER_ID
+from features.windows import Window, assert_after
+from fm import checkpoint
+from fm.compress import quantize_int8
+from fm.config import FMConfig
+from fm.data import WindowData, load_window
+from fm.model import FMBundle
+from fm.train import is_first_window
+
+BASE_RATE_SOURCE = "ctr of the FM's training window (ds-1) per surface"
+
+
+@dataclass
+class ExportResult:
+    fm_version: str | None
+    ds: str
+    rows: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    base_rates: dict[str, float] = field(default_factory=dict)
+    compression: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None
+    trained_through: str | None = None
+
+
+def load_scorer(lake: Lake, cfg: FMConfig, window: Window, trained_through: Window) -> tuple[FMBundle, dict]:
+    """FMBundle of the FM trained through `trained_through`, after the leakage guard; raises if absent."""
+    state = checkpoint.load(lake, cfg.preset, trained_through.ds, "final")
+    if state is None:
+        raise FileNotFoundError(f"no FM {cfg.preset!r} trained through {trained_through} in lake {lake.uri}; "
+                                f"run `fmx fm train --ds {trained_through.ds}` first")
+    through = Window.parse(state["trained_through"], state["window_days"])
+    assert_after(through, window, f"FM {state['fm_version']}")
+    bundle = FMBundle(FMConfig.from_dict(state["cfg"]))
+    bundle.load_state_dict(state["model"])
+    return bundle.eval(), state
+
+
+@torch.no_grad()
+def score(bundle: FMBundle, data: WindowData, batch: int) -> dict[str, np.ndarray]:
+    """logits (N, T), code (N, W), tae (N, D), and compression error sums, in data order."""
+    parts: dict[str, list[np.ndarray]] = {"logits": [], "code": [], "tae": []}
+    sse = sst = 0.0
+    hidden_sum, hidden_sq, n = 0.0, 0.0, 0
+    for lo in range(0, len(data), batch):
+        b = data.batch(torch.arange(lo, min(lo + batch, len(data))))
+        out, code, recon = bundle(b)
+        parts["logits"].append(out.logits.numpy())
+        parts["code"].append(code.numpy())
+        parts["tae"].append(out.tae.numpy())
+        sse += float(((recon - out.hidden) ** 2).sum())
+        hidden_sum = hidden_sum + out.hidden.double().sum(0)
+        hidden_sq += float((out.hidden.double() ** 2).sum())
+        n += len(out.hidden)
+    total_var = hidden_sq - float((hidden_sum**2).sum()) / max(n, 1)  # sum of squared deviations
+    res = {k: np.concatenate(v) for k, v in parts.items()}
+    res["ae_rel_mse"] = np.array(sse / max(total_var, 1e-12))
+    return res
+
+
+def _fixed(vectors: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(vectors).ravel(), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+def outputs_table(data: WindowData, scores: dict[str, np.ndarray], version: str) -> pa.Table:
+    """All of fm_outputs for the window (every surface), in event_id order."""
+    q, scale = quantize_int8(scores["code"])
+    t = data.tensors
+    cols = {
+        "event_id": pa.array(data.event_id), "ts": data.ts, "user_id": pa.array(t["user_id"].numpy()),
+        "item_id": pa.array(t["item_id"].numpy()), "surface": pa.array(data.surface_names.astype(str)),
+        "fm_version": pa.array([version] * len(data), pa.string()),
+        "fm_logit_click": pa.array(scores["logits"][:, 0].astype(np.float32)),
+        "fm_logit_like": pa.array(scores["logits"][:, 1].astype(np.float32)),
+        "fm_repr": _fixed(q, pa.int8()), "fm_repr_scale": pa.array(scale),
+        "fm_tae": _fixed(scores["tae"].astype(np.float32), pa.float32()),
+    }
+    return pa.table(cols)
+
+
+def progressive_metrics(table: pa.Table, data: WindowData, train_ctr: dict[str, float]) -> tuple[dict, dict]:
+    """Per surface {auc, logloss, ne, calibration} and the base rate used (training window's CTR)."""
+    p = 1 / (1 + np.exp(-table["fm_logit_click"].to_numpy().astype(np.float64)))
+    y = data.tensors["click"].numpy()
+    overall = float(np.mean(list(train_ctr.values())))  # a surface the FM never trained on
+    metrics, rates = {}, {}
+    for s in sorted(set(data.surface_names.tolist())):
+        rows = data.surface_names == s
+        rates[s] = train_ctr.get(s, overall)
+        metrics[s] = all_metrics(y[rows], p[rows], rates[s])
+    return metrics, rates
+
+
+def embedding_tables(bundle: FMBundle, lake: Lake, window: Window, data: WindowData, version: str) -> dict:
+    """User and item embedding snapshots (ids of the newest users/items snapshot <= D-1, else of D's events)."""
+    out = {}
+    for table, source, key, cols, embed in (
+        (USER_EMBEDDINGS.name, "users", USER_ID, ("segment", "region"), bundle.fm.user_embedding),
+        (ITEM_EMBEDDINGS.name, "items", ITEM_ID, ("category", "brand"), bundle.fm.item_embedding),
+    ):
+        snap = asof_snapshot(lake, source, window)
+        if snap is None:
+            ids = np.unique(data.tensors[key].numpy())
+            frame = pl.DataFrame({key: ids, **{c: np.full(len(ids), -1) for c in cols}})
+        else:
+            frame = snap.select(key, *cols).sort(key).collect()
+        b = {c: torch.from_numpy(frame[c].cast(pl.Int64).to_numpy().copy()) for c in (key, *cols)}
+        with torch.no_grad():
+            vec = embed(b).numpy().astype(np.float32)  # (n_ids, D)
+        out[table] = pa.table({key: pa.array(b[key].numpy()), "fm_version": pa.array([version] * len(vec)),
+                               "vector": _fixed(vec, pa.float32())})
+    return out
+
+
+def export_fm(cfg: FMConfig, window: Window, lake: Lake, *, trained_through: Window | None = None) -> ExportResult:
+    """See module docstring. `trained_through` (default window.prev()) picks another FM; it must end before D."""
+    through = trained_through or window.prev()
+    if checkpoint.load(lake, cfg.preset, through.ds, "final") is None and trained_through is None \
+            and is_first_window(lake, window):
+        return ExportResult(None, window.ds, skipped=f"first window {window.ds}: no FM trained before it yet")
+    bundle, state = load_scorer(lake, cfg, window, through)
+    version = state["fm_version"]
+    data = load_window(lake, window, FMConfig.from_dict(state["cfg"]))
+    scores = score(bundle, data, cfg.export_batch)
+    table = outputs_table(data, scores, version)
+    rows = {}
+    for s in sorted(set(data.surface_names.tolist())):
+        part = table.filter(pc.equal(table["surface"], s))
+        lake.write(FM_OUTPUTS.name, part, fm=cfg.preset, ds=window.ds, surface=s)
+        rows[s] = part.num_rows
+    for name, emb in embedding_tables(bundle, lake, window, data, version).items():
+        lake.write(name, emb, fm=cfg.preset, ds=window.ds)
+    metrics, rates = progressive_metrics(table, data, state["train_ctr"])
+    q, scale = quantize_int8(scores["code"])
+    deq = q.astype(np.float32) * scale[:, None]
+    quant = float(((deq - scores["code"]) ** 2).sum() / max(float((scores["code"] ** 2).sum()), 1e-12))
+    compression = {"ae_rel_mse": float(scores["ae_rel_mse"]), "int8_rel_mse": quant,
+                   "int8_max_abs_err": float(np.abs(deq - scores["code"]).max()) if len(deq) else 0.0}
+    return ExportResult(version, window.ds, rows, metrics, rates, compression, None, state["trained_through"])

@@ -1,0 +1,223 @@
+"""The multi-surface foundation model (FM), nanoGPT style: one config (fm.config.FMConfig), small modules,
+one top model.
+
+Design choices (and why):
+
+- **Hashed ID embeddings.** Users, items and every side feature (segment, region, category, brand,
+  position, device) index fixed-size tables through a 64-bit mix of the raw id modulo the table size
+  (`hash_ids`). New ids appear every day in a streaming log; hashing needs no vocabulary state to
+  grow, checkpoint, ship to the exporter or keep consistent across DDP ranks, and the model takes raw
+  lake ids. The trade-off is collisions: with n distinct ids in m rows a given id shares its row with
+  about n/m others, so rare ids share (noisy) embeddings. Presets size m (2^15 .. 2^17 rows) above the
+  synthetic data's active id counts, where collisions cost little; larger presets collide less, which
+  is part of why they win. Surfaces are few and named, so they use a plain index (cfg.surfaces).
+- **History encoder = DIN target attention, plus self-attention blocks in larger presets.** Each
+  history token is item + surface + click + recency embeddings. DIN-style attention with the candidate
+  item as query pools the last L cross-surface interactions into a candidate-aware interest vector —
+  the natural (user, candidate) target-aware embedding that Foundation-Expert exports — at O(L) cost,
+  which keeps "small" CPU-cheap. `n_blocks` > 0 adds pre-LN self-attention blocks over the history
+  (every token is strictly before the event, so no causal mask is needed), letting larger presets
+  model cross-item context at O(L^2) cost. A learned "null" token is always present so users with no
+  history attend to something (no NaN from a fully masked softmax).
+- **Heads per (surface, task)**: one linear layer emits S*T logits; each example keeps its own surface's.
+
+Forward returns `FMOutput`: logits (B, T) for cfg.tasks of the example's surface; hidden (B, H) the
+interaction-level representation (LoopFM source, H = cfg.mlp[-1]); tae (B, D) the target-aware
+embedding; user (B, D) and item (B, D) embeddings (id + side features, candidate independent).
+Batch keys are documented in fm.data.BATCH_KEYS.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fm.config import FMConfig
+
+_M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (splitmix64 constants)
+_M2 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_M3 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def hash_ids(ids: Tensor, salt: int, buckets: int) -> Tensor:
+    """splitmix64 finaliser of (id + salt) modulo `buckets`; int64 arithmetic wraps, as intended."""
+    x = ids + salt * 0x632BE59BD9B4E019 % (2**62)
+    x = (x ^ (x >> 30)) * _M2
+    x = (x ^ (x >> 27)) * _M3
+    x = x ^ (x >> 31)
+    return torch.remainder(x * _M1, buckets)
+
+
+class HashEmbedding(nn.Module):
+    """An embedding table indexed by hashed raw ids (any int64, new ids welcome)."""
+
+    def __init__(self, buckets: int, dim: int, salt: int) -> None:
+        super().__init__()
+        self.buckets, self.salt = buckets, salt
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table(hash_ids(ids, self.salt, self.buckets))  # (*ids.shape, D)
+
+
+class Block(nn.Module):
+    """Pre-LN self-attention + MLP block over the history tokens, with a key padding mask."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(D, dim=2)
+        # (B, T, D) -> (B, H, T, D/H)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, H, T, D/H)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.ln2(x))
+
+
+class TargetAttention(nn.Module):
+    """DIN: score each history token against the candidate with a small MLP on [q, k, q-k, q*k]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        # No bias on the last layer: softmax ignores a constant shift, so its gradient is pure float noise
+        # that Adam would amplify into real updates.
+        self.score = nn.Sequential(nn.Linear(4 * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, 1, bias=False))
+
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        q = query[:, None, :].expand_as(keys)  # (B, T, D)
+        s = self.score(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)  # (B, T)
+        w = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)  # (B, T); null token keeps a row finite
+        return torch.einsum("bt,btd->bd", w, keys)  # (B, D)
+
+
+class HistoryEncoder(nn.Module):
+    """Cross-surface history (B, L) -> candidate-aware interest (B, D) and mean history (B, D)."""
+
+    def __init__(self, cfg: FMConfig, items: HashEmbedding) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.items = items  # shared with the candidate tower: history and candidates live in one space
+        self.surface = nn.Embedding(len(cfg.surfaces) + 1, d)  # last row: unknown surface
+        self.click = nn.Embedding(2, d)
+        self.recency = nn.Embedding(cfg.hist_len, d)
+        self.null = nn.Parameter(torch.zeros(1, 1, d))
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads) for _ in range(cfg.n_blocks))
+        self.attn = TargetAttention(d)
+
+    def forward(self, b: dict[str, Tensor], candidate: Tensor) -> tuple[Tensor, Tensor]:
+        mask = b["hist_mask"]  # (B, L), True = real interaction; right-aligned, newest last
+        B, L = mask.shape
+        pos = torch.arange(L, device=mask.device).expand(B, L)
+        tok = self.items(b["hist_item"]) + self.surface(b["hist_surface"]) + self.click(b["hist_click"])
+        tok = (tok + self.recency(pos)) * mask[..., None]  # (B, L, D)
+        x = torch.cat([self.null.expand(B, 1, -1), tok], dim=1)  # (B, L+1, D)
+        m = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask], dim=1)  # (B, L+1)
+        for block in self.blocks:
+            x = block(x, m)
+        mean = tok.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+        return self.attn(candidate, x, m), mean
+
+
+class FMOutput(NamedTuple):
+    logits: Tensor  # (B, T) per task, of the example's surface
+    hidden: Tensor  # (B, H) interaction representation (LoopFM source)
+    tae: Tensor  # (B, D) target-aware (user, candidate) embedding (Foundation-Expert source)
+    user: Tensor  # (B, D)
+    item: Tensor  # (B, D)
+
+
+class FoundationModel(nn.Module):
+    def __init__(self, cfg: FMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.users = HashEmbedding(cfg.user_buckets, d, salt=1)
+        self.items = HashEmbedding(cfg.item_buckets, d, salt=2)
+        names = ("segment", "region", "category", "brand", "position", "device")
+        self.side = nn.ModuleDict({n: HashEmbedding(cfg.side_buckets, d, salt=10 + i) for i, n in enumerate(names)})
+        self.surface = nn.Embedding(len(cfg.surfaces) + 1, d)
+        self.history = HistoryEncoder(cfg, self.items)
+        layers: list[nn.Module] = []
+        width = 7 * d
+        for h in cfg.mlp:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.mlp = nn.Sequential(*layers)
+        self.heads = nn.Linear(width, len(cfg.surfaces) * len(cfg.tasks))
+
+    def user_embedding(self, b: dict[str, Tensor]) -> Tensor:
+        return self.users(b["user_id"]) + self.side["segment"](b["segment"]) + self.side["region"](b["region"])
+
+    def item_embedding(self, b: dict[str, Tensor]) -> Tensor:
+        return self.items(b["item_id"]) + self.side["category"](b["category"]) + self.side["brand"](b["brand"])
+
+    def forward(self, b: dict[str, Tensor]) -> FMOutput:
+        user, item = self.user_embedding(b), self.item_embedding(b)  # (B, D) each
+        ctx = self.side["position"](b["position"]) + self.side["device"](b["device"]) + self.surface(b["surface"])
+        interest, hist_mean = self.history(b, item)  # (B, D) each
+        x = torch.cat([user, item, ctx, interest, hist_mean, user * item, interest * item], dim=-1)  # (B, 7D)
+        hidden = self.mlp(x)  # (B, H)
+        S, T = len(self.cfg.surfaces), len(self.cfg.tasks)
+        all_logits = self.heads(hidden).view(-1, S, T)  # (B, S, T)
+        surface = b["surface"].clamp(max=S - 1)  # unknown surfaces (index S) are rejected by fm.data
+        logits = all_logits[torch.arange(len(surface), device=surface.device), surface]  # (B, T)
+        return FMOutput(logits, hidden, interest, user, item)
+
+
+class ReprAutoencoder(nn.Module):
+    """LoopFM compression: hidden (B, H) -> tanh code (B, W) -> reconstruction (B, H)."""
+
+    def __init__(self, cfg: FMConfig) -> None:
+        super().__init__()
+        self.enc = nn.Linear(cfg.mlp[-1], cfg.repr_width)
+        self.dec = nn.Linear(cfg.repr_width, cfg.mlp[-1])
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        code = torch.tanh(self.enc(hidden))  # (B, W) in (-1, 1): int8-friendly
+        return code, self.dec(code)
+
+
+class FMBundle(nn.Module):
+    """FM + its compression autoencoder, trained together; the AE sees hidden.detach() (stop-gradient)."""
+
+    def __init__(self, cfg: FMConfig) -> None:
+        super().__init__()
+        self.fm = FoundationModel(cfg)
+        self.ae = ReprAutoencoder(cfg)
+
+    def forward(self, b: dict[str, Tensor]) -> tuple[FMOutput, Tensor, Tensor]:
+        out = self.fm(b)
+        target = out.hidden.detach()  # the FM never learns from the autoencoder
+        code, recon = self.ae(target)
+        return out, code, recon
+
+
+def fm_loss(logits: Tensor, b: dict[str, Tensor], norm: Tensor, like_weight: float) -> Tensor:
+    """Summed BCE over this rank's rows divided by `norm` = (global click rows, global like rows) / world.
+
+    Dividing a local *sum* by the global count (times world size, which DDP's gradient average undoes)
+    makes every rank's share add up to exactly the global-batch mean, even when shards differ in size.
+    Rows with an unknown like label (like_mask False) contribute nothing to the like loss.
+    """
+    click = F.binary_cross_entropy_with_logits(logits[:, 0], b["click"], reduction="sum") / norm[0]
+    if logits.shape[1] < 2:
+        return click
+    like_bce = F.binary_cross_entropy_with_logits(logits[:, 1], b["like"], reduction="none")
+    like = (like_bce * b["like_mask"]).sum() / norm[1].clamp(min=1e-9)
+    return click + like_weight * like
+
+
+def ae_loss(target: Tensor, recon: Tensor, norm: Tensor) -> Tensor:
+    """Summed squared reconstruction error / (global rows / world) — per-row MSE summed over dims."""
+    return ((recon - target) ** 2).sum() / norm[0]

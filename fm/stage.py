@@ -1,0 +1,88 @@
+"""FM stage wrappers: plain references in, a small JSON-able dict out, MLflow logging here and only here.
+
+- `fm_export(ds, lake_uri, preset, pipeline_run)`: fm.export.export_fm for window ds (FM_{ds-1}); one
+  nested MLflow run "fm_export" (tags surface="all", variant="fm", fm_version, fm_preset) with one child
+  run per surface (tag surface=<s>) holding that surface's progressive metrics under the exact keys
+  auc, logloss, ne, calibration, at step = window index since the lake's origin. Returns
+  {"fm_version", "ds", "metrics": {surface: {...}}, "rows": {surface: n}, "base_rates", "compression",
+  "skipped"}; on the lake's first window fm_version is None and skipped says why (nothing written).
+- `fm_train(ds, lake_uri, preset, pipeline_run)`: fm.train.train_fm; nested run "fm_train" with params =
+  the resolved FMConfig, metrics train_loss / examples_per_s (progress diagnostics, not evaluation
+  metrics), tags fm_version / fm_parent, and the final checkpoint file as an artifact
+  (mlflow.log_artifact, not mlflow.pytorch.log_model: the checkpoint is what warm starts and exports
+  read, and log_model costs seconds per call). Returns {"fm_version", "parent", "ds", "steps", "examples"}.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import date
+from typing import Any
+
+from features.lake import Lake
+from features.tracking import stage_run
+from fm import checkpoint
+from fm.config import FMConfig
+from fm.export import BASE_RATE_SOURCE, export_fm
+from fm.train import run_training, window_for
+
+
+def _step(lake: Lake, ds: str) -> int:
+    origin = lake.meta().get("origin")
+    window = window_for(lake, ds)
+    return window.index(date.fromisoformat(origin)) if origin else 0
+
+
+def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual") -> dict[str, Any]:
+    import mlflow
+
+    lake = Lake(lake_uri)
+    cfg = FMConfig.from_preset(preset)
+    res = export_fm(cfg, window_for(lake, ds), lake)
+    tags = {"surface": "all", "variant": "fm", "fm_version": res.fm_version or "none", "fm_preset": preset}
+    with stage_run("fm_export", pipeline_run=pipeline_run, ds=ds, tags=tags, params={"fm_preset": preset}):
+        if res.skipped:
+            mlflow.set_tag("skipped", res.skipped)
+        step = _step(lake, ds)
+        mlflow.log_metrics(res.compression, step=step)
+        for surface, metrics in res.metrics.items():
+            child_tags = {**tags, "ds": ds, "surface": surface, "base_rate_source": BASE_RATE_SOURCE}
+            with mlflow.start_run(run_name=f"fm_export/{surface}", nested=True, tags=child_tags):
+                mlflow.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step)  # drop NaN
+                mlflow.log_metric("base_rate", res.base_rates[surface], step=step)
+    return {"fm_version": res.fm_version, "ds": ds, "metrics": res.metrics, "rows": res.rows,
+            "base_rates": res.base_rates, "base_rate_source": BASE_RATE_SOURCE, "compression": res.compression,
+            "skipped": res.skipped}
+
+
+def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual",
+             cold_start: bool = False) -> dict[str, Any]:
+    import mlflow
+
+    lake = Lake(lake_uri)
+    cfg = FMConfig.from_preset(preset)
+    tags = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": preset}
+    with stage_run("fm_train", pipeline_run=pipeline_run, ds=ds, tags=tags, params=cfg.to_dict()):
+        res = run_training(cfg, window_for(lake, ds), lake, cold_start=cold_start)
+        mlflow.set_tags({"fm_version": res.fm_version, "fm_parent": res.parent or "none"})
+        step = _step(lake, ds)
+        mlflow.log_metrics({"train_loss": res.mean_loss,
+                            "examples_per_s": res.examples / max(res.seconds, 1e-9)}, step=step)
+        _log_checkpoint(lake, preset, ds)
+    return {"fm_version": res.fm_version, "parent": res.parent, "ds": ds, "steps": res.steps,
+            "examples": res.examples}
+
+
+def _log_checkpoint(lake: Lake, preset: str, ds: str) -> None:
+    import mlflow
+
+    rel = checkpoint.relpath(preset, ds, "final")
+    if lake.is_local:
+        mlflow.log_artifact(lake.path(rel), artifact_path="checkpoint")
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # remote lake: copy the file down first
+        local = os.path.join(tmp, "final.pt")
+        with open(local, "wb") as f:
+            f.write(lake.read_bytes(rel))
+        mlflow.log_artifact(local, artifact_path="checkpoint")

@@ -1,0 +1,248 @@
+"""Streaming FM training: one shuffled pass over one window, warm-started from the previous window's FM.
+
+`train_fm(cfg, window, lake) -> fm_version` (contract):
+- warm start: model and optimizer state of ``final.pt`` of window.prev() (fm.checkpoint). The first
+  window of the lake (no earlier events partition) cold-starts; a later window whose predecessor FM is
+  missing is an error unless ``cold_start=True``.
+- data: every event of the window, all surfaces, point-in-time features (fm.data.load_window), visited
+  once in a permutation seeded by (cfg.seed, window.ds).
+- global batch semantics: step s covers permutation[s*B:(s+1)*B]; under DDP rank r takes the r-th of
+  `world` contiguous slices, its loss is a local sum over the global count (x world), and DDP's
+  gradient average makes the update equal to the single-process one (up to float summation order).
+- checkpoints (rank 0): ``progress.pt`` every cfg.ckpt_every steps (model, optimizers, step, RNG), and
+  ``final.pt`` at the end; a killed run re-run with the same arguments resumes from progress.pt and ends
+  with bit-identical weights (same seed, same device, same thread count).
+- fm_version = f"{preset}-{ds}-{weights hash}", stored in final.pt and models/fm/<preset>/versions.json.
+
+Run it: ``python -m fm.train --ds 2026-01-02 --lake PATH [--preset small] [--set lr=0.001]``, or under
+``torchrun --nproc_per_node=2 -m fm.train ...`` (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from features.lake import Lake
+from features.windows import Window
+from fm import checkpoint
+from fm.config import FMConfig
+from fm.data import WindowData, load_window, surface_ctr
+from fm.model import FMBundle, ae_loss, fm_loss
+
+log = logging.getLogger("fm.train")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    fm_version: str
+    parent: str | None
+    steps: int
+    examples: int
+    seconds: float
+    mean_loss: float
+    resumed_at: int  # step a progress checkpoint was resumed from (0: fresh start)
+
+
+def dist_info() -> Dist:
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dist.get_backend() == "nccl":
+            return Dist(rank, world, torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+        return Dist(rank, world, torch.device("cpu"))
+    return Dist(0, 1, torch.device("cpu"))
+
+
+def window_for(lake: Lake, ds: str) -> Window:
+    """The window starting `ds`, with the lake's window length (meta window_days, default 1)."""
+    return Window.parse(ds, int(lake.meta().get("window_days", 1)))
+
+
+def is_first_window(lake: Lake, window: Window) -> bool:
+    return not any(p["ds"] < window.ds for p in lake.partitions("events"))
+
+
+def permutation(seed: int, ds: str, n: int) -> Tensor:
+    digest = hashlib.sha256(f"{seed}:{ds}".encode()).hexdigest()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(digest[:15], 16)))
+
+
+def make_optimizers(bundle: FMBundle, cfg: FMConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    fm = torch.optim.AdamW(bundle.fm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ae = torch.optim.Adam(bundle.ae.parameters(), lr=cfg.ae_lr)
+    return fm, ae
+
+
+def load_parent(lake: Lake, cfg: FMConfig, window: Window, cold_start: bool) -> dict[str, Any] | None:
+    """final.pt of window.prev(), or None for a cold start (see module docstring for when that is allowed)."""
+    parent = checkpoint.load(lake, cfg.preset, window.prev().ds, "final")
+    if parent is None:
+        if not cold_start and not is_first_window(lake, window):
+            raise FileNotFoundError(
+                f"FM {cfg.preset!r} trained through {window.prev()} is missing in lake {lake.uri}, so window "
+                f"{window} cannot warm-start; train {window.prev().ds} first, or pass cold_start=True / --cold-start"
+            )
+        return None
+    saved = FMConfig.from_dict(parent["cfg"])
+    if saved.model_key() != cfg.model_key():
+        raise ValueError(f"cannot warm-start {cfg.preset!r} from {parent['fm_version']}: model shape differs "
+                         f"({saved.model_key()} vs {cfg.model_key()})")
+    return parent
+
+
+def restore(bundle: FMBundle, opts: tuple[torch.optim.Optimizer, ...], state: dict[str, Any], cfg: FMConfig) -> None:
+    bundle.load_state_dict(state["model"])
+    for opt, key, lr in zip(opts, ("opt_fm", "opt_ae"), (cfg.lr, cfg.ae_lr), strict=True):
+        opt.load_state_dict(state[key])
+        for group in opt.param_groups:  # today's config decides the learning rate, not the checkpoint's
+            group["lr"] = lr
+
+
+def train_step(model: nn.Module, opts: tuple[torch.optim.Optimizer, ...], data: WindowData, gidx: Tensor,
+               d: Dist, cfg: FMConfig) -> float:
+    """One update on global batch `gidx`; this rank computes its contiguous slice. Returns the local loss."""
+    local = gidx.tensor_split(d.world)[d.rank]
+    b = {k: v.to(d.device, non_blocking=True) for k, v in data.batch(local).items()}
+    n_like = data.tensors["like_mask"].index_select(0, gidx).sum()
+    norm = (torch.stack([torch.tensor(float(len(gidx))), n_like]) / d.world).to(d.device)
+    out, _, recon = model(b)
+    loss = fm_loss(out.logits, b, norm, cfg.like_weight)
+    total = loss + ae_loss(out.hidden.detach(), recon, norm)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    for opt in opts:
+        opt.step()
+    return float(loss.detach())
+
+
+def _state(bundle: FMBundle, opts: tuple[torch.optim.Optimizer, ...], cfg: FMConfig, window: Window,
+           step: int, n_steps: int, parent: str | None) -> dict[str, Any]:
+    return {
+        "cfg": cfg.to_dict(), "model": bundle.state_dict(), "opt_fm": opts[0].state_dict(),
+        "opt_ae": opts[1].state_dict(), "step": step, "n_steps": n_steps, "ds": window.ds,
+        "window_days": window.days, "parent": parent, "rng": torch.get_rng_state(),
+    }
+
+
+def run_training(cfg: FMConfig, window: Window, lake: Lake, *, cold_start: bool = False,
+                 data: WindowData | None = None) -> TrainResult:
+    """train_fm with its statistics (see module docstring). `data` skips loading (bench, tests)."""
+    d = dist_info()
+    torch.manual_seed(cfg.seed)
+    bundle = FMBundle(cfg)
+    opts = make_optimizers(bundle, cfg)
+    parent = load_parent(lake, cfg, window, cold_start)
+    parent_version = parent["fm_version"] if parent else None
+    if parent:
+        restore(bundle, opts, parent, cfg)
+    start = 0
+    progress = checkpoint.load(lake, cfg.preset, window.ds, "progress")
+    if progress and progress["parent"] == parent_version and FMConfig.from_dict(progress["cfg"]) == cfg:
+        restore(bundle, opts, progress, cfg)
+        torch.set_rng_state(progress["rng"])
+        start = progress["step"]
+        log.info("fm train %s: resuming from step %d", window.ds, start)
+    data = data if data is not None else load_window(lake, window, cfg)
+    bundle.to(d.device)
+    model: nn.Module = bundle
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(bundle, device_ids=[d.device] if d.device.type == "cuda" else None)
+    perm = permutation(cfg.seed, window.ds, len(data))
+    n_steps = math.ceil(len(data) / cfg.batch_size)
+    t0, losses = time.perf_counter(), []
+    for step in range(start, n_steps):
+        gidx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        losses.append(train_step(model, opts, data, gidx, d, cfg))
+        if (step + 1) % cfg.log_every == 0:
+            rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
+            log.info("fm train %s: step %d/%d loss %.4f %.0f examples/s", window.ds, step + 1, n_steps,
+                     sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]), rate)
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < n_steps and d.rank == 0:
+            checkpoint.save(lake, cfg.preset, window.ds, "progress", _state(bundle, opts, cfg, window, step + 1,
+                                                                               n_steps, parent_version))
+            log.info("fm train %s: checkpoint step=%d", window.ds, step + 1)
+    seconds = time.perf_counter() - t0
+    bundle.cpu()
+    version = checkpoint.fm_version(cfg.preset, window.ds, bundle)
+    if d.rank == 0:
+        final = _state(bundle, opts, cfg, window, n_steps, n_steps, parent_version)
+        final |= {"fm_version": version, "trained_through": window.ds, "train_ctr": surface_ctr(data, cfg.surfaces)}
+        path = checkpoint.save(lake, cfg.preset, window.ds, "final", final)
+        checkpoint.record_version(lake, cfg.preset, window.ds,
+                                  {"fm_version": version, "parent": parent_version, "path": path, "steps": n_steps})
+        checkpoint.remove(lake, cfg.preset, window.ds, "progress")
+    if d.world > 1:
+        dist.barrier()
+    mean_loss = sum(losses) / max(len(losses), 1)
+    log.info("fm train %s: done %s (%d steps, %.1fs, loss %.4f)", window.ds, version, n_steps - start, seconds, mean_loss)
+    return TrainResult(version, parent_version, n_steps, len(data), seconds, mean_loss, start)
+
+
+def train_fm(cfg: FMConfig, window: Window, lake: Lake, *, cold_start: bool = False) -> str:
+    """Train the FM on `window` (warm start from window.prev()); return its fm_version."""
+    return run_training(cfg, window, lake, cold_start=cold_start).fm_version
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['lr=0.001', 'mlp=[64,32]'] -> {'lr': 0.001, 'mlp': (64, 32)} (JSON values, else strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"override {pair!r} is not key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fm.train", description=__doc__.splitlines()[0])
+    p.add_argument("--ds", required=True)
+    p.add_argument("--lake", required=True)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FMConfig override")
+    p.add_argument("--cold-start", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    lake = Lake(args.lake)
+    cfg = FMConfig.from_preset(args.preset, **parse_overrides(args.set))
+    version = train_fm(cfg, window_for(lake, args.ds), lake, cold_start=args.cold_start)
+    if dist_info().rank == 0:
+        print(version)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

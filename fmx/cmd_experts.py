@@ -1,0 +1,79 @@
+"""`fmx experts examples|train|promote` and `fmx compare`: thin wrappers over experts.stage / compare."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from fmx.cli import cli, lake_option, resolve_lake
+
+
+def _run(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Call a stage and turn its documented errors into a clean CLI error."""
+    from features.lake import PartitionNotFound, SchemaError
+
+    try:
+        return func(*args, **kwargs)
+    except (ValueError, PartitionNotFound, SchemaError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.group()
+def experts() -> None:
+    """Surface experts: point-in-time examples, progressive train, compare and promote."""
+
+
+@experts.command("examples")
+@click.option("--ds", required=True, help="Window (YYYY-MM-DD).")
+@click.option("--surface", required=True)
+@click.option("--preset", default="small", show_default=True, help="FM preset whose outputs to join.")
+@lake_option
+def examples_cmd(ds: str, surface: str, preset: str, lake_uri: str | None) -> None:
+    """Write expert_examples(fm=PRESET, DS, SURFACE)."""
+    from experts.stage import expert_examples
+
+    click.echo(json.dumps(_run(expert_examples, ds, surface, resolve_lake(lake_uri), preset)))
+
+
+@experts.command("train")
+@click.option("--ds", required=True)
+@click.option("--surface", required=True)
+@click.option("--variant", type=click.Choice(("base", "loopfm", "kd", "fe", "loopfm_kd")), required=True)
+@click.option("--preset", default="small", show_default=True)
+@click.option("--pipeline-run", default="manual", show_default=True)
+@click.option("--rebaseline", is_flag=True, help="Accept features from another FM lineage (restart it).")
+@lake_option
+def train_cmd(ds: str, surface: str, variant: str, preset: str, pipeline_run: str, rebaseline: bool,
+              lake_uri: str | None) -> None:
+    """Progressive eval on DS with the model trained through DS-1, then warm-start train on DS."""
+    from experts.stage import expert_train
+
+    out = _run(expert_train, ds, surface, variant, resolve_lake(lake_uri), preset, pipeline_run, rebaseline)
+    click.echo(json.dumps(out, default=str))
+
+
+@experts.command("promote")
+@click.option("--ds", required=True)
+@click.option("--surface", required=True)
+@click.option("--preset", default="small", show_default=True)
+@click.option("--pipeline-run", default="manual", show_default=True)
+@click.option("--margin", type=float, default=0.001, show_default=True, help="NE margin a challenger must win by.")
+@lake_option
+def promote_cmd(ds: str, surface: str, preset: str, pipeline_run: str, margin: float, lake_uri: str | None) -> None:
+    """Score all variants and the champion on DS's rows; promote the best if it wins by MARGIN."""
+    from experts.stage import compare_and_promote
+
+    out = _run(compare_and_promote, ds, surface, resolve_lake(lake_uri), preset, pipeline_run, margin)
+    click.echo(json.dumps(out, default=str))
+
+
+@cli.command("compare")
+@click.option("--surface", default=None, help="Only this surface.")
+@click.option("--from", "ds_from", default=None, help="First window (YYYY-MM-DD), inclusive.")
+@click.option("--to", "ds_to", default=None, help="Last window (YYYY-MM-DD), inclusive.")
+def compare_cmd(surface: str | None, ds_from: str | None, ds_to: str | None) -> None:
+    """Variants x (AUC, NE, calibration, gap closure, transfer ratio), averaged over the range, from MLflow."""
+    from experts.compare import compare_rows, format_table
+
+    click.echo(format_table(compare_rows(surface, ds_from, ds_to)))

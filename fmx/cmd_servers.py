@@ -1,0 +1,102 @@
+"""`fmx up`, `fmx down`, `fmx status`, `fmx airflow ...`: the local Airflow + MLflow servers (fmx.servers)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from fmx.cli import cli
+
+
+@cli.command()
+@click.option(
+    "--airflow-port", type=int, default=None, help="Default $FMX_AIRFLOW_PORT, else 8080 if free, else any."
+)
+@click.option(
+    "--mlflow-port", type=int, default=None, help="Default $FMX_MLFLOW_PORT, else 5000 if free, else any."
+)
+@click.option(
+    "--db",
+    default=None,
+    help="postgresql://user:pw@host:port/NAME for both metadata stores (databases NAME_airflow, NAME_mlflow). "
+    "Default $FMX_DB, else SQLite under $FMX_HOME.",
+)
+@click.option("--dags", "dags_folder", default=None, help="DAGs folder (default: the repository's dags/).")
+@click.option(
+    "--schedule/--no-schedule",
+    default=True,
+    show_default=True,
+    help="--no-schedule: no scheduled or catch-up runs; triggered runs and backfills still run.",
+)
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for health.")
+def up(
+    airflow_port: int | None,
+    mlflow_port: int | None,
+    db: str | None,
+    dags_folder: str | None,
+    schedule: bool,
+    timeout: float,
+) -> None:
+    """Start Airflow (api-server, scheduler, dag-processor) and an MLflow server; wait until healthy."""
+    from fmx import servers
+
+    try:
+        cfg = servers.resolve_config(None, dags_folder, airflow_port, mlflow_port, db, schedule)
+        click.echo(f"starting servers under {cfg.home} (logs in {cfg.state_dir / 'logs'}) ...", err=True)
+        state = servers.up(cfg, timeout=timeout)
+    except servers.ServerError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Airflow  {state.airflow_url}   user admin, password in {state.password_file}")
+    click.echo(f"MLflow   {state.mlflow_url}")
+    click.echo(f"logs     {sorted(state.logs.values())[0].rsplit('/', 1)[0]}/")
+    click.echo("stop with `fmx down`")
+
+
+@cli.command()
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds before SIGKILL.")
+def down(timeout: float) -> None:
+    """Stop every server process `fmx up` started under $FMX_HOME (idempotent)."""
+    from fmx import servers
+
+    home = servers.resolve_home()
+    stopped = servers.down(home, timeout=timeout)
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else f"no servers running under {home}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(as_json: bool) -> None:
+    """Show the servers' URLs, processes and health; exit 1 when not all are running."""
+    from fmx import servers
+
+    info = servers.status(servers.resolve_home())
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    elif not info["processes"]:
+        click.echo("no servers started (run `fmx up`)")
+    else:
+        click.echo(f"Airflow  {info['airflow_url']}  healthy={info['healthy']['airflow']}")
+        click.echo(f"MLflow   {info['mlflow_url']}  healthy={info['healthy']['mlflow']}")
+        click.echo(f"metadata {info['db']}; password in {info['password_file']}")
+        for name, state in info["processes"].items():
+            click.echo(f"  {name:<14} {state}")
+    sys.exit(0 if info["running"] else 1)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def airflow(args: tuple[str, ...]) -> None:
+    """Run the `airflow` CLI against the servers `fmx up` started, e.g.
+    `fmx airflow backfill create --dag-id fmx_fm --from-date 2026-01-02 --to-date 2026-01-03`."""
+    import subprocess
+
+    from fmx import servers
+
+    try:
+        cfg = servers.running_config(servers.resolve_home())
+    except servers.ServerError as exc:
+        raise click.ClickException(str(exc)) from None
+    cmd = [sys.executable, "-m", "airflow", *args]
+    sys.exit(subprocess.run(cmd, env=servers.server_env(cfg)).returncode)

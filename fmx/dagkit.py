@@ -1,0 +1,110 @@
+"""What the DAG files share: the validated trigger Params, task defaults, and the day of a run.
+
+Imported by `dags/*.py` at parse time, so it imports nothing heavy (no polars, torch, mlflow; airflow
+only inside functions the DAG files call anyway). Library code lives in features/, fm/, experts/;
+this module only turns an Airflow run (params, logical date) into the plain references the stage
+wrappers take (ds string, lake URI string, preset names, pipeline_run id).
+
+The enums below repeat constants of heavy modules (experts.stage.VARIANTS, the generator's surfaces,
+the FM presets) so that parsing a DAG stays cheap; tests/dags asserts they agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+SURFACES = ("feed", "search", "video", "live")
+VARIANTS = ("base", "loopfm", "kd", "fe", "loopfm_kd")
+FM_PRESETS = ("small", "base", "large")
+SOURCES = ("generator", "lake")
+SCALES = ("tiny", "small", "default")
+TRAINING_POOL = "fmx_training"
+TRAINING_POOL_SLOTS = 1  # one heavy training task at a time: they each use every core they get
+
+# Retries back off exponentially: 30 s, 60 s, 120 s ... capped at 10 min.
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "fmx",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+    "execution_timeout": timedelta(minutes=30),
+}
+TRAIN_TIMEOUT = timedelta(hours=3)
+
+
+def params() -> dict[str, Any]:
+    """The Params every fmx DAG accepts; Airflow validates a trigger's conf against them before any task runs."""
+    from airflow.sdk import Param
+
+    def enum_list(default: list[str], values: tuple[str, ...], min_items: int, doc: str) -> Any:
+        items = {"type": "string", "enum": list(values)}
+        return Param(default, type="array", items=items, minItems=min_items, uniqueItems=True, description=doc)
+
+    return {
+        "ds": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            description="Window to process (YYYY-MM-DD). Empty: the run's logical date.",
+        ),
+        "surfaces": enum_list([], SURFACES, 0, "Surfaces to train experts for. Empty: every surface of the window."),
+        "variants": enum_list(list(VARIANTS), VARIANTS, 1, "Expert variants to train."),
+        "fm_presets": enum_list(["small"], FM_PRESETS, 1, "FM sizes to export and train (several: transfer ratio)."),
+        "source": Param("generator", enum=list(SOURCES), description="generator: synthesize the window; lake: imported."),
+        "scale": Param("small", enum=list(SCALES), description="Generator scale (source=generator only)."),
+        "lake": Param("", type="string", description="Lake root URI. Empty: $FMX_HOME/lake on the worker."),
+        "pipeline_run": Param("", type="string", description="MLflow pipeline run id. Empty: this DAG run's id."),
+    }
+
+
+def run_day(params: Mapping[str, Any], logical_date: datetime | None) -> str:
+    """The window a run works on: Param `ds`, else the run's logical date (never the wall clock).
+
+    Scheduled and backfill runs of the daily DAG have logical_date == data_interval_start == the
+    day's midnight. The logical date is used rather than data_interval_start because a manual run
+    of a data-interval timetable infers the interval *before* its logical date.
+    """
+    if params.get("ds"):
+        return str(params["ds"])
+    if logical_date is None:
+        raise ValueError("this run has no logical date: trigger it with the Param ds=YYYY-MM-DD")
+    return logical_date.date().isoformat()
+
+
+def lake_uri(params: Mapping[str, Any]) -> str:
+    from features.lake import default_lake_uri
+
+    return str(params.get("lake") or default_lake_uri())
+
+
+def pipeline_run(params: Mapping[str, Any], run_id: str) -> str:
+    return str(params.get("pipeline_run") or run_id)
+
+
+def timed(stage: Callable[..., dict], **kwargs: Any) -> dict:
+    """Call a stage wrapper; return its dict plus `stage_s`, its own wall time (for the overhead split)."""
+    start = time.perf_counter()
+    out = dict(stage(**kwargs) or {})
+    out["stage_s"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+GRID_LISTS = {"surface": "surfaces", "variant": "variants", "preset": "fm_presets"}
+
+
+def grid(day: Mapping[str, Any], axes: list[str]) -> list[dict[str, str]]:
+    """Every combination of the day's lists along `axes` (e.g. ["surface", "variant"]), as mapped-task kwargs.
+
+    `day` holds the lists under their plural names (surfaces, variants, fm_presets; see GRID_LISTS).
+    """
+    import itertools
+
+    unknown = [a for a in axes if a not in GRID_LISTS]
+    if unknown:
+        raise ValueError(f"unknown grid axes {unknown}; known: {sorted(GRID_LISTS)}")
+    lists = [list(day[GRID_LISTS[a]]) for a in axes]
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*lists)]

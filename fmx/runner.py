@@ -1,0 +1,223 @@
+"""The main job in one process: the real DAGs of dags/ run day by day with `DAG.test()`.
+
+Airflow's own machinery runs every task: a metadata DB (SQLite under $FMX_HOME/airflow, migrated
+once), DAG runs with a logical date and a validated conf, dependency checks, dynamic task mapping,
+XCom. What a scheduler would add is played here in a fixed order: for each day D, one `fmx_fm` run
+(logical date D), then the `fmx_experts` run its `trigger_experts` task would have started, with
+the conf that task would have passed (`trigger_experts` itself is marked success, so no run is left
+queued for a scheduler that is not there).
+
+Contract: `run_job(JobConfig) -> JobReport`; raises `JobFailed` naming the failed tasks. Airflow is
+configured from the environment at its first import, so `configure_airflow` must run before anything
+imports airflow in this process (`fmx run` does it first).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fmx import dagkit
+
+DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
+FM_DAG, EXPERTS_DAG = "fmx_fm", "fmx_experts"
+GENERATOR_START = date(2026, 1, 1)  # the generator's default first day (features.generate.generate)
+
+
+class JobFailed(RuntimeError):
+    """A DAG run of the main job did not succeed."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What `fmx run` runs: `days` windows from `start` (generator) or the lake's first windows (lake)."""
+
+    days: int = 4
+    scale: str = "small"
+    source: str = "generator"
+    lake: str = ""
+    fm_presets: tuple[str, ...] = ("small",)
+    surfaces: tuple[str, ...] = ()
+    variants: tuple[str, ...] = dagkit.VARIANTS
+    start: date | None = None
+    retries: bool = True  # False: fail at the first error instead of backing off (tests, debugging)
+
+
+@dataclass
+class TaskTiming:
+    dag_id: str
+    ds: str
+    task: str  # task id, with [map index] for mapped tasks
+    state: str
+    task_s: float  # Airflow's duration of the task instance
+    stage_s: float  # the stage function's own wall time (0 for wiring tasks)
+
+
+@dataclass
+class JobReport:
+    days: list[str]
+    pipeline_run: str
+    wall_s: float = 0.0
+    tasks: list[TaskTiming] = field(default_factory=list)
+
+    @property
+    def stage_s(self) -> float:
+        return sum(t.stage_s for t in self.tasks)
+
+    @property
+    def overhead_s(self) -> float:
+        return self.wall_s - self.stage_s
+
+
+def airflow_env(fmx_home: Path) -> dict[str, str]:
+    """The environment of the isolated in-process Airflow: SQLite metadata DB under $FMX_HOME/airflow."""
+    home = fmx_home / "airflow"
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("FMX_AIRFLOW_LOG_LEVEL", "WARNING"),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def configure_airflow(fmx_home: Path) -> Path:
+    """Point this process's Airflow at $FMX_HOME/airflow, migrate its DB once, ensure the training pool."""
+    import sys
+
+    env = airflow_env(fmx_home)
+    if "airflow.configuration" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:
+        raise RuntimeError("airflow was imported before configure_airflow(): run the job in a fresh process")
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    from airflow.utils import db
+
+    db.upgradedb()  # a no-op when the DB is already at head (~0.5 s)
+    ensure_pool()
+    return Path(env["AIRFLOW_HOME"])
+
+
+def ensure_pool(name: str = dagkit.TRAINING_POOL, slots: int = dagkit.TRAINING_POOL_SLOTS) -> None:
+    """Create the training pool if missing: tasks in a pool that does not exist wait forever."""
+    from airflow.models.pool import Pool
+
+    if Pool.get_pool(name) is None:
+        Pool.create_or_update_pool(name, slots, "heavy training tasks of fmx", include_deferred=False)
+
+
+def job_days(cfg: JobConfig) -> list[str]:
+    """The windows to run: consecutive days for the generator, the lake's first windows for source=lake."""
+    if cfg.days < 1:
+        raise ValueError(f"--days must be >= 1, got {cfg.days}")
+    if cfg.source == "generator":
+        start = cfg.start or GENERATOR_START
+        return [(start + timedelta(days=i)).isoformat() for i in range(cfg.days)]
+    from features.stage import lake_windows
+
+    windows = [w for w in lake_windows(cfg.lake) if cfg.start is None or w >= cfg.start.isoformat()]
+    if not windows:
+        raise ValueError(f"lake {cfg.lake} holds no windows with events: import data first (fmx import)")
+    return windows[: cfg.days]
+
+
+def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
+    """Run fmx_fm then fmx_experts for each day of the job; Airflow must be configured first."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    started = time.perf_counter()
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    if bag.import_errors:
+        raise JobFailed(f"DAG import errors: {bag.import_errors}")
+    fm_dag, experts_dag = bag.dags[FM_DAG], bag.dags[EXPERTS_DAG]
+    if not cfg.retries:
+        for task in [*fm_dag.tasks, *experts_dag.tasks]:
+            task.retries = 0
+    days = job_days(cfg)
+    report = JobReport(days=days, pipeline_run=f"fmx-run-{datetime.now(UTC):%Y%m%dT%H%M%S}")
+    for ds in days:
+        echo(f"== day {ds}")
+        conf = {
+            "ds": ds, "lake": cfg.lake, "source": cfg.source, "scale": cfg.scale,
+            "fm_presets": list(cfg.fm_presets), "surfaces": list(cfg.surfaces), "variants": list(cfg.variants),
+            "pipeline_run": report.pipeline_run,
+        }  # fmt: skip
+        fm_run = _run_dag(fm_dag, ds, conf, report, echo, skip="trigger_experts")
+        experts_conf = _xcom(fm_run, "experts_conf")
+        _run_dag(experts_dag, ds, experts_conf, report, echo)
+    report.wall_s = time.perf_counter() - started
+    return report
+
+
+def _run_dag(dag: Any, ds: str, conf: dict, report: JobReport, echo: Callable[[str], None], skip: str = "") -> Any:
+    import copy
+
+    from airflow.sdk.exceptions import ParamValidationError
+
+    try:
+        params = copy.deepcopy(dag.params)
+        params.update(conf)
+        params.validate()
+    except ParamValidationError as exc:
+        raise JobFailed(f"{dag.dag_id}: bad run conf for ds={ds}: {exc}") from None
+    logical = datetime.fromisoformat(ds).replace(tzinfo=UTC)
+    run = dag.test(logical_date=logical, run_conf=conf, mark_success_pattern=skip or None)
+    timings = _timings(run, dag, ds)
+    report.tasks.extend(timings)
+    for t in timings:
+        stage = f" (stage {t.stage_s:.1f} s)" if t.stage_s else ""
+        echo(f"  {dag.dag_id}.{t.task:<40} {t.state:<8} done in {t.task_s:6.1f} s{stage}")
+    failed = [t.task for t in timings if t.state == "failed"]
+    if str(run.state) != "success" or failed:
+        log_dir = os.environ.get("AIRFLOW__LOGGING__BASE_LOG_FOLDER", "$AIRFLOW_HOME/logs")
+        raise JobFailed(f"{dag.dag_id} run for ds={ds} ended {run.state}; failed tasks: {failed} (see {log_dir})")
+    return run
+
+
+def _timings(run: Any, dag: Any, ds: str) -> list[TaskTiming]:
+    """One line per task instance in DAG order; mapped ones named by their kwargs (surface/variant/preset)."""
+    from airflow.utils.session import create_session
+
+    values = {(x.task_id, x.map_index): x.value for x in _xcoms(run.run_id, run.dag_id)}
+    order = {task.task_id: i for i, task in enumerate(dag.topological_sort())}
+    out = []
+    with create_session() as session:
+        tis = sorted(run.get_task_instances(session=session), key=lambda t: (order.get(t.task_id, 0), t.map_index))
+        for ti in tis:
+            value = values.get((ti.task_id, ti.map_index))
+            value = value if isinstance(value, dict) else {}
+            labels = [str(value[k]) for k in ("surface", "variant", "preset") if k in value]
+            name = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{'/'.join(labels) or ti.map_index}]"
+            stage_s = float(value.get("stage_s", 0.0))
+            out.append(TaskTiming(run.dag_id, ds, name, str(ti.state), float(ti.duration or 0.0), stage_s))
+    return out
+
+
+@dataclass
+class _XCom:
+    task_id: str
+    map_index: int
+    value: Any
+
+
+def _xcoms(run_id: str, dag_id: str, task_ids: Sequence[str] | None = None) -> list[_XCom]:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    query = XComModel.get_many(run_id=run_id, dag_ids=dag_id, key="return_value", task_ids=task_ids)
+    with create_session() as session:
+        rows = session.scalars(query).all()
+        return [_XCom(r.task_id, r.map_index, XComModel.deserialize_value(r)) for r in rows]
+
+
+def _xcom(run: Any, task_id: str) -> Any:
+    found = _xcoms(run.run_id, run.dag_id, [task_id])
+    if not found:
+        raise JobFailed(f"{run.dag_id}.{task_id} left no XCom in run {run.run_id}")
+    return found[0].value

@@ -1,0 +1,149 @@
+"""DAG hygiene: the DAG files parse, stay light, pass ruff's AIR rules, wire the stages as designed,
+and Airflow rejects bad trigger Params before any task runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmx import dagkit
+from tests.dags.conftest import DAGS_FOLDER
+
+HEAVY = ("torch", "polars", "mlflow", "pyarrow", "sklearn", "features.lake")
+
+
+@pytest.fixture(scope="module")
+def dags() -> dict:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    return bag.dags
+
+
+def test_dagbag_has_both_dags_and_file_names_are_dag_ids(dags: dict) -> None:
+    assert set(dags) == {"fmx_fm", "fmx_experts"}
+    for dag_id, dag in dags.items():
+        assert Path(dag.fileloc).name == f"{dag_id}.py"
+        assert len(Path(dag.fileloc).read_text().splitlines()) <= 100  # wiring only
+
+
+def test_dag_files_import_light_and_fast() -> None:
+    """Parsing a DAG file loads no heavy library; its own import time (after airflow.sdk) is well under 2 s."""
+    script = f"""
+import importlib.util, json, sys, time
+import airflow.sdk
+t0 = time.perf_counter()
+for path in sorted(__import__("pathlib").Path({str(DAGS_FOLDER)!r}).glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print(json.dumps({{"s": time.perf_counter() - t0, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert result["s"] < 1.0, result
+
+
+def test_ruff_air_rules_pass_on_dags() -> None:
+    ruff = Path(sys.executable).parent / "ruff"
+    out = subprocess.run([str(ruff), "check", "--select", "AIR", str(DAGS_FOLDER)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_fmx_fm_structure(dags: dict) -> None:
+    dag = dags["fmx_fm"]
+    up = {t.task_id: t.upstream_task_ids for t in dag.tasks}
+    assert set(up) == {
+        "ingest", "fm_presets", "fm_preset.fm_export", "fm_preset.fm_train", "experts_conf", "trigger_experts",
+    }  # fmt: skip
+    assert up["fm_preset.fm_export"] >= {"ingest", "fm_presets"}
+    assert "fm_preset.fm_export" in up["fm_preset.fm_train"]
+    assert "fm_preset.fm_train" in up["experts_conf"] and up["trigger_experts"] == {"experts_conf"}
+    assert type(dag.task_group_dict["fm_preset"]).__name__ == "MappedTaskGroup"  # one export->train per preset
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable" and dag.catchup
+    assert dag.max_active_runs == 1 and all(t.depends_on_past for t in dag.tasks)
+    assert dag.task_dict["fm_preset.fm_train"].pool == dagkit.TRAINING_POOL
+    assert dag.task_dict["trigger_experts"].trigger_dag_id == "fmx_experts"
+
+
+def test_fmx_experts_structure(dags: dict) -> None:
+    dag = dags["fmx_experts"]
+    up = {t.task_id: t.upstream_task_ids for t in dag.tasks}
+    assert up["expert_examples"] == {"plan", "per_surface"}
+    assert up["expert_train"] == {"plan", "per_model", "expert_examples"}
+    assert up["compare_and_promote"] == {"plan", "per_surface", "expert_train"}
+    mapped = {t.task_id for t in dag.tasks if type(t).__name__ == "DecoratedMappedOperator"}
+    assert mapped == {"expert_examples", "expert_train", "compare_and_promote"}
+    assert dag.timetable.can_be_scheduled is False and dag.max_active_runs == 1  # started by fmx_fm's trigger
+    assert dag.task_dict["expert_train"].pool == dagkit.TRAINING_POOL
+
+
+def test_retries_back_off_exponentially_with_timeouts(dags: dict) -> None:
+    for dag in dags.values():
+        for t in dag.tasks:
+            assert t.retries >= 1 and t.retry_exponential_backoff > 1 and t.execution_timeout is not None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ds": "2026-02-30"},
+        {"ds": "yesterday"},
+        {"surfaces": ["feed", "tiktok"]},
+        {"variants": ["base", "nope"]},
+        {"variants": []},
+        {"fm_presets": ["huge"]},
+        {"source": "kafka"},
+        {"scale": "enormous"},
+        {"lake": 3},
+    ],
+)
+def test_bad_params_are_rejected(dags: dict, bad: dict) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for dag in dags.values():
+        params = copy.deepcopy(dag.params)
+        with pytest.raises(ParamValidationError):
+            params.update(bad)
+            params.validate()
+
+
+def test_good_params_are_accepted(dags: dict) -> None:
+    good = {"ds": "2026-01-03", "surfaces": ["feed"], "variants": ["base", "kd"], "fm_presets": ["small", "large"],
+            "source": "lake", "scale": "tiny", "lake": "s3://bucket/lake"}  # fmt: skip
+    for dag in dags.values():
+        params = copy.deepcopy(dag.params)
+        params.update(good)
+        assert params.validate()["fm_presets"] == ["small", "large"]
+        assert copy.deepcopy(dag.params).validate()["ds"] is None  # defaults alone are valid
+
+
+def test_run_day_comes_from_param_or_logical_date_never_the_clock() -> None:
+    from datetime import UTC, datetime
+
+    assert dagkit.run_day({"ds": "2026-01-05"}, None) == "2026-01-05"
+    assert dagkit.run_day({"ds": None}, datetime(2026, 1, 7, tzinfo=UTC)) == "2026-01-07"
+    with pytest.raises(ValueError, match="ds=YYYY-MM-DD"):
+        dagkit.run_day({"ds": None}, None)
+
+
+def test_grid_is_the_cross_product_of_the_days_lists() -> None:
+    day = {"surfaces": ["feed", "video"], "variants": ["base", "kd", "fe"], "fm_presets": ["small"]}
+    combos = dagkit.grid(day, ["surface", "variant", "preset"])
+    assert len(combos) == 6 and {"surface": "video", "variant": "fe", "preset": "small"} in combos
+    with pytest.raises(ValueError, match="unknown grid axes"):
+        dagkit.grid(day, ["colour"])
+
+
+def test_enums_agree_with_the_libraries() -> None:
+    """dagkit repeats a few constants to keep DAG parsing light; they must match the source of truth."""
+    experts_stage = pytest.importorskip("experts.stage")
+    generate = pytest.importorskip("features.generate")
+    assert tuple(experts_stage.VARIANTS) == dagkit.VARIANTS
+    assert tuple(generate.GeneratorConfig().surfaces) == dagkit.SURFACES

@@ -1,0 +1,105 @@
+"""Expert variants: they train and evaluate on tiny data; kd gradient scale; size vs the FM base preset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from experts.config import VARIANTS, ExpertConfig
+from experts.data import load_examples
+from experts.distill import expert_loss, scale_grad
+from experts.evaluate import metric_dict, predict
+from experts.model import Expert, flops_per_example, param_count
+from experts.train import new_checkpoint, train_window
+from features.expert_examples import build_expert_examples
+from tests.experts.synth import make_lake
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_trains_then_scores_the_next_day(lake_uri: str, variant: str) -> None:
+    lake, ws = make_lake(lake_uri, days=3, rows=400)
+    for w in ws[1:]:
+        build_expert_examples(lake, w, "feed", "small")
+    train = load_examples(lake, "small", ws[1].ds, "feed", 20)
+    test = load_examples(lake, "small", ws[2].ds, "feed", 20)
+    cfg = ExpertConfig(variant=variant, epochs=3)
+    ckpt = new_checkpoint(cfg, train, "small", "feed")
+    trained, loss = train_window(ckpt, train, ws[1], [(ws[1].ds, train.fm_versions[0])])
+    assert np.isfinite(loss) and trained.trained_through == ws[1].ds
+    before = {k: v.clone() for k, v in ckpt.model.items()}
+    assert any(not torch.equal(before[k], trained.model[k]) for k in before), "training changed nothing"
+    probs = predict(trained.build(), test)
+    assert probs.shape == (len(test),) and ((probs > 0) & (probs < 1)).all()
+    m = metric_dict(test.label.numpy(), probs, float(train.label.mean()))
+    assert set(m) == {"auc", "logloss", "ne", "calibration"} and all(np.isfinite(list(m.values())))
+
+
+def test_scale_grad_scales_only_the_backward() -> None:
+    x = torch.randn(5, requires_grad=True)
+    y = scale_grad(x, 0.25)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.full((5,), 0.25))
+
+
+def _trunk_grad(beta: float, kd_weight: float = 1.0) -> torch.Tensor:
+    torch.manual_seed(0)
+    cfg = ExpertConfig(variant="kd", kd_beta=beta, kd_weight=kd_weight, adapter_weight=0.0, hidden=(8,),
+                       id_buckets=64, side_buckets=8)
+    model = Expert(cfg, repr_dim=4, tae_dim=4)
+    batch = {"cats": torch.randint(0, 100, (16, 8)), "loop_repr": torch.zeros(16, 20, 4),
+             "loop_mask": torch.zeros(16, 20, dtype=torch.bool), "tae": torch.zeros(16, 4),
+             "fm_logit": torch.randn(16)}
+    out = model(batch)
+    # aux loss only: isolate the distillation gradient reaching the shared trunk
+    target = torch.sigmoid(batch["fm_logit"])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out["aux_logit"], target)
+    loss.backward()
+    assert model.head.weight.grad is None or torch.all(model.head.weight.grad == 0)  # serving head untouched
+    return model.trunk[0].weight.grad.clone()
+
+
+def test_kd_gradient_scale_reaches_shared_layers_times_beta() -> None:
+    full, half, none = _trunk_grad(1.0), _trunk_grad(0.5), _trunk_grad(0.0)
+    assert torch.allclose(half, 0.5 * full, atol=1e-7)
+    assert torch.count_nonzero(none) == 0
+
+
+def test_serving_head_sees_true_labels_only() -> None:
+    cfg = ExpertConfig(variant="kd")
+    out = {"logit": torch.zeros(4, requires_grad=True), "aux_logit": torch.zeros(4), "adapter_logit": torch.zeros(4)}
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    expert_loss(out, label, torch.full((4,), 5.0), cfg).backward()
+    grad_fm_confident = out["logit"].grad.clone()
+    out["logit"].grad = None
+    expert_loss(out, label, torch.full((4,), -5.0), cfg).backward()
+    assert torch.equal(out["logit"].grad, grad_fm_confident)  # the FM prediction never reaches the serving head
+
+
+# FM base preset, forward FLOPs per example as measured by the FM helper (fm/config.py docstring table).
+FM_BASE_FLOPS = 0.69e6
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_expert_is_at_most_a_tenth_of_the_base_fm(variant: str) -> None:
+    from fm.config import FMConfig
+    from fm.model import FoundationModel  # tests may import fm; the experts package never does
+
+    fm_params = param_count(FoundationModel(FMConfig.from_preset("base")))
+    expert = Expert(ExpertConfig(variant=variant), repr_dim=32, tae_dim=32)  # FM small/base repr widths
+    assert param_count(expert) <= fm_params / 10, (param_count(expert), fm_params)
+    assert flops_per_example(expert) <= FM_BASE_FLOPS / 10
+    # cross-check the analytic count with torch's FLOP counter (one example)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = {"cats": torch.zeros(1, 8, dtype=torch.int64), "loop_repr": torch.zeros(1, 20, 32),
+             "loop_mask": torch.ones(1, 20, dtype=torch.bool), "tae": torch.zeros(1, 32), "fm_logit": torch.zeros(1)}
+    with FlopCounterMode(display=False) as counter:
+        expert(batch)
+    assert counter.get_total_flops() <= FM_BASE_FLOPS / 10

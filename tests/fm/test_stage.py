@@ -1,0 +1,37 @@
+"""Stage wrappers and CLI: JSON-able results, MLflow runs with the required tags and metric keys."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+from click.testing import CliRunner
+
+from features import tracking
+from fm.stage import fm_export, fm_train
+from fmx.cli import cli
+from tests.fm.conftest import make_lake
+
+
+def test_stages_log_to_mlflow_and_cli(lake_uri: str) -> None:
+    w1, w2 = make_lake(lake_uri, 2, events_per_day=300)
+    skipped = fm_export(w1.ds, lake_uri)
+    assert skipped["fm_version"] is None and skipped["skipped"]
+    runner = CliRunner()
+    out = runner.invoke(cli, ["fm", "train", "--ds", w1.ds, "--lake", lake_uri])
+    assert out.exit_code == 0, out.output
+    trained = json.loads(out.output.strip().splitlines()[-1])
+    assert trained["fm_version"].startswith("small-") and trained["parent"] is None
+    exported = fm_export(w2.ds, lake_uri, pipeline_run="p1")
+    json.dumps(exported)  # JSON-able
+    assert exported["fm_version"] == trained["fm_version"]
+    runs = mlflow.search_runs([tracking.setup()], output_format="list")
+    per_surface = [r for r in runs if r.data.tags.get("surface") not in (None, "all")]
+    assert {r.data.tags["surface"] for r in per_surface} == set(exported["metrics"])
+    for r in per_surface:
+        assert all(r.data.tags.get(t) for t in tracking.REQUIRED_TAGS)
+        assert r.data.tags["variant"] == "fm" and r.data.tags["fm_version"] == trained["fm_version"]
+        assert {"auc", "logloss", "ne", "calibration"} <= set(r.data.metrics)
+    train_run = next(r for r in runs if r.info.run_name == "fm_train")
+    assert train_run.data.tags["fm_version"] == trained["fm_version"] and train_run.data.params["preset"] == "small"
+    assert mlflow.MlflowClient().list_artifacts(train_run.info.run_id, "checkpoint")

@@ -1,0 +1,73 @@
+"""Warm start, version chain, missing-predecessor error, and kill-and-resume bit-for-bit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+import torch
+
+from features.lake import Lake
+from fm import checkpoint
+from fm.train import run_training, train_fm
+from tests.fm.conftest import PYTHON, TINY, make_lake, overrides_args, subprocess_env, tiny_cfg
+
+
+def test_warm_start_and_version_chain(lake_uri: str) -> None:
+    w1, w2, w3 = make_lake(lake_uri, 3, events_per_day=300)
+    lake = Lake(lake_uri)
+    cfg = tiny_cfg()
+    v1 = train_fm(cfg, w1, lake)
+    assert v1.startswith(f"small-{w1.ds}-")
+    with pytest.raises(FileNotFoundError, match="cannot warm-start"):
+        train_fm(cfg, w3, lake)  # day 2's FM is missing
+    # lr = 0: day 2 changes nothing, so its weights must be exactly day 1's (proves the warm start).
+    frozen = run_training(tiny_cfg(lr=0.0, ae_lr=0.0), w2, lake)
+    assert frozen.parent == v1
+    day1 = checkpoint.load(lake, "small", w1.ds, "final")["model"]
+    day2 = checkpoint.load(lake, "small", w2.ds, "final")["model"]
+    assert all(torch.equal(day1[k], day2[k]) for k in day1)
+    assert frozen.fm_version.split("-")[-1] == v1.split("-")[-1]  # same weights, same hash
+    v2 = train_fm(cfg, w2, lake)
+    v3 = train_fm(cfg, w3, lake)
+    versions = checkpoint.read_versions(lake, "small")
+    assert [versions[w.ds]["parent"] for w in (w1, w2, w3)] == [None, v1, v2]
+    assert versions[w3.ds]["fm_version"] == v3
+    assert not lake.file_exists(checkpoint.relpath("small", w3.ds, "progress"))
+    assert train_fm(cfg, w3, lake) == v3  # deterministic re-run
+
+
+def _train_cmd(lake_uri: str, ds: str, overrides: dict) -> list[str]:
+    return [PYTHON, "-m", "fm.train", "--ds", ds, "--lake", lake_uri, "--threads", "1", *overrides_args(overrides)]
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, lake_uri: str) -> None:
+    (w1,) = make_lake(lake_uri, 1, events_per_day=2000)
+    reference = str(tmp_path / "reference")
+    shutil.copytree(lake_uri, reference)
+    overrides = {**TINY, "batch_size": 8, "ckpt_every": 5}  # 250 steps, a checkpoint every 5
+    cmd = _train_cmd(lake_uri, w1.ds, overrides)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    killed_after = None
+    for line in proc.stderr:  # type: ignore[union-attr]
+        if "checkpoint step=" in line:
+            killed_after = int(line.rsplit("=", 1)[1])
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and killed_after is not None
+    lake = Lake(lake_uri)
+    assert not lake.file_exists(checkpoint.relpath("small", w1.ds, "final"))
+    assert lake.file_exists(checkpoint.relpath("small", w1.ds, "progress"))
+    resumed = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), check=True)
+    assert "resuming from step" in resumed.stderr
+    subprocess.run(_train_cmd(reference, w1.ds, overrides), capture_output=True, env=subprocess_env(), check=True)
+    a = checkpoint.load(lake, "small", w1.ds, "final")
+    b = checkpoint.load(Lake(reference), "small", w1.ds, "final")
+    assert a["fm_version"] == b["fm_version"] == resumed.stdout.strip()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    ea, eb = a["opt_fm"]["state"], b["opt_fm"]["state"]
+    assert all(torch.equal(ea[i]["exp_avg_sq"], eb[i]["exp_avg_sq"]) for i in eb)

@@ -117,7 +117,7 @@ def bench_history(lake: Lake, length: int, repeat: int) -> None:
     ours = result["polars"].sort("event_id")
     theirs = result["duckdb"].cast(dict(ours.schema)).sort("event_id")  # type: ignore[arg-type]
     n = events_frame.height
-    mean_len = ours["hist_ts"].list.len().mean()
+    mean_len = float(ours["hist_ts"].list.len().mean() or 0.0)  # type: ignore[arg-type]
     print(f"history     : {n:,} events, state of {state_frame.height:,} users, L={length}, mean history "
           f"{mean_len:.1f}; history_features {n / t_pl:,.0f} rows/s ({t_pl:.2f}s), DuckDB SQL {n / t_duck:,.0f} "
           f"rows/s ({t_duck:.2f}s); ratio {t_duck / t_pl:.2f}x")

@@ -18,8 +18,14 @@ from airflow.sdk import dag, task
 from fmx import dagkit
 
 
-@dag(schedule=None, max_active_runs=1, params=dagkit.params(), default_args=dagkit.DEFAULT_ARGS,
-     tags=["fmx", "experts"], doc_md=__doc__)
+@dag(
+    schedule=None,
+    max_active_runs=1,
+    params=dagkit.params(),
+    default_args=dagkit.DEFAULT_ARGS,
+    tags=["fmx", "experts"],
+    doc_md=__doc__,
+)
 def fmx_experts() -> None:
     @task
     def plan(params=None, logical_date=None, run_id=None) -> dict:
@@ -30,8 +36,14 @@ def fmx_experts() -> None:
         surfaces = list(params["surfaces"]) or [p["surface"] for p in Lake(lake).partitions("events", ds=ds)]
         if not surfaces:
             raise ValueError(f"no events for ds={ds} in lake {lake}: run fmx_fm (ingest) for that day first")
-        return {"ds": ds, "lake": lake, "surfaces": surfaces, "variants": list(params["variants"]),
-                "fm_presets": list(params["fm_presets"]), "pipeline_run": dagkit.pipeline_run(params, run_id)}
+        return {
+            "ds": ds,
+            "lake": lake,
+            "surfaces": surfaces,
+            "variants": list(params["variants"]),
+            "fm_presets": list(params["fm_presets"]),
+            "pipeline_run": dagkit.pipeline_run(params, run_id),
+        }
 
     @task
     def expert_examples(day: dict, surface: str, preset: str) -> dict:
@@ -44,16 +56,29 @@ def fmx_experts() -> None:
     def expert_train(day: dict, surface: str, variant: str, preset: str) -> dict:
         from experts.stage import expert_train as stage
 
-        out = dagkit.timed(stage, ds=day["ds"], surface=surface, variant=variant, lake_uri=day["lake"],
-                           preset=preset, pipeline_run=day["pipeline_run"])
+        out = dagkit.timed(
+            stage,
+            ds=day["ds"],
+            surface=surface,
+            variant=variant,
+            lake_uri=day["lake"],
+            preset=preset,
+            pipeline_run=day["pipeline_run"],
+        )
         return {**out, "ds": day["ds"], "surface": surface, "variant": variant, "preset": preset}
 
     @task
     def compare_and_promote(day: dict, surface: str, preset: str) -> dict:
         from experts.stage import compare_and_promote as stage
 
-        out = dagkit.timed(stage, ds=day["ds"], surface=surface, lake_uri=day["lake"], preset=preset,
-                           pipeline_run=day["pipeline_run"])
+        out = dagkit.timed(
+            stage,
+            ds=day["ds"],
+            surface=surface,
+            lake_uri=day["lake"],
+            preset=preset,
+            pipeline_run=day["pipeline_run"],
+        )
         return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
 
     @task

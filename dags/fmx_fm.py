@@ -38,21 +38,30 @@ def fmx_fm() -> None:
 
         ds, lake = dagkit.run_day(params, logical_date), dagkit.lake_uri(params)
         out = dagkit.timed(stage, ds=ds, lake_uri=lake, source=params["source"], scale=params["scale"])
-        return {**out, "ds": ds, "lake": lake, "fm_presets": params["fm_presets"],
-                "pipeline_run": dagkit.pipeline_run(params, run_id)}
+        return {
+            **out,
+            "ds": ds,
+            "lake": lake,
+            "fm_presets": params["fm_presets"],
+            "pipeline_run": dagkit.pipeline_run(params, run_id),
+        }
 
     @task(outlets=[FM_OUTPUTS])
     def fm_export(day: dict, preset: str) -> dict:
         from fm.stage import fm_export as stage
 
-        out = dagkit.timed(stage, ds=day["ds"], lake_uri=day["lake"], preset=preset, pipeline_run=day["pipeline_run"])
+        out = dagkit.timed(
+            stage, ds=day["ds"], lake_uri=day["lake"], preset=preset, pipeline_run=day["pipeline_run"]
+        )
         return {**out, "ds": day["ds"], "preset": preset}
 
     @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT)
     def fm_train(day: dict, exported: dict, preset: str) -> dict:
         from fm.stage import fm_train as stage
 
-        out = dagkit.timed(stage, ds=day["ds"], lake_uri=day["lake"], preset=preset, pipeline_run=day["pipeline_run"])
+        out = dagkit.timed(
+            stage, ds=day["ds"], lake_uri=day["lake"], preset=preset, pipeline_run=day["pipeline_run"]
+        )
         return {**out, "ds": day["ds"], "preset": preset, "scored_with": exported.get("fm_version")}
 
     @task_group
@@ -67,8 +76,13 @@ def fmx_fm() -> None:
     def experts_conf(day: dict, params=None) -> dict:
         """The conf of day D's fmx_experts run: the same day, lake, presets and pipeline run."""
         keep = ("surfaces", "variants", "source", "scale")
-        return {**{k: params[k] for k in keep}, "ds": day["ds"], "lake": day["lake"],
-                "fm_presets": day["fm_presets"], "pipeline_run": day["pipeline_run"]}
+        return {
+            **{k: params[k] for k in keep},
+            "ds": day["ds"],
+            "lake": day["lake"],
+            "fm_presets": day["fm_presets"],
+            "pipeline_run": day["pipeline_run"],
+        }
 
     day = ingest()
     trained = fm_preset.partial(day=day).expand(preset=fm_presets(day))

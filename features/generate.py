@@ -18,16 +18,15 @@ World model (vectorised numpy; deterministic from `GeneratorConfig.seed`):
   sequential carry-over, and what makes "recent clicks shift the next click" learnable. The shown
   item is the best of 3 candidates (from the intent category or by popularity) under a noisy
   ranker. Click ~ Bernoulli(p_click) with logit = surface base + user-surface bias + brand quality
-  + item freshness + 0.9 affinity(u_s, v) + 1.1 [category == intent] + region x category
+  + item novelty + 0.8 affinity(u_s, v) + 1.0 [category == intent] + region x category
   + surface x category - 0.3 log1p(position) + device x surface. like ~ Bernoulli(p_like) only
   for clicked events (0 otherwise, never null). `p_click` is stored with each event as the
   Bayes-optimal ceiling for reports; it is never a model input.
 
 Scales (events per day; users / items on day one, plus new ones every day): "tiny" 2k (300 / 150,
-+20 / +10), "small" 50k (6k / 2k, +200 / +60), "default" 1M (100k / 25k, +2.5k / +600). The
-default
-scale generates a day in a few seconds on 2 cores. event_id = (date ordinal << 32) | row within the
-day (events sorted by ts), unique across the lake and deterministic.
++20 / +10), "small" 50k (6k / 2k, +200 / +60), "default" 1M (100k / 25k, +2.5k / +600); "default"
+generates a day in ~4 s on 2 cores. Bayes AUC of p_click is ~0.82-0.85 per surface, CTR 4-13 %
+("tiny" is noisier). event_id = (date ordinal << 32) | row of the day (sorted by ts): unique, stable.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
@@ -46,7 +45,7 @@ from features.lake import Lake
 from features.schemas import CLICK, EVENTS, ITEM_ID, ITEMS, LIKE, P_CLICK, SURFACE, TS, USER_ID, USERS
 from features.windows import Window, window_series
 
-_US_PER_DAY = 86_400_000_000
+Arrays = dict[str, np.ndarray]
 _CANDIDATES = 3
 _DEVICE_MIX = np.array([0.05, 0.6, 0.27, 0.08])  # unknown, mobile, desktop, tv
 
@@ -124,7 +123,7 @@ def _rng(cfg: GeneratorConfig, *stream: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, *stream])
 
 
-def _world(cfg: GeneratorConfig) -> dict[str, np.ndarray]:
+def _world(cfg: GeneratorConfig) -> Arrays:
     sc, rng = cfg.preset, _rng(cfg, 0)
     return {
         "segment_centre": rng.normal(0, 1, (sc.segments, sc.dim)),
@@ -136,14 +135,10 @@ def _world(cfg: GeneratorConfig) -> dict[str, np.ndarray]:
     }
 
 
-def _block_size(first: int, later: int, k: int) -> int:
-    return first if k == 0 else later
-
-
-def _user_block(cfg: GeneratorConfig, world: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+def _user_block(cfg: GeneratorConfig, world: Arrays, k: int) -> Arrays:
     """The users who arrive on day index k (ids continue the previous blocks)."""
     sc, rng = cfg.preset, _rng(cfg, 1, k)
-    n, n_surf = _block_size(sc.users, sc.new_users, k), len(SURFACES)
+    n, n_surf = sc.users if k == 0 else sc.new_users, len(SURFACES)
     segment = rng.integers(0, sc.segments, n)
     reach = rng.random((n, n_surf)) < np.array([p.reach for p in SURFACES.values()])
     share = np.array([p.share for p in SURFACES.values()])
@@ -162,10 +157,10 @@ def _user_block(cfg: GeneratorConfig, world: dict[str, np.ndarray], k: int) -> d
     }
 
 
-def _item_block(cfg: GeneratorConfig, world: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+def _item_block(cfg: GeneratorConfig, world: Arrays, k: int) -> Arrays:
     """The items published on day index k."""
     sc, rng = cfg.preset, _rng(cfg, 2, k)
-    n = _block_size(sc.items, sc.new_items, k)
+    n = sc.items if k == 0 else sc.new_items
     category = rng.choice(sc.categories, n, p=world["category_share"])
     brand = category * sc.brands_per_category + rng.integers(0, sc.brands_per_category, n)
     return {
@@ -177,14 +172,14 @@ def _item_block(cfg: GeneratorConfig, world: dict[str, np.ndarray], k: int) -> d
     }
 
 
-def _population(block: Callable[..., dict[str, np.ndarray]], cfg: GeneratorConfig, world: dict, day: int) -> dict:
+def _population(block: Callable[..., Arrays], cfg: GeneratorConfig, world: Arrays, day: int) -> Arrays:
     """Every block up to day index `day`, concatenated; row r has id r + 1."""
     blocks = [block(cfg, world, k) for k in range(day + 1)]
     return {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
 
 
 # ---- one day's events ----------------------------------------------------------------------------
-def _carry_intent(lake: Lake, prev: Window, items: dict, n_users: int) -> np.ndarray:
+def _carry_intent(lake: Lake, prev: Window, items: Arrays, n_users: int) -> np.ndarray:
     """Per user row, the category of the user's last click in window `prev` (-1: none)."""
     carry = np.full(n_users, -1)
     parts = lake.partitions(EVENTS.name, ds=prev.ds)
@@ -216,7 +211,8 @@ def _categorical_rows(rng: np.random.Generator, weights: np.ndarray) -> np.ndarr
     return np.minimum((cum < pick[:, None]).sum(axis=1), weights.shape[1] - 1)
 
 
-def _intents(rng, cfg, world, users, user, carry) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _intents(rng: np.random.Generator, cfg: GeneratorConfig, world: Arrays, users: Arrays, user: np.ndarray,
+             carry: np.ndarray) -> np.ndarray:
     """Per event (sorted by user, ts): the user's current intent category (sticky Markov chain)."""
     n = len(user)
     first = np.ones(n, dtype=bool)
@@ -231,7 +227,8 @@ def _intents(rng, cfg, world, users, user, carry) -> np.ndarray:  # type: ignore
     return drawn[np.cumsum(first | switch) - 1]
 
 
-def _pick_items(rng, items, alive, intent, u_s, dim) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _pick_items(rng: np.random.Generator, items: Arrays, alive: np.ndarray, intent: np.ndarray, u_s: np.ndarray,
+                dim: int) -> np.ndarray:
     """Per event, the shown item row: the best of _CANDIDATES under a noisy relevance ranker."""
     n, n_cat = len(intent), int(items["category"].max()) + 1
     weight = np.exp(items["popularity"][alive] + 1.5 * np.exp(-items["age"][alive] / 3.0))
@@ -252,57 +249,65 @@ def _pick_items(rng, items, alive, intent, u_s, dim) -> np.ndarray:  # type: ign
     return cand[np.arange(n), np.argmax(score + 0.7 * rng.gumbel(size=score.shape), axis=1)]
 
 
-def _day_events(cfg: GeneratorConfig, world: dict, users: dict, items: dict, carry: np.ndarray,
-                day: int, window: Window) -> pl.DataFrame:
-    """All of one day's impressions (every surface), sorted by ts, with event_id assigned."""
-    sc, rng, names = cfg.preset, _rng(cfg, 3, day), list(SURFACES)
-    n = int(rng.poisson(cfg.daily_events))
-    surf_cols = np.array([names.index(s) for s in cfg.surfaces])
+def _impressions(rng: np.random.Generator, cfg: GeneratorConfig, users: Arrays, n: int) -> Arrays:
+    """Who, when, where: n impressions sorted by (user row, time); surface = index into SURFACES."""
+    surf_cols = np.array([list(SURFACES).index(s) for s in cfg.surfaces])
     mix = users["mix"][:, surf_cols]
-    can = mix.sum(1) > 0
-    activity = users["activity"] * can
+    activity = users["activity"] * (mix.sum(1) > 0)  # users of none of cfg.surfaces stay away
     user = rng.choice(len(activity), n, p=activity / activity.sum())
     t = _sample_times(rng, n)
     order = np.lexsort((t, user))
     user, t = user[order], t[order]
     surface = surf_cols[_categorical_rows(rng, mix[user])]
-    intent = _intents(rng, cfg, world, users, user, carry)
-    phase = 2 * np.pi * day / 60.0
-    u_day = users["u"] + 0.35 * (np.cos(phase) * users["drift_a"] + np.sin(phase) * users["drift_b"])
-    u_s = u_day[user] + users["surface_offset"][user, surface]
-    alive = np.flatnonzero(items["first_day"] <= day)
-    items = {**items, "age": day - items["first_day"]}
-    item = _pick_items(rng, items, alive, intent, u_s, sc.dim)
-    params = [SURFACES[names[s]] for s in range(len(names))]
-    geo = np.array([p.position_p for p in params])[surface]
-    position = np.minimum(rng.geometric(geo) - 1, np.array([p.max_position for p in params])[surface])
+    params = list(SURFACES.values())
+    position = np.minimum(rng.geometric(np.array([p.position_p for p in params])[surface]) - 1,
+                          np.array([p.max_position for p in params])[surface])
     device = np.where(rng.random(n) < 0.85, users["device"][user], rng.integers(0, 4, n))
-    cat = items["category"][item]
-    affinity = (u_s * items["v"][item]).sum(1) / np.sqrt(sc.dim)
-    logit = (
+    return {"user": user, "t": t, "surface": surface, "position": position, "device": device}
+
+
+def _click_logit(world: Arrays, users: Arrays, items: Arrays, ev: Arrays, affinity: np.ndarray) -> np.ndarray:
+    """The true click logit of each impression (see the module docstring)."""
+    user, item, surface, cat = ev["user"], ev["item"], ev["surface"], items["category"][ev["item"]]
+    params = list(SURFACES.values())
+    return (
         np.array([p.base for p in params])[surface]
         + users["surface_bias"][user, surface]
         + world["brand_quality"][items["brand"][item]]
-        + 0.4 * np.exp(-items["age"][item] / 2.0)
+        + 0.4 * np.exp(-items["age"][item] / 2.0)  # novelty of today's and yesterday's items
         + 0.8 * affinity
-        + 1.0 * (cat == intent)
+        + 1.0 * (cat == ev["intent"])
         + world["region_category"][users["region"][user], cat]
         + world["surface_category"][surface, cat]
-        - 0.3 * np.log1p(position)
-        + np.array([p.device for p in params])[surface, device]
+        - 0.3 * np.log1p(ev["position"])
+        + np.array([p.device for p in params])[surface, ev["device"]]
     )
-    p_click = 1.0 / (1.0 + np.exp(-logit))
-    click = rng.random(n) < p_click
-    p_like = 1.0 / (1.0 + np.exp(-(-2.0 + 0.8 * affinity + 2.0 * world["brand_quality"][items["brand"][item]])))
-    like = click & (rng.random(n) < p_like)
+
+
+def _day_events(cfg: GeneratorConfig, world: Arrays, users: Arrays, items: Arrays, carry: np.ndarray,
+                day: int, window: Window) -> pl.DataFrame:
+    """All of one day's impressions (every surface), sorted by ts, with event_id assigned."""
+    rng, dim = _rng(cfg, 3, day), cfg.preset.dim
+    ev = _impressions(rng, cfg, users, int(rng.poisson(cfg.daily_events)))
+    ev["intent"] = _intents(rng, cfg, world, users, ev["user"], carry)
+    phase = 2 * np.pi * day / 60.0  # slow drift of every user's interests, one turn in 60 days
+    u_day = users["u"] + 0.35 * (np.cos(phase) * users["drift_a"] + np.sin(phase) * users["drift_b"])
+    u_s = u_day[ev["user"]] + users["surface_offset"][ev["user"], ev["surface"]]  # (n, dim)
+    items = {**items, "age": day - items["first_day"]}
+    ev["item"] = _pick_items(rng, items, np.flatnonzero(items["first_day"] <= day), ev["intent"], u_s, dim)
+    affinity = (u_s * items["v"][ev["item"]]).sum(1) / np.sqrt(dim)
+    p_click = 1.0 / (1.0 + np.exp(-_click_logit(world, users, items, ev, affinity)))
+    click = rng.random(len(p_click)) < p_click
+    quality = world["brand_quality"][items["brand"][ev["item"]]]
+    like = click & (rng.random(len(p_click)) < 1.0 / (1.0 + np.exp(2.0 - 0.8 * affinity - 2.0 * quality)))
     frame = pl.DataFrame({
-        TS: (window.start_ts.timestamp() * 1e6 + t).astype(np.int64),
-        USER_ID: user + 1, ITEM_ID: item + 1, SURFACE: np.array(names)[surface],
-        CLICK: click.astype(np.int8), LIKE: like.astype(np.int8), "position": position.astype(np.int16),
-        "device": device.astype(np.int8), P_CLICK: p_click.astype(np.float32),
+        TS: (window.start_ts.timestamp() * 1e6 + ev["t"]).astype(np.int64),
+        USER_ID: ev["user"] + 1, ITEM_ID: ev["item"] + 1, SURFACE: np.array(list(SURFACES))[ev["surface"]],
+        CLICK: click.astype(np.int8), LIKE: like.astype(np.int8), "position": ev["position"].astype(np.int16),
+        "device": ev["device"].astype(np.int8), P_CLICK: p_click.astype(np.float32),
     }).sort(TS, USER_ID, maintain_order=True)
     return frame.with_columns(
-        ((pl.int_range(pl.len(), dtype=pl.Int64)) | (window.start.toordinal() << 32)).alias("event_id"),
+        (pl.int_range(pl.len(), dtype=pl.Int64) | (window.start.toordinal() << 32)).alias("event_id"),
         pl.col(TS).cast(pl.Datetime("us", "UTC")),
     )
 
@@ -329,7 +334,7 @@ def _check_lake(lake: Lake, cfg: GeneratorConfig, window: Window) -> date:
     return origin
 
 
-def _snapshot(pop: dict, origin: date, columns: tuple[str, str], id_col: str) -> pl.DataFrame:
+def _snapshot(pop: Arrays, origin: date, columns: tuple[str, str], id_col: str) -> pl.DataFrame:
     first = np.datetime64(origin, "D") + pop["first_day"].astype("timedelta64[D]")
     return pl.DataFrame({id_col: np.arange(1, len(first) + 1), columns[0]: pop[columns[0]].astype(np.int32),
                          columns[1]: pop[columns[1]].astype(np.int32), "first_ds": first})
@@ -408,9 +413,4 @@ def bayes_metrics(events: pl.DataFrame) -> dict[str, float]:
 def bayes_metrics_by_surface(events: pl.DataFrame) -> dict[str, dict[str, float]]:
     """`bayes_metrics` per surface (each with its own base rate)."""
     return {str(s): bayes_metrics(events.filter(pl.col(SURFACE) == s)) for s in sorted(events[SURFACE].unique())}
-
-
-def generator_summary(cfg: GeneratorConfig) -> dict[str, Any]:
-    """The resolved config and scale, for logging with artifacts."""
-    return {**asdict(cfg), "surfaces": list(cfg.surfaces), **asdict(cfg.preset), "events_per_day": cfg.daily_events}
 

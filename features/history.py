@@ -93,7 +93,9 @@ def _bounds(rows: pl.DataFrame, length: int) -> tuple[np.ndarray, np.ndarray]:
     idx = pl.int_range(pl.len(), dtype=pl.Int64)
     marks = rows.select(
         user_first=pl.when(pl.col(USER_ID) != pl.col(USER_ID).shift(1)).then(idx).otherwise(None),
-        group_first=pl.when((pl.col(USER_ID) != pl.col(USER_ID).shift(1)) | (pl.col(TS) != pl.col(TS).shift(1)))
+        group_first=pl.when(
+            (pl.col(USER_ID) != pl.col(USER_ID).shift(1)) | (pl.col(TS) != pl.col(TS).shift(1))
+        )
         .then(idx)
         .otherwise(None),
     )
@@ -157,11 +159,7 @@ def advance_state(
     """The state at the end of this window: per user, the last `length` interactions, oldest -> newest."""
     rows = _all_rows(events, state, payload)
     cols = [TS, *payload]
-    return (
-        rows.group_by(USER_ID)
-        .agg(pl.col(c).tail(length).alias(hist_col(c)) for c in cols)
-        .sort(USER_ID)
-    )
+    return rows.group_by(USER_ID).agg(pl.col(c).tail(length).alias(hist_col(c)) for c in cols).sort(USER_ID)
 
 
 def read_user_history(lake: Lake, window: Window) -> pl.LazyFrame | None:
@@ -187,8 +185,14 @@ def build_user_history(lake: Lake, window: Window, length: int = 50) -> str:
 
 
 def _empty_events() -> pl.LazyFrame:
-    schema = {EVENT_ID: pl.Int64, USER_ID: pl.Int64, TS: pl.Datetime("us", "UTC"), "item_id": pl.Int64,
-              "surface": pl.String, "click": pl.Int8}
+    schema: dict[str, pl.DataType] = {
+        EVENT_ID: pl.Int64(),
+        USER_ID: pl.Int64(),
+        TS: pl.Datetime("us", "UTC"),
+        "item_id": pl.Int64(),
+        "surface": pl.String(),
+        "click": pl.Int8(),
+    }
     return pl.LazyFrame(schema=schema)
 
 

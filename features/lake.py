@@ -44,8 +44,8 @@ class PartitionNotFound(FileNotFoundError):
 
 
 def default_lake_uri() -> str:
-    """``$FMX_HOME/lake`` with FMX_HOME defaulting to ``./.fmx``."""
-    return os.path.join(os.environ.get("FMX_HOME", ".fmx"), "lake")
+    """``$FMX_LAKE`` (e.g. an s3:// URI shared by every worker), else ``$FMX_HOME/lake`` (FMX_HOME: ``./.fmx``)."""
+    return os.environ.get("FMX_LAKE") or os.path.join(os.environ.get("FMX_HOME", ".fmx"), "lake")
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

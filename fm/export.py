@@ -113,7 +113,11 @@ def outputs_table(data: WindowData, scores: dict[str, np.ndarray], version: str)
 
 
 def progressive_metrics(table: pa.Table, data: WindowData, train_ctr: dict[str, float]) -> tuple[dict, dict]:
-    """Per surface {auc, logloss, ne, calibration} and the base rate used (training window's CTR)."""
+    """Per surface {auc, logloss, ne, calibration} and the base rate used (training window's CTR).
+
+    A surface the FM never trained on uses the mean of the trained surfaces' CTRs; a degenerate base
+    rate (0 or 1) gives ne = nan.
+    """
     p = 1 / (1 + np.exp(-table["fm_logit_click"].to_numpy().astype(np.float64)))
     y = data.tensors["click"].numpy()
     overall = float(np.mean(list(train_ctr.values())))  # a surface the FM never trained on
@@ -121,7 +125,10 @@ def progressive_metrics(table: pa.Table, data: WindowData, train_ctr: dict[str, 
     for s in sorted(set(data.surface_names.tolist())):
         rows = data.surface_names == s
         rates[s] = train_ctr.get(s, overall)
-        metrics[s] = all_metrics(y[rows], p[rows], rates[s])
+        if 0 < rates[s] < 1:
+            metrics[s] = all_metrics(y[rows], p[rows], rates[s])
+        else:  # no click (or only clicks) in the training window: NE is undefined, the rest is not
+            metrics[s] = all_metrics(y[rows], p[rows], 0.5) | {"ne": float("nan")}
     return metrics, rates
 
 

@@ -14,16 +14,24 @@ def _choices(values: tuple[str, ...]) -> click.Choice:
 
 @cli.command("run")
 @click.option("--days", default=4, show_default=True, help="Number of daily windows to run.")
-@click.option("--scale", type=_choices(dagkit.SCALES), default="small", show_default=True, help="Generator scale.")
+@click.option(
+    "--scale", type=_choices(dagkit.SCALES), default="small", show_default=True, help="Generator scale."
+)
 @click.option("--source", type=_choices(dagkit.SOURCES), default="generator", show_default=True,
               help="generator: synthesize each day; lake: the windows already imported into --lake.")  # fmt: skip
 @lake_option
 @click.option("--fm-presets", multiple=True, type=_choices(dagkit.FM_PRESETS), default=("small",),
               show_default=True, help="FM sizes (repeat for several: enables the transfer ratio).")  # fmt: skip
 @click.option("--surfaces", multiple=True, type=_choices(dagkit.SURFACES), help="Surfaces (default: all).")
-@click.option("--variants", multiple=True, type=_choices(dagkit.VARIANTS), help="Expert variants (default: all).")
-@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="First day (default: generator start).")
-@click.option("--no-retries", is_flag=True, help="Fail at the first task error instead of retrying with back-off.")
+@click.option(
+    "--variants", multiple=True, type=_choices(dagkit.VARIANTS), help="Expert variants (default: all)."
+)
+@click.option(
+    "--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="First day (default: generator start)."
+)
+@click.option(
+    "--no-retries", is_flag=True, help="Fail at the first task error instead of retrying with back-off."
+)
 def run_cmd(
     days: int,
     scale: str,

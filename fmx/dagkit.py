@@ -42,7 +42,9 @@ def params() -> dict[str, Any]:
 
     def enum_list(default: list[str], values: tuple[str, ...], min_items: int, doc: str) -> Any:
         items = {"type": "string", "enum": list(values)}
-        return Param(default, type="array", items=items, minItems=min_items, uniqueItems=True, description=doc)
+        return Param(
+            default, type="array", items=items, minItems=min_items, uniqueItems=True, description=doc
+        )
 
     return {
         "ds": Param(
@@ -51,13 +53,21 @@ def params() -> dict[str, Any]:
             format="date",
             description="Window to process (YYYY-MM-DD). Empty: the run's logical date.",
         ),
-        "surfaces": enum_list([], SURFACES, 0, "Surfaces to train experts for. Empty: every surface of the window."),
+        "surfaces": enum_list(
+            [], SURFACES, 0, "Surfaces to train experts for. Empty: every surface of the window."
+        ),
         "variants": enum_list(list(VARIANTS), VARIANTS, 1, "Expert variants to train."),
-        "fm_presets": enum_list(["small"], FM_PRESETS, 1, "FM sizes to export and train (several: transfer ratio)."),
-        "source": Param("generator", enum=list(SOURCES), description="generator: synthesize the window; lake: imported."),
+        "fm_presets": enum_list(
+            ["small"], FM_PRESETS, 1, "FM sizes to export and train (several: transfer ratio)."
+        ),
+        "source": Param(
+            "generator", enum=list(SOURCES), description="generator: synthesize the window; lake: imported."
+        ),
         "scale": Param("small", enum=list(SCALES), description="Generator scale (source=generator only)."),
         "lake": Param("", type="string", description="Lake root URI. Empty: $FMX_HOME/lake on the worker."),
-        "pipeline_run": Param("", type="string", description="MLflow pipeline run id. Empty: this DAG run's id."),
+        "pipeline_run": Param(
+            "", type="string", description="MLflow pipeline run id. Empty: this DAG run's id."
+        ),
     }
 
 
@@ -88,9 +98,22 @@ def pipeline_run(params: Mapping[str, Any], run_id: str) -> str:
 def timed(stage: Callable[..., dict], **kwargs: Any) -> dict:
     """Call a stage wrapper; return its dict plus `stage_s`, its own wall time (for the overhead split)."""
     start = time.perf_counter()
-    out = dict(stage(**kwargs) or {})
+    out = json_safe(dict(stage(**kwargs) or {}))
     out["stage_s"] = round(time.perf_counter() - start, 3)
     return out
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN/inf floats as None: XCom stores strict JSON (a metric can be NaN, e.g. AUC of one class)."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 GRID_LISTS = {"surface": "surfaces", "variant": "variants", "preset": "fm_presets"}

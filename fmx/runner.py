@@ -155,7 +155,9 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
     return report
 
 
-def _run_dag(dag: Any, ds: str, conf: dict, report: JobReport, echo: Callable[[str], None], skip: str = "") -> Any:
+def _run_dag(
+    dag: Any, ds: str, conf: dict, report: JobReport, echo: Callable[[str], None], skip: str = ""
+) -> Any:
     import copy
 
     from airflow.sdk.exceptions import ParamValidationError
@@ -176,7 +178,9 @@ def _run_dag(dag: Any, ds: str, conf: dict, report: JobReport, echo: Callable[[s
     failed = [t.task for t in timings if t.state == "failed"]
     if str(run.state) != "success" or failed:
         log_dir = os.environ.get("AIRFLOW__LOGGING__BASE_LOG_FOLDER", "$AIRFLOW_HOME/logs")
-        raise JobFailed(f"{dag.dag_id} run for ds={ds} ended {run.state}; failed tasks: {failed} (see {log_dir})")
+        raise JobFailed(
+            f"{dag.dag_id} run for ds={ds} ended {run.state}; failed tasks: {failed} (see {log_dir})"
+        )
     return run
 
 
@@ -188,7 +192,9 @@ def _timings(run: Any, dag: Any, ds: str) -> list[TaskTiming]:
     order = {task.task_id: i for i, task in enumerate(dag.topological_sort())}
     out = []
     with create_session() as session:
-        tis = sorted(run.get_task_instances(session=session), key=lambda t: (order.get(t.task_id, 0), t.map_index))
+        tis = sorted(
+            run.get_task_instances(session=session), key=lambda t: (order.get(t.task_id, 0), t.map_index)
+        )
         for ti in tis:
             value = values.get((ti.task_id, ti.map_index))
             value = value if isinstance(value, dict) else {}

@@ -63,7 +63,9 @@ def _side(m: Mapping, root: Path, which: str) -> pl.DataFrame | None:
     files = source_files(spec.source, root, required=False) if root.is_dir() else []
     if not files:
         return None
-    out_id, wanted = ("user_id", ("segment", "region")) if which == "users" else ("item_id", ("category", "brand"))
+    out_id, wanted = (
+        ("user_id", ("segment", "region")) if which == "users" else ("item_id", ("category", "brand"))
+    )
     frame = read_side_table(spec.source, files)
     return side_features(frame, spec.id, spec.features, spec.derive, out_id, wanted)
 
@@ -75,13 +77,21 @@ def _surface(m: Mapping, rows: pl.DataFrame, items: pl.DataFrame | None) -> tupl
     if rule.constant:
         return rows, pl.lit(rule.constant)
     if rule.column:
-        mapped = pl.col(rule.column).replace_strict(rule.values, default=default) if rule.values else pl.col(rule.column)
+        mapped = (
+            pl.col(rule.column).replace_strict(rule.values, default=default)
+            if rule.values
+            else pl.col(rule.column)
+        )
         return rows, pl.when(pl.col(rule.column).fill_null("") == "").then(default).otherwise(mapped)
     if items is None or rule.item_column not in items.columns:
-        raise ValueError(f"mapping: surface item_column {rule.item_column!r} needs an items side table with it")
+        raise ValueError(
+            f"mapping: surface item_column {rule.item_column!r} needs an items side table with it"
+        )
     joined = rows.with_columns(pl.col(m.item_id).cast(pl.Int64, strict=False).alias("__iid")).join(
         items.select(pl.col("item_id").alias("__iid"), pl.col(rule.item_column).alias("__isurface")),
-        on="__iid", how="left", maintain_order="left",
+        on="__iid",
+        how="left",
+        maintain_order="left",
     )
     return joined, pl.col("__isurface").fill_null(default)
 
@@ -107,8 +117,14 @@ def _check_lake(lake: Lake, m: Mapping, days: int, origin: str) -> None:
         )
 
 
-def import_source(preset: str, path: str, lake_uri: str, mapping_file: str | None = None,
-                  window: str | int | None = None, max_bad_share: float = 0.01) -> dict[str, Any]:
+def import_source(
+    preset: str,
+    path: str,
+    lake_uri: str,
+    mapping_file: str | None = None,
+    window: str | int | None = None,
+    max_bad_share: float = 0.01,
+) -> dict[str, Any]:
     """Import `path` with `preset` (+ `mapping_file`) into the lake at `lake_uri` (contract above)."""
     started = time.perf_counter()
     root = Path(path)
@@ -132,9 +148,18 @@ def import_source(preset: str, path: str, lake_uri: str, mapping_file: str | Non
     _check_lake(lake, m, days, origin.isoformat())
     windows = write_windows(lake, events, origin, days, users, items)
     surfaces = sorted(events["surface"].unique().to_list())
-    lake.update_meta(window_days=days, surfaces=surfaces, source=m.name, origin=origin.isoformat(), import_id=iid)
+    lake.update_meta(
+        window_days=days, surfaces=surfaces, source=m.name, origin=origin.isoformat(), import_id=iid
+    )
     return {
-        "import_id": iid, "rows": rows.height, "events": events.height, "quarantined": bad.height,
-        "windows": len(windows), "first_ds": windows[0].ds, "last_ds": windows[-1].ds, "surfaces": surfaces,
-        "window_days": days, "seconds": round(time.perf_counter() - started, 2),
+        "import_id": iid,
+        "rows": rows.height,
+        "events": events.height,
+        "quarantined": bad.height,
+        "windows": len(windows),
+        "first_ds": windows[0].ds,
+        "last_ds": windows[-1].ds,
+        "surfaces": surfaces,
+        "window_days": days,
+        "seconds": round(time.perf_counter() - started, 2),
     }

@@ -89,7 +89,9 @@ class SurfaceRule:
     def __post_init__(self) -> None:
         chosen = [k for k in ("constant", "column", "item_column") if getattr(self, k)]
         if len(chosen) != 1:
-            raise ValueError(f"mapping [surface]: set exactly one of constant, column, item_column (got {chosen})")
+            raise ValueError(
+                f"mapping [surface]: set exactly one of constant, column, item_column (got {chosen})"
+            )
 
 
 @dataclass(frozen=True)
@@ -149,14 +151,21 @@ def mapping_from_dict(data: dict[str, Any]) -> Mapping:
     missing = [k for k in ("user_id", "item_id", "ts", "click") if not fields_.get(k)]
     if missing or "name" not in data:
         raise ValueError(f"mapping: missing {missing or ['name']} (in [fields] / top level)")
-    return _build(Mapping, {**data, **fields_, "events": events, "surface": surface, "users": users, "items": items},
-                  "(top level / [fields])")
+    return _build(
+        Mapping,
+        {**data, **fields_, "events": events, "surface": surface, "users": users, "items": items},
+        "(top level / [fields])",
+    )
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -180,13 +189,17 @@ def preset_dict(preset: str, source: Path) -> dict[str, Any]:
         return load_mapping_dict(MAPPINGS_DIR / "kuairand.toml")
     if preset == "custom":
         return {}
-    raise ValueError(f"unknown import preset {preset!r}: expected movielens, kuairand or custom (with --mapping)")
+    raise ValueError(
+        f"unknown import preset {preset!r}: expected movielens, kuairand or custom (with --mapping)"
+    )
 
 
 def resolve_mapping(preset: str, source: str | Path, mapping_file: str | Path | None = None) -> Mapping:
     """The preset's mapping with the keys of `mapping_file` (if any) laid over it."""
     base = preset_dict(preset, Path(source))
     if preset == "custom" and mapping_file is None:
-        raise ValueError("preset 'custom' needs --mapping FILE (see features/importers/mapping.py for the layout)")
+        raise ValueError(
+            "preset 'custom' needs --mapping FILE (see features/importers/mapping.py for the layout)"
+        )
     data = deep_merge(base, load_mapping_dict(mapping_file)) if mapping_file else base
     return mapping_from_dict(data)

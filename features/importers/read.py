@@ -55,7 +55,9 @@ def _parquet(path: Path) -> tuple[list[str], pl.DataFrame]:
     frame = frame.with_columns(pl.col(n).cast(pl.String) for n in names)
     raw = pl.concat_str([pl.col(n).fill_null("") for n in names], separator=",")
     return names, frame.with_columns(
-        raw.alias(RAW), pl.lit(path.name).alias(SRC), pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(LINE),
+        raw.alias(RAW),
+        pl.lit(path.name).alias(SRC),
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(LINE),
         pl.lit(len(names), pl.UInt32).alias("__fields"),
     )
 
@@ -81,8 +83,14 @@ def read_side_table(table: SourceTable, files: list[Path]) -> pl.DataFrame:
     for path in files:
         text = path.read_bytes().decode(table.encoding, errors="replace").encode()
         frames.append(
-            pl.read_csv(text, separator=table.delimiter, has_header=table.header, infer_schema=False,
-                        new_columns=list(table.columns) or None, truncate_ragged_lines=True)
+            pl.read_csv(
+                text,
+                separator=table.delimiter,
+                has_header=table.header,
+                infer_schema=False,
+                new_columns=list(table.columns) or None,
+                truncate_ragged_lines=True,
+            )
         )
     return pl.concat(frames, how="diagonal_relaxed").with_columns(pl.all().str.strip_chars())
 
@@ -128,14 +136,22 @@ def _check(cond: pl.Expr, reason: str | pl.Expr) -> tuple[pl.Expr, pl.Expr]:
 def _reasons(m: Mapping, names: list[str], numeric: list[str]) -> list[tuple[pl.Expr, pl.Expr]]:
     """Ordered checks (condition that is True when bad, reason); the first failing one is reported."""
     lo, hi = (datetime.fromisoformat(t).replace(tzinfo=UTC) for t in (m.ts_min, m.ts_max))
-    checks = [_check(pl.col("__fields") != len(names), pl.format("wrong number of fields: {} (expected {})",
-                                                                  pl.col("__fields"), pl.lit(len(names))))]
+    checks = [
+        _check(
+            pl.col("__fields") != len(names),
+            pl.format("wrong number of fields: {} (expected {})", pl.col("__fields"), pl.lit(len(names))),
+        )
+    ]
     for key, col in (("user_id", m.user_id), ("item_id", m.item_id), ("ts", m.ts)):
         checks.append(_check(pl.col(col).fill_null("") == "", f"missing {key} (column {col})"))
     for key, col in (("user_id", m.user_id), ("item_id", m.item_id)):
-        checks.append(_check(pl.col(col).cast(pl.Int64, strict=False).is_null(), f"bad type: {key} is not an integer"))
+        checks.append(
+            _check(pl.col(col).cast(pl.Int64, strict=False).is_null(), f"bad type: {key} is not an integer")
+        )
     checks.append(_check(_ts_expr(m).is_null(), f"bad type: timestamp {m.ts} does not parse"))
-    checks.append(_check((_ts_expr(m) < lo) | (_ts_expr(m) >= hi), f"timestamp out of range [{m.ts_min}, {m.ts_max})"))
+    checks.append(
+        _check((_ts_expr(m) < lo) | (_ts_expr(m) >= hi), f"timestamp out of range [{m.ts_min}, {m.ts_max})")
+    )
     for col in numeric:
         checks.append(_check(pl.col(f"__nan_{col}"), f"bad type: {col} is not a number"))
     for name, expr in _label_exprs(m).items():
@@ -148,7 +164,9 @@ def _reasons(m: Mapping, names: list[str], numeric: list[str]) -> list[tuple[pl.
     return checks
 
 
-def validate(m: Mapping, names: list[str], rows: pl.DataFrame, surface: pl.Expr) -> tuple[pl.DataFrame, pl.DataFrame]:
+def validate(
+    m: Mapping, names: list[str], rows: pl.DataFrame, surface: pl.Expr
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(good events typed for the lake, bad rows in the QUARANTINE layout). `surface` may be null = bad."""
     for col in (m.user_id, m.item_id, m.ts, m.position, m.device, m.surface.column):
         if col and col not in names:
@@ -158,15 +176,19 @@ def validate(m: Mapping, names: list[str], rows: pl.DataFrame, surface: pl.Expr)
     for cond, why in reversed(_reasons(m, names, numeric)):
         reason = pl.when(cond.fill_null(True)).then(why).otherwise(reason)
     # label expressions see numbers; whether a value failed to parse is kept for the reason
-    rows = rows.with_columns(pl.col(n).cast(pl.Float64, strict=False).is_null().alias(f"__nan_{n}") for n in numeric)
+    rows = rows.with_columns(
+        pl.col(n).cast(pl.Float64, strict=False).is_null().alias(f"__nan_{n}") for n in numeric
+    )
     rows = rows.with_columns(pl.col(n).cast(pl.Float64, strict=False) for n in numeric)
     typed = rows.with_columns(reason.alias(REASON)).with_columns(
         pl.col(m.user_id).cast(pl.Int64, strict=False).alias("user_id"),
         pl.col(m.item_id).cast(pl.Int64, strict=False).alias("item_id"),
         _ts_expr(m).alias("ts"),
         *[e.cast(pl.Int8, strict=False).alias(n) for n, e in _label_exprs(m).items()],
-        *[(pl.col(c).cast(pl.Int64, strict=False).fill_null(0) if c else pl.lit(0)).alias(k)
-          for k, c in (("position", m.position), ("device", m.device))],
+        *[
+            (pl.col(c).cast(pl.Int64, strict=False).fill_null(0) if c else pl.lit(0)).alias(k)
+            for k, c in (("position", m.position), ("device", m.device))
+        ],
         surface.alias("surface"),
     )
     if not m.like:
@@ -174,15 +196,21 @@ def validate(m: Mapping, names: list[str], rows: pl.DataFrame, surface: pl.Expr)
     typed = typed.with_columns(
         pl.when(pl.col(REASON).is_null() & pl.col("surface").is_null())
         .then(pl.format("unknown surface for value {}", pl.col(m.surface.column or m.item_id)))
-        .otherwise(pl.col(REASON)).alias(REASON)
+        .otherwise(pl.col(REASON))
+        .alias(REASON)
     )
     key = pl.struct("user_id", "item_id", "ts")
     dup = pl.col(REASON).is_null() & ~key.is_first_distinct().over(pl.col(REASON).is_null())
     typed = typed.with_columns(
-        pl.when(dup).then(pl.lit("duplicate event (same user_id, item_id, ts)")).otherwise(pl.col(REASON)).alias(REASON)
+        pl.when(dup)
+        .then(pl.lit("duplicate event (same user_id, item_id, ts)"))
+        .otherwise(pl.col(REASON))
+        .alias(REASON)
     )
     bad = typed.filter(pl.col(REASON).is_not_null()).select(
-        pl.col(SRC).alias("source"), pl.col(LINE).alias("source_line"), pl.col(REASON).alias("reason"),
+        pl.col(SRC).alias("source"),
+        pl.col(LINE).alias("source_line"),
+        pl.col(REASON).alias("reason"),
         pl.col(RAW).alias("raw"),
     )
     good = typed.filter(pl.col(REASON).is_null()).select(

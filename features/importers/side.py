@@ -26,13 +26,46 @@ from collections.abc import Callable
 import polars as pl
 
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 GENRE_FLAG_COLUMNS = (
-    "g_unknown", "g_action", "g_adventure", "g_animation", "g_children", "g_comedy", "g_crime", "g_documentary",
-    "g_drama", "g_fantasy", "g_film_noir", "g_horror", "g_musical", "g_mystery", "g_romance", "g_sci_fi",
-    "g_thriller", "g_war", "g_western",
+    "g_unknown",
+    "g_action",
+    "g_adventure",
+    "g_animation",
+    "g_children",
+    "g_comedy",
+    "g_crime",
+    "g_documentary",
+    "g_drama",
+    "g_fantasy",
+    "g_film_noir",
+    "g_horror",
+    "g_musical",
+    "g_mystery",
+    "g_romance",
+    "g_sci_fi",
+    "g_thriller",
+    "g_war",
+    "g_western",
 )
 SURFACE_GROUPS = (  # (surface, genres) in precedence order
     ("family", ("Animation", "Children's", "Fantasy", "Musical")),
@@ -48,7 +81,9 @@ def _genre_list(frame: pl.DataFrame) -> pl.Expr:
     """List of genre names: from 19 flag columns (100K) or a 'A|B' string (1M)."""
     if "genres" in frame.columns:
         return pl.col("genres").str.split("|")
-    flags = [pl.when(pl.col(c) == "1").then(pl.lit(g)) for c, g in zip(GENRE_FLAG_COLUMNS, GENRES, strict=True)]
+    flags = [
+        pl.when(pl.col(c) == "1").then(pl.lit(g)) for c, g in zip(GENRE_FLAG_COLUMNS, GENRES, strict=True)
+    ]
     return pl.concat_list(flags).list.drop_nulls()
 
 
@@ -56,15 +91,25 @@ def movielens_items(frame: pl.DataFrame) -> pl.DataFrame:
     genres = _genre_list(frame)
     surface = pl.lit(FALLBACK_SURFACE)
     for name, members in reversed(SURFACE_GROUPS):
-        surface = pl.when(genres.list.eval(pl.element().is_in(members)).list.any()).then(pl.lit(name)).otherwise(surface)
-    year_text = (pl.col("release_date").str.slice(-4) if "release_date" in frame.columns
-                 else pl.col("title").str.extract(r"\((\d{4})\)\s*$"))
+        surface = (
+            pl.when(genres.list.eval(pl.element().is_in(members)).list.any())
+            .then(pl.lit(name))
+            .otherwise(surface)
+        )
+    year_text = (
+        pl.col("release_date").str.slice(-4)
+        if "release_date" in frame.columns
+        else pl.col("title").str.extract(r"\((\d{4})\)\s*$")
+    )
     year = year_text.cast(pl.Int32, strict=False)
     primary = genres.list.first().replace_strict(list(GENRES), list(range(1, len(GENRES) + 1)), default=0)
     return frame.with_columns(
         surface.alias("surface"),
         primary.cast(pl.Int32).alias("primary_genre"),
-        pl.when(year.is_null()).then(0).otherwise(((year - 1920) // 10).clip(0, 7) + 1).cast(pl.Int32)
+        pl.when(year.is_null())
+        .then(0)
+        .otherwise(((year - 1920) // 10).clip(0, 7) + 1)
+        .cast(pl.Int32)
         .alias("year_bucket"),
     )
 
@@ -80,8 +125,9 @@ def movielens_users(frame: pl.DataFrame) -> pl.DataFrame:
     else:  # ML-100K: names; alphabetical like u.occupation
         names = sorted(frame["occupation"].unique().to_list())
         code = occupation.replace_strict(names, list(range(1, len(names) + 1)), default=0).cast(pl.Int32)
-    return frame.with_columns(pl.when(age.is_null()).then(0).otherwise(bucket).alias("age_bucket"),
-                              code.alias("occupation_code"))
+    return frame.with_columns(
+        pl.when(age.is_null()).then(0).otherwise(bucket).alias("age_bucket"), code.alias("occupation_code")
+    )
 
 
 def kuairand_items(frame: pl.DataFrame) -> pl.DataFrame:
@@ -109,8 +155,14 @@ def code_feature(column: pl.Series) -> pl.Series:
     return text.replace_strict(values, list(range(1, len(values) + 1)), default=0, return_dtype=pl.Int32)
 
 
-def side_features(frame: pl.DataFrame, id_col: str, features: dict[str, str], derive: str,
-                  out_id: str, wanted: tuple[str, ...]) -> pl.DataFrame:
+def side_features(
+    frame: pl.DataFrame,
+    id_col: str,
+    features: dict[str, str],
+    derive: str,
+    out_id: str,
+    wanted: tuple[str, ...],
+) -> pl.DataFrame:
     """(out_id Int64, each wanted feature Int32 [, surface]) from a string side table; first row per id wins."""
     if derive:
         if derive not in DERIVE:
@@ -119,10 +171,15 @@ def side_features(frame: pl.DataFrame, id_col: str, features: dict[str, str], de
     unknown = sorted(set(features) - set(wanted))
     missing = [c for c in [id_col, *features.values()] if c not in frame.columns]
     if unknown or missing:
-        raise ValueError(f"mapping side table: unknown features {unknown} (allowed {list(wanted)}) or columns "
-                         f"{missing} missing from {frame.columns}")
-    out = frame.select(pl.col(id_col).cast(pl.Int64, strict=False).alias(out_id), *(
-        [pl.col("surface")] if "surface" in frame.columns else []), *[pl.col(c) for c in set(features.values())])
+        raise ValueError(
+            f"mapping side table: unknown features {unknown} (allowed {list(wanted)}) or columns "
+            f"{missing} missing from {frame.columns}"
+        )
+    out = frame.select(
+        pl.col(id_col).cast(pl.Int64, strict=False).alias(out_id),
+        *([pl.col("surface")] if "surface" in frame.columns else []),
+        *[pl.col(c) for c in set(features.values())],
+    )
     out = out.filter(pl.col(out_id).is_not_null()).unique(out_id, keep="first", maintain_order=True)
     coded = {name: code_feature(out[col]) for name, col in features.items()}
     return out.select(out_id, *(["surface"] if "surface" in out.columns else [])).with_columns(

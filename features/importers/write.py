@@ -31,8 +31,15 @@ def window_of(origin: date, days: int, k: int) -> Window:
     return Window(origin + timedelta(days=k * days), days)
 
 
-def snapshot(seen: pl.DataFrame, features: pl.DataFrame | None, id_col: str, names: tuple[str, ...],
-             origin: date, days: int, k: int) -> pl.DataFrame:
+def snapshot(
+    seen: pl.DataFrame,
+    features: pl.DataFrame | None,
+    id_col: str,
+    names: tuple[str, ...],
+    origin: date,
+    days: int,
+    k: int,
+) -> pl.DataFrame:
     """The ids first seen in windows <= k with first_ds and their side features (0 when unknown)."""
     rows = seen.filter(pl.col("__first_w") <= k).with_columns(
         (pl.lit(origin) + pl.duration(days=pl.col("__first_w") * days)).cast(pl.Date).alias("first_ds")
@@ -41,11 +48,22 @@ def snapshot(seen: pl.DataFrame, features: pl.DataFrame | None, id_col: str, nam
         rows = rows.join(features.select(id_col, *names), on=id_col, how="left")
     else:
         rows = rows.with_columns(pl.lit(None, pl.Int32).alias(n) for n in names)
-    return rows.with_columns(pl.col(n).fill_null(0) for n in names).select(id_col, *names, "first_ds").sort(id_col)
+    return (
+        rows.with_columns(pl.col(n).fill_null(0) for n in names)
+        .select(id_col, *names, "first_ds")
+        .sort(id_col)
+    )
 
 
-def write_windows(lake: Lake, events: pl.DataFrame, origin: date, days: int,
-                  users: pl.DataFrame | None, items: pl.DataFrame | None, history_length: int = 50) -> list[Window]:
+def write_windows(
+    lake: Lake,
+    events: pl.DataFrame,
+    origin: date,
+    days: int,
+    users: pl.DataFrame | None,
+    items: pl.DataFrame | None,
+    history_length: int = 50,
+) -> list[Window]:
     """Write events(ds, surface), users(ds), items(ds) and user_history(ds) for every window, in order."""
     last = int(events["__w"].max())  # type: ignore[arg-type]
     first_user = events.group_by("user_id").agg(pl.col("__w").min().alias("__first_w"))
@@ -57,16 +75,23 @@ def write_windows(lake: Lake, events: pl.DataFrame, origin: date, days: int,
         chunk = by_window.get((k,), events.clear())
         written = set()
         for (surface,), part in chunk.partition_by("surface", as_dict=True).items():
-            part = part.drop("__w").with_columns(pl.lit(None, pl.Float32).alias("p_click"))  # unknown for logs
+            # a log has no true click probability (the generator's ceiling): null
+            part = part.drop("__w").with_columns(pl.lit(None, pl.Float32).alias("p_click"))
             lake.write("events", part, ds=window.ds, surface=str(surface))
             written.add(str(surface))
         for stale in lake.partitions("events", ds=window.ds):  # a re-import replaces the window exactly
             if stale["surface"] not in written:
                 lake.delete("events", **stale)
-        lake.write("users", snapshot(first_user, users, "user_id", ("segment", "region"), origin, days, k),
-                   ds=window.ds)
-        lake.write("items", snapshot(first_item, items, "item_id", ("category", "brand"), origin, days, k),
-                   ds=window.ds)
+        lake.write(
+            "users",
+            snapshot(first_user, users, "user_id", ("segment", "region"), origin, days, k),
+            ds=window.ds,
+        )
+        lake.write(
+            "items",
+            snapshot(first_item, items, "item_id", ("category", "brand"), origin, days, k),
+            ds=window.ds,
+        )
         build_user_history(lake, window, length=history_length)
         windows.append(window)
     return windows

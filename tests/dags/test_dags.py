@@ -44,7 +44,9 @@ for path in sorted(__import__("pathlib").Path({str(DAGS_FOLDER)!r}).glob("*.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 print(json.dumps({{"s": time.perf_counter() - t0, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     assert result["s"] < 1.0, result
@@ -52,7 +54,9 @@ print(json.dumps({{"s": time.perf_counter() - t0, "heavy": [m for m in {HEAVY!r}
 
 def test_ruff_air_rules_pass_on_dags() -> None:
     ruff = Path(sys.executable).parent / "ruff"
-    out = subprocess.run([str(ruff), "check", "--select", "AIR", str(DAGS_FOLDER)], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(ruff), "check", "--select", "AIR", str(DAGS_FOLDER)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -65,7 +69,9 @@ def test_fmx_fm_structure(dags: dict) -> None:
     assert up["fm_preset.fm_export"] >= {"ingest", "fm_presets"}
     assert "fm_preset.fm_export" in up["fm_preset.fm_train"]
     assert "fm_preset.fm_train" in up["experts_conf"] and up["trigger_experts"] == {"experts_conf"}
-    assert type(dag.task_group_dict["fm_preset"]).__name__ == "MappedTaskGroup"  # one export->train per preset
+    assert (
+        type(dag.task_group_dict["fm_preset"]).__name__ == "MappedTaskGroup"
+    )  # one export->train per preset
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable" and dag.catchup
     assert dag.max_active_runs == 1 and all(t.depends_on_past for t in dag.tasks)
     assert dag.task_dict["fm_preset.fm_train"].pool == dagkit.TRAINING_POOL

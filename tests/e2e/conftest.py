@@ -8,7 +8,6 @@ which would otherwise queue one scheduled run per past day; triggered runs and b
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -130,7 +129,3 @@ def mlflow_runs(srv: Servers, ds: str) -> list[Any]:
     experiment = client.get_experiment_by_name("fmx")
     assert experiment is not None, f"no MLflow experiment 'fmx' on {srv.state.mlflow_url}"
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.ds = '{ds}'", max_results=1000)
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str)[:4000]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from features.lake import Lake
 from features.tracking import PIPELINE_RUN_TAG, REQUIRED_TAGS
 from fmx import servers
 from fmx.airflow_api import AirflowAPIError
@@ -59,10 +60,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         yield started
 
 
-def _stage_runs(srv: Servers, ds: str) -> list:
-    return [r for r in mlflow_runs(srv, ds) if r.data.tags.get("fmx.kind") == "stage"]
-
-
 def test_up_is_idempotent_and_status_reports_health(srv: Servers) -> None:
     out = fmx("up", "--no-schedule", home=srv.home)
     assert srv.state.airflow_url in out.stdout
@@ -95,22 +92,14 @@ def test_trigger_with_bad_param_is_rejected(srv: Servers, bad: dict) -> None:
     assert len(srv.api.runs(FM_DAG)) == before  # no run was created
 
 
-def test_day_trigger_experts_rerun_and_backfill(srv: Servers) -> None:
-    # Day 1 through the REST API: ingest -> fm_export (first window: nothing to score) -> fm_train,
-    # then fmx_fm's last task triggers fmx_experts for the same day and conf.
+def test_day_trigger_backfill_and_experts_rerun(srv: Servers) -> None:
+    # Day 1 through the REST API: ingest -> fm_export (first window: no FM yet, documented skip) ->
+    # fm_train; fmx_fm's last task triggers fmx_experts for the same day and conf (experts skip: the FM
+    # has scored nothing yet).
     fm_run = srv.api.trigger(FM_DAG, pipeline_conf(srv.lake, ds=DAY1))
     wait_success(srv, FM_DAG, fm_run)
-    experts_run = experts_run_for(srv, DAY1)
-    wait_success(srv, EXPERTS_DAG, experts_run)
-    _check_day1_in_mlflow(srv, fm_run, experts_run)
-
-    # The experts DAG alone, triggered directly: re-run day 1's experts without retraining the FM.
-    rerun = srv.api.trigger(EXPERTS_DAG, pipeline_conf(srv.lake, ds=DAY1, variants=["base"]))
-    wait_success(srv, EXPERTS_DAG, rerun)
-    rerun_tags = [
-        r.data.tags for r in _stage_runs(srv, DAY1) if r.data.tags.get("orchestrator_run_id") == rerun
-    ]
-    assert [t["variant"] for t in rerun_tags if t["surface"] == "feed"] == ["base"], rerun_tags
+    wait_success(srv, EXPERTS_DAG, experts_run_for(srv, DAY1))
+    _check_fm_day(srv, DAY1, fm_run)
 
     # Days 2-3 with Airflow's own backfill (logical dates -> ds), same small conf minus ds.
     conf = json.dumps(pipeline_conf(srv.lake))
@@ -118,48 +107,63 @@ def test_day_trigger_experts_rerun_and_backfill(srv: Servers) -> None:
         "--dag-run-conf", conf, home=srv.home)  # fmt: skip
     backfill = sorted(srv.api.runs(FM_DAG, run_type="backfill"), key=lambda r: r["logical_date"])
     assert [r["logical_date"][:10] for r in backfill] == [DAY2, DAY3]
-    for run in backfill:
+    experts = {}
+    for ds, run in zip((DAY2, DAY3), backfill, strict=True):
         wait_success(srv, FM_DAG, run["dag_run_id"])
-    for ds in (DAY2, DAY3):
-        wait_success(srv, EXPERTS_DAG, experts_run_for(srv, ds))
-    _check_progressive_metrics(srv, DAY2)
-    _check_progressive_metrics(srv, DAY3)
-    assert sorted(p["ds"] for p in _lake_partitions(srv, "events", surface="feed")) == [DAY1, DAY2, DAY3]
+        experts[ds] = experts_run_for(srv, ds)
+        wait_success(srv, EXPERTS_DAG, experts[ds])
+        _check_fm_day(srv, ds, run["dag_run_id"])
+    assert sorted(p["ds"] for p in Lake(srv.lake).partitions("events", surface="feed")) == [DAY1, DAY2, DAY3]
 
-
-def _check_day1_in_mlflow(srv: Servers, fm_run: str, experts_run: str) -> None:
-    runs = _stage_runs(srv, DAY1)
-    by_name = {r.info.run_name: r for r in runs}
-    assert {"fm_export", "fm_train", "expert/small/feed/base", "expert/small/feed/loopfm"} <= set(by_name), (
-        sorted(by_name)
-    )
-    for run in runs:
-        missing = [t for t in REQUIRED_TAGS if t not in run.data.tags]
-        assert not missing, f"{run.info.run_name} lacks tags {missing}"
-    fm_train = by_name["fm_train"].data.tags
-    assert fm_train["orchestrator_run_id"] == fm_run and fm_train[PIPELINE_RUN_TAG] == fm_run
-    assert fm_train["fm_version"] not in ("", "pending", "none")
-    expert = by_name["expert/small/feed/loopfm"].data.tags
-    assert expert["orchestrator_run_id"] == experts_run
-    assert expert[PIPELINE_RUN_TAG] == fm_run  # the experts run joins the FM run's MLflow run tree
-    assert expert["model_uri"], "expert model not logged"
-
-
-def _check_progressive_metrics(srv: Servers, ds: str) -> None:
-    """FM and experts trained through ds-1 were scored on ds before training on it."""
-    runs = _stage_runs(srv, ds) + [r for r in mlflow_runs(srv, ds) if r.info.run_name == "fm_export/feed"]
-    by_name = {r.info.run_name: r for r in runs}
-    fm_feed = by_name.get("fm_export/feed")
-    assert fm_feed is not None, f"no FM export metrics for feed on {ds}: {sorted(by_name)}"
+    # Day 2: FM_1 scored day 2 (progressive FM metrics); experts cold-start on day 2 (nothing to evaluate).
+    fm_feed = _runs_named(srv, DAY2)["fm_export/feed"]
     assert QUALITY <= set(fm_feed.data.metrics), fm_feed.data.metrics
     for variant in ("base", "loopfm"):
-        expert = by_name[f"expert/small/feed/{variant}"]
-        assert expert.data.tags["evaluated"] == "true"
-        assert QUALITY <= set(expert.data.metrics), (variant, expert.data.metrics)
-        assert 0.0 <= expert.data.metrics["auc"] <= 1.0 and expert.data.metrics["ne"] > 0
+        tags = _runs_named(srv, DAY2)[f"expert/small/feed/{variant}"].data.tags
+        assert tags["orchestrator_run_id"] == experts[DAY2] and tags["evaluated"] == "false"
+        assert tags[PIPELINE_RUN_TAG] == backfill[0]["dag_run_id"]  # joins the FM run's MLflow tree
+        assert tags["model_uri"], "expert model not logged"
+    # Day 3: experts trained through day 2 scored on day 3 before training on it.
+    first = _check_evaluated_experts(srv, DAY3, experts[DAY3])
+
+    # The experts DAG alone, triggered directly: re-run day 3's base expert without retraining the FM.
+    # It evaluates the same checkpoint (trained through day 2) on the same rows: the same metrics.
+    rerun = srv.api.trigger(EXPERTS_DAG, pipeline_conf(srv.lake, ds=DAY3, variants=["base"]))
+    wait_success(srv, EXPERTS_DAG, rerun)
+    again = _check_evaluated_experts(srv, DAY3, rerun, variants=("base",))
+    assert again["base"] == pytest.approx(first["base"], rel=1e-6)
 
 
-def _lake_partitions(srv: Servers, table: str, **fixed: str) -> list[dict[str, str]]:
-    from features.lake import Lake
+def _runs_named(srv: Servers, ds: str, orchestrator_run: str | None = None) -> dict:
+    """{run name: run} of day ds (optionally of one Airflow run); the newest run wins on a name clash."""
+    runs = sorted(mlflow_runs(srv, ds), key=lambda r: r.info.start_time)
+    return {
+        r.info.run_name: r for r in runs if orchestrator_run in (None, r.data.tags.get("orchestrator_run_id"))
+    }
 
-    return Lake(srv.lake).partitions(table, **fixed)
+
+def _check_fm_day(srv: Servers, ds: str, fm_run: str) -> None:
+    runs = _runs_named(srv, ds, fm_run)
+    assert {"fm_export", "fm_train"} <= set(runs), sorted(runs)
+    for run in runs.values():
+        if run.data.tags.get("fmx.kind") == "stage":
+            missing = [t for t in REQUIRED_TAGS if t not in run.data.tags]
+            assert not missing, f"{run.info.run_name} lacks tags {missing}"
+    tags = runs["fm_train"].data.tags
+    assert tags[PIPELINE_RUN_TAG] == fm_run and tags["ds"] == ds
+    assert tags["fm_version"].startswith(f"small-{ds}-"), tags["fm_version"]
+
+
+def _check_evaluated_experts(
+    srv: Servers, ds: str, experts_run: str, variants: tuple[str, ...] = ("base", "loopfm")
+) -> dict[str, dict[str, float]]:
+    runs = _runs_named(srv, ds, experts_run)
+    out = {}
+    for variant in variants:
+        run = runs[f"expert/small/feed/{variant}"]
+        assert run.data.tags["evaluated"] == "true", run.data.tags
+        metrics = run.data.metrics
+        assert QUALITY <= set(metrics), (variant, metrics)
+        assert 0.0 <= metrics["auc"] <= 1.0 and metrics["ne"] > 0 and metrics["logloss"] > 0
+        out[variant] = {k: metrics[k] for k in QUALITY}
+    return out

@@ -9,7 +9,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.generate import GeneratorConfig, bayes_metrics, bayes_metrics_by_surface, generate, generate_window
+from features.generate import (
+    GeneratorConfig,
+    bayes_metrics,
+    bayes_metrics_by_surface,
+    generate,
+    generate_window,
+)
 from features.lake import Lake
 from features.schemas import TABLES
 from features.windows import Window, window_series

@@ -26,7 +26,9 @@ SETTINGS = settings(max_examples=50, deadline=None)
 
 # (user, second, item, click): few users and few distinct seconds, so ties on ts are common.
 rows_strategy = st.lists(
-    st.tuples(st.integers(1, 4), st.integers(0, 12), st.integers(1, 50), st.integers(0, 1)), min_size=1, max_size=40
+    st.tuples(st.integers(1, 4), st.integers(0, 12), st.integers(1, 50), st.integers(0, 1)),
+    min_size=1,
+    max_size=40,
 )
 
 
@@ -49,7 +51,11 @@ def reference(events: pl.DataFrame, state_rows: list[dict], length: int) -> dict
     out = {}
     evs = events.to_dicts()
     for e in evs:
-        older = [(s["ts"], 0, s["pos"], s["item_id"], s["click"]) for s in state_rows if s["user_id"] == e["user_id"]]
+        older = [
+            (s["ts"], 0, s["pos"], s["item_id"], s["click"])
+            for s in state_rows
+            if s["user_id"] == e["user_id"]
+        ]
         older += [
             (x["ts"], 1, x["event_id"], x["item_id"], x["click"])
             for x in evs
@@ -68,8 +74,11 @@ def as_tuples(frame: pl.DataFrame) -> dict[int, list[tuple]]:
 
 
 @SETTINGS
-@given(rows=rows_strategy, old=st.lists(st.tuples(st.integers(1, 4), st.integers(-9, -1), st.integers(1, 50))),
-       length=st.integers(1, 6))
+@given(
+    rows=rows_strategy,
+    old=st.lists(st.tuples(st.integers(1, 4), st.integers(-9, -1), st.integers(1, 50))),
+    length=st.integers(1, 6),
+)
 def test_matches_brute_force_and_never_leaks(rows, old, length) -> None:
     events = events_frame(rows)
     state_rows = [
@@ -82,9 +91,13 @@ def test_matches_brute_force_and_never_leaks(rows, old, length) -> None:
         st_df = st_df.with_columns(pl.int_range(pl.len()).over("user_id").alias("pos"))
         state_rows = st_df.to_dicts()
         state = st_df.group_by("user_id").agg(
-            pl.col("ts").alias("hist_ts"), pl.col("item_id").alias("hist_item_id"), pl.col("click").alias("hist_click")
+            pl.col("ts").alias("hist_ts"),
+            pl.col("item_id").alias("hist_item_id"),
+            pl.col("click").alias("hist_click"),
         )
-    out = history_features(events.lazy(), state.lazy() if state is not None else None, length, PAYLOAD).collect()
+    out = history_features(
+        events.lazy(), state.lazy() if state is not None else None, length, PAYLOAD
+    ).collect()
     assert out["event_id"].to_list() == events["event_id"].to_list()  # one row per event, input order
     assert as_tuples(out) == reference(events, state_rows, length)
     joined = out.join(events.select("event_id", "ts"), on="event_id").with_columns(history_age_seconds())
@@ -137,8 +150,11 @@ def _lake_events(rows: list[tuple[int, int, int, int]], window: Window, first_id
     base = (window.start_ts - T0).total_seconds()
     shifted = [(u, int(base) + s, i, c) for u, s, i, c in rows]
     return events_frame(shifted, first_id).with_columns(
-        surface=pl.lit("feed"), like=pl.lit(None, pl.Int8), position=pl.lit(0, pl.Int16),
-        device=pl.lit(0, pl.Int8), p_click=pl.lit(None, pl.Float32),
+        surface=pl.lit("feed"),
+        like=pl.lit(None, pl.Int8),
+        position=pl.lit(0, pl.Int16),
+        device=pl.lit(0, pl.Int8),
+        p_click=pl.lit(None, pl.Float32),
     )
 
 

@@ -41,7 +41,10 @@ def test_movielens_100k_import(lake_uri: str) -> None:
     assert 0.5 < events["click"].mean() < 0.6  # ratings >= 4 are 55.4% of ML-100K  # type: ignore[operator]
     assert set(events["surface"].unique()) == {"action", "comedy", "drama", "family", "thriller"}
     days = sorted(p["ds"] for p in lake.partitions("users"))
-    assert all(date.fromisoformat(b) - date.fromisoformat(a) == timedelta(days=7) for a, b in zip(days, days[1:]))
+    assert all(
+        date.fromisoformat(b) - date.fromisoformat(a) == timedelta(days=7)
+        for a, b in zip(days, days[1:], strict=False)
+    )
     for keys in lake.partitions("events"):  # every event lies inside its partition's 7-day window
         part = lake.read("events", **keys).to_pydict()
         start = date.fromisoformat(keys["ds"])
@@ -50,7 +53,9 @@ def test_movielens_100k_import(lake_uri: str) -> None:
     meta = lake.meta()
     assert meta["window_days"] == 7 and meta["source"] == "movielens" and meta["origin"] == days[0]
     last_users = lake.read("users", ds=days[-1]).to_pydict()
-    assert len(last_users["user_id"]) == 943 and min(last_users["segment"]) >= 1  # every user has side features
+    assert (
+        len(last_users["user_id"]) == 943 and min(last_users["segment"]) >= 1
+    )  # every user has side features
     again = import_source("movielens", str(source), lake_uri)  # idempotent: same ids, same partitions
     assert again["import_id"] == result["import_id"]
     assert _events(lake).equals(events)
@@ -105,7 +110,9 @@ def test_custom_csv_with_a_mapping_file_needs_no_code(tmp_path: Path, lake_uri: 
         "click = \"action = 'clicked'\"\n"
         '[surface]\ncolumn = "where"\nvalues = { app = "mobile", web = "desktop" }\n'
     )
-    out = CliRunner().invoke(cli, ["import", "custom", str(tmp_path), "--mapping", str(mapping), "--lake", lake_uri])
+    out = CliRunner().invoke(
+        cli, ["import", "custom", str(tmp_path), "--mapping", str(mapping), "--lake", lake_uri]
+    )
     assert out.exit_code == 0, out.output
     lake = Lake(lake_uri)
     assert [p["ds"] for p in lake.partitions("users")] == ["2026-03-01", "2026-03-03"]

@@ -1,0 +1,97 @@
+"""Acceptance run for the experts: N days, FM presets small and large, every variant on every surface.
+
+Daily flow per window D (as the DAG runs it): for each FM preset fm_export(D) then fm_train(D); then per
+surface expert_examples(D), expert_train(D, variant) for every variant, compare_and_promote(D). At the
+end it prints `fmx compare` (from MLflow alone) and per surface whether every FM-fed variant beat
+base on NE (averaged over the evaluated days).
+
+  .venv/bin/python bench/expert_table.py --home /tmp/fmx-bench --days 7 --events-per-day 20000
+  .venv/bin/python bench/expert_table.py --home /tmp/fmx-ml --lake /tmp/ml-lake   # an imported lake
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections import defaultdict
+
+
+def _pipeline(lake_uri: str, presets: list[str], variants: list[str], log: bool = True) -> None:
+    from experts.stage import compare_and_promote, expert_examples, expert_train
+    from features.lake import Lake
+    from features.stage import ingest, lake_windows
+    from fm.stage import fm_export, fm_train
+
+    lake = Lake(lake_uri)
+    surfaces = list(lake.meta()["surfaces"])
+    for ds in lake_windows(lake_uri):
+        t0 = time.time()
+        ingest(ds, lake_uri, source="lake")  # validate the window, build its user_history state
+        for preset in presets:
+            fm_export(ds, lake_uri, preset, pipeline_run="bench")
+            fm_train(ds, lake_uri, preset, pipeline_run="bench")
+        t1 = time.time()
+        for preset in presets:
+            for surface in surfaces:
+                if not lake.exists("events", ds=ds, surface=surface):
+                    continue
+                if "skipped" in expert_examples(ds, surface, lake_uri, preset):
+                    continue
+                for v in variants:
+                    expert_train(ds, surface, v, lake_uri, preset, pipeline_run="bench")
+        for preset in presets:
+            for surface in surfaces:
+                if lake.exists("expert_examples", fm=preset, ds=ds, surface=surface):
+                    compare_and_promote(ds, surface, lake_uri, preset, pipeline_run="bench")
+        if log:
+            print(f"{ds}: fm {t1 - t0:.0f}s, experts {time.time() - t1:.0f}s", flush=True)
+
+
+def _verdict(rows: list[dict]) -> None:
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["fm_preset"], r["surface"])][r["variant"]] = r["ne"]
+    print("\nNE(variant) - NE(base), averaged over evaluated days (negative = better than base):")
+    for (preset, surface), ne in sorted(by.items()):
+        if "base" not in ne:
+            continue
+        deltas = {v: ne[v] - ne["base"] for v in ne if v != "base" and math.isfinite(ne[v])}
+        ok = all(d < 0 for d in deltas.values())
+        text = "  ".join(f"{v} {d:+.4f}" for v, d in deltas.items())
+        print(f"  {preset:<6} {surface:<7} {'all beat base' if ok else 'NOT all beat base'}:  {text}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--home", required=True, help="FMX_HOME for this run (lake, MLflow store)")
+    ap.add_argument("--lake", default=None, help="existing lake (e.g. a MovieLens import); default: generate")
+    ap.add_argument("--days", type=int, default=7)
+    ap.add_argument("--events-per-day", type=int, default=20_000)
+    ap.add_argument("--presets", default="small,large")
+    ap.add_argument("--variants", default="base,loopfm,kd,fe,loopfm_kd")
+    args = ap.parse_args()
+    os.environ["FMX_HOME"] = args.home
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import torch
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    from experts.compare import compare_rows, format_table
+
+    lake_uri = args.lake or os.path.join(args.home, "lake")
+    if args.lake is None:
+        from features.generate import GeneratorConfig, generate
+        from features.lake import Lake
+
+        generate(Lake(lake_uri), GeneratorConfig(scale="small", events_per_day=args.events_per_day), args.days)
+    start = time.time()
+    _pipeline(lake_uri, args.presets.split(","), args.variants.split(","))
+    rows = compare_rows()
+    print(f"\npipeline {time.time() - start:.0f}s\n")
+    print(format_table(rows))
+    _verdict(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ the last consumed version.
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,6 +153,13 @@ def _check_version_name(version: str, preset: str, ds: str) -> None:
 def new_checkpoint(cfg: ExpertConfig, data: ExpertData, preset: str, surface: str) -> Checkpoint:
     torch.manual_seed(cfg.seed)
     model = Expert(cfg, data.repr_dim, data.tae_dim)
+    # start the heads at the training window's CTR: with CTRs of a few percent, a head starting at
+    # p = 0.5 spends the first window unlearning the bias and is badly calibrated after one pass
+    ctr = float(data.label.mean().clamp(1e-4, 1 - 1e-4))
+    with torch.no_grad():
+        for head in (model.head, getattr(model, "aux_head", None)):
+            if head is not None:
+                head.bias.fill_(math.log(ctr / (1 - ctr)))
     return Checkpoint(cfg, data.repr_dim, data.tae_dim, model.state_dict(), None, "", preset, surface, [])
 
 

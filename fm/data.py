@@ -92,23 +92,34 @@ def _surface_index(names: pl.Series, surfaces: tuple[str, ...], what: str) -> np
     return names.replace_strict(lookup, default=len(surfaces), return_dtype=pl.Int64).to_numpy()
 
 
-def _padded(column: pl.Series, length: int, fill: int) -> tuple[np.ndarray, np.ndarray]:
-    """A list column -> (N, length) right-aligned values (the last `length` elements) and a mask."""
+def _flat(column: pl.Series) -> pa.Array:
     arr = column.to_arrow()
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    values = arr.values.to_numpy(zero_copy_only=False)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _layout(lists: pa.Array, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scatter plan for right-aligning the last `length` elements of each list into (N, length).
+
+    Returns (rows, cols, src, mask): out[rows, cols] = values[src]. All hist_* columns of an event share
+    their list lengths (one history), so the plan is computed once and reused for every column.
+    """
+    offsets = lists.offsets.to_numpy().astype(np.int64)
     n = len(offsets) - 1
     lens = np.minimum(np.diff(offsets), length)
-    out = np.full((n, length), fill, dtype=values.dtype if values.dtype != object else object)
-    mask = np.zeros((n, length), dtype=bool)
     rows = np.repeat(np.arange(n), lens)
     within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 per row
     cols = length - np.repeat(lens, lens) + within
     src = np.repeat(offsets[1:] - lens, lens) + within  # the last `lens` values of each list
-    out[rows, cols] = values[src]
+    mask = np.zeros((n, length), dtype=bool)
     mask[rows, cols] = True
-    return out, mask
+    return rows, cols, src, mask
+
+
+def _scatter(values: np.ndarray, plan: tuple, length: int, fill: int) -> Tensor:
+    rows, cols, src, mask = plan
+    out = np.full(mask.shape, fill, dtype=np.int64)
+    out[rows, cols] = values[src]
+    return torch.from_numpy(out)
 
 
 def to_window_data(df: pl.DataFrame, cfg: FMConfig) -> WindowData:
@@ -116,19 +127,19 @@ def to_window_data(df: pl.DataFrame, cfg: FMConfig) -> WindowData:
     def long(col: str) -> Tensor:
         return torch.from_numpy(df[col].fill_null(-1).cast(pl.Int64).to_numpy().copy())
 
-    L = cfg.hist_len
-    hist_item, mask = _padded(df["hist_item_id"], L, 0)
-    hist_surf, _ = _padded(df["hist_surface"].list.eval(
-        pl.element().replace_strict({s: i for i, s in enumerate(cfg.surfaces)}, default=len(cfg.surfaces),
-                                    return_dtype=pl.Int64)), L, len(cfg.surfaces))
-    hist_click, _ = _padded(df["hist_click"].cast(pl.List(pl.Int64)), L, 0)
+    L, S = cfg.hist_len, len(cfg.surfaces)
+    items = _flat(df["hist_item_id"])
+    plan = _layout(items, L)
+    # values of the lists, flat; offsets are absolute into .values, so no per-list slicing is needed
+    surf_values = pl.Series(_flat(df["hist_surface"]).values).replace_strict(
+        {s: i for i, s in enumerate(cfg.surfaces)}, default=S, return_dtype=pl.Int64).to_numpy()
     like = df[LIKE]
     t = {c: long(c) for c in (USER_ID, ITEM_ID, "segment", "region", "category", "brand", "position", "device")}
     t[SURFACE] = torch.from_numpy(_surface_index(df[SURFACE], cfg.surfaces, "events").copy())
-    t["hist_item"] = torch.from_numpy(hist_item.astype(np.int64))
-    t["hist_surface"] = torch.from_numpy(hist_surf.astype(np.int64))
-    t["hist_click"] = torch.from_numpy(hist_click.astype(np.int64).clip(0, 1))
-    t["hist_mask"] = torch.from_numpy(mask)
+    t["hist_item"] = _scatter(items.values.to_numpy(zero_copy_only=False), plan, L, 0)
+    t["hist_surface"] = _scatter(surf_values, plan, L, S)
+    t["hist_click"] = _scatter(_flat(df["hist_click"]).values.to_numpy(zero_copy_only=False), plan, L, 0).clamp(0, 1)
+    t["hist_mask"] = torch.from_numpy(plan[3])
     t["click"] = torch.from_numpy(df[CLICK].cast(pl.Float32).to_numpy().copy())
     t["like"] = torch.from_numpy(like.fill_null(0).cast(pl.Float32).to_numpy().copy())
     t["like_mask"] = torch.from_numpy(like.is_not_null().cast(pl.Float32).to_numpy().copy())

@@ -71,6 +71,22 @@ def params() -> dict[str, Any]:
     }
 
 
+RUN_KEYS = ("ds", "lake", "surfaces", "variants", "fm_presets", "source", "scale", "pipeline_run")
+
+
+def resolve_run(params: Mapping[str, Any], logical_date: datetime | None, run_id: str) -> dict[str, Any]:
+    """The run's references as plain values (the RUN_KEYS): what fmx_fm hands to its fmx_experts run as conf."""
+    run = {k: params[k] for k in ("source", "scale")}
+    run.update({k: list(params[k]) for k in ("surfaces", "variants", "fm_presets")})
+    run.update(ds=run_day(params, logical_date), lake=lake_uri(params), pipeline_run=pipeline_run(params, run_id))
+    return run
+
+
+def refs(day: Mapping[str, Any]) -> dict[str, str]:
+    """The references most stage wrappers take, from a resolved run: ds, lake_uri, pipeline_run."""
+    return {"ds": day["ds"], "lake_uri": day["lake"], "pipeline_run": day["pipeline_run"]}
+
+
 def run_day(params: Mapping[str, Any], logical_date: datetime | None) -> str:
     """The window a run works on: Param `ds`, else the run's logical date (never the wall clock).
 
@@ -86,9 +102,13 @@ def run_day(params: Mapping[str, Any], logical_date: datetime | None) -> str:
 
 
 def lake_uri(params: Mapping[str, Any]) -> str:
+    """Param `lake`, else $FMX_HOME/lake; local paths made absolute (a task's cwd is not the trigger's)."""
+    import os
+
     from features.lake import default_lake_uri
 
-    return str(params.get("lake") or default_lake_uri())
+    uri = str(params.get("lake") or default_lake_uri())
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def pipeline_run(params: Mapping[str, Any], run_id: str) -> str:

@@ -218,7 +218,7 @@ def _xcoms(run_id: str, dag_id: str, task_ids: Sequence[str] | None = None) -> l
 
     query = XComModel.get_many(run_id=run_id, dag_ids=dag_id, key="return_value", task_ids=task_ids)
     with create_session() as session:
-        rows = session.scalars(query).all()
+        rows: list[Any] = list(session.scalars(query))  # XComModel rows
         return [_XCom(r.task_id, r.map_index, XComModel.deserialize_value(r)) for r in rows]
 
 

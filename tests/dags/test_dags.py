@@ -34,22 +34,25 @@ def test_dagbag_has_both_dags_and_file_names_are_dag_ids(dags: dict) -> None:
 
 
 def test_dag_files_import_light_and_fast() -> None:
-    """Parsing a DAG file loads no heavy library; its own import time (after airflow.sdk) is well under 2 s."""
+    """Parsing a DAG file loads no heavy library; its own import (after airflow.sdk) takes well under 2 s.
+
+    Measured in CPU seconds: wall time on a shared 2-core machine varies several-fold with the load.
+    """
     script = f"""
 import importlib.util, json, sys, time
 import airflow.sdk
-t0 = time.perf_counter()
+t0 = time.process_time()
 for path in sorted(__import__("pathlib").Path({str(DAGS_FOLDER)!r}).glob("*.py")):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
-print(json.dumps({{"s": time.perf_counter() - t0, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+print(json.dumps({{"s": time.process_time() - t0, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
 """
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
-    assert result["s"] < 1.0, result
+    assert result["s"] < 0.8, result
 
 
 def test_ruff_air_rules_pass_on_dags() -> None:
@@ -153,3 +156,21 @@ def test_enums_agree_with_the_libraries() -> None:
     generate = pytest.importorskip("features.generate")
     assert tuple(experts_stage.VARIANTS) == dagkit.VARIANTS
     assert tuple(generate.GeneratorConfig().surfaces) == dagkit.SURFACES
+
+
+def test_resolve_run_gives_the_childs_conf_with_an_absolute_lake(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    params = {"ds": None, "surfaces": [], "variants": ["base"], "fm_presets": ["small"], "source": "generator",
+              "scale": "tiny", "lake": "", "pipeline_run": ""}  # fmt: skip
+    run = dagkit.resolve_run(params, datetime(2026, 1, 2, tzinfo=UTC), "scheduled__2026-01-02")
+    assert set(run) == set(dagkit.RUN_KEYS)
+    assert run["ds"] == "2026-01-02" and run["pipeline_run"] == "scheduled__2026-01-02"
+    assert Path(run["lake"]).is_absolute()
+    assert dagkit.lake_uri({"lake": "s3://bucket/lake"}) == "s3://bucket/lake"
+
+
+def test_timed_adds_stage_seconds_and_makes_metrics_strict_json() -> None:
+    out = dagkit.timed(lambda ds: {"ds": ds, "metrics": {"feed": {"auc": float("nan")}}}, ds="2026-01-02")
+    assert out["metrics"] == {"feed": {"auc": None}} and out["stage_s"] >= 0
+    json.dumps(out, allow_nan=False)

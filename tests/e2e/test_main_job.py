@@ -3,6 +3,7 @@
 Runs in a subprocess because Airflow reads its configuration (AIRFLOW_HOME under FMX_HOME) once per
 process. Three days: day 1 has no FM yet, day 2 trains the first experts, day 3 is the first day
 whose experts are scored progressively (before training on it), so the comparison table has rows.
+About 60 s of CPU (2-3 min wall on a shared 2-core machine): marked slow (`pytest -m slow`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ BIN = Path(sys.executable).parent
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
 SURFACES = ["feed", "video"]
 VARIANTS = ["base", "kd"]
+
+pytestmark = pytest.mark.slow
 
 BAD_CONF_SCRIPT = """
 import json

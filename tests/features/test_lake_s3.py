@@ -114,3 +114,12 @@ def test_errors_name_the_partition_on_s3(s3_lake: Lake) -> None:
         s3_lake.read("users", ds="2030-01-01")
     with pytest.raises(SchemaError, match="'segment' is missing"):
         s3_lake.write("users", _users("2026-01-01").drop("segment"), ds="2026-01-01")
+
+
+def test_fmx_lake_env_points_the_default_lake_at_s3(s3_lake: Lake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers of a scaled-out deployment share one lake by setting FMX_LAKE (no per-task lake Param)."""
+    s3_lake.write("users", _users("2026-01-01"), ds="2026-01-01")
+    monkeypatch.setenv("FMX_LAKE", s3_lake.uri)
+    default = Lake()
+    assert default.uri == s3_lake.uri and not default.is_local
+    assert default.partitions("users") == [{"ds": "2026-01-01"}]

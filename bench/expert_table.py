@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 
 
-def _pipeline(lake_uri: str, presets: list[str], variants: list[str], log: bool = True) -> None:
+def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_windows: int, log: bool = True) -> None:
     from experts.stage import compare_and_promote, expert_examples, expert_train
     from features.lake import Lake
     from features.stage import ingest, lake_windows
@@ -26,7 +26,7 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], log: bool 
 
     lake = Lake(lake_uri)
     surfaces = list(lake.meta()["surfaces"])
-    for ds in lake_windows(lake_uri):
+    for ds in lake_windows(lake_uri)[:max_windows]:
         t0 = time.time()
         ingest(ds, lake_uri, source="lake")  # validate the window, build its user_history state
         for preset in presets:
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--lake", default=None, help="existing lake (e.g. a MovieLens import); default: generate")
     ap.add_argument("--days", type=int, default=7)
     ap.add_argument("--events-per-day", type=int, default=20_000)
+    ap.add_argument("--max-windows", type=int, default=7, help="run the first N windows of the lake")
     ap.add_argument("--presets", default="small,large")
     ap.add_argument("--variants", default="base,loopfm,kd,fe,loopfm_kd")
     args = ap.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
 
         generate(Lake(lake_uri), GeneratorConfig(scale="small", events_per_day=args.events_per_day), args.days)
     start = time.time()
-    _pipeline(lake_uri, args.presets.split(","), args.variants.split(","))
+    _pipeline(lake_uri, args.presets.split(","), args.variants.split(","), args.max_windows)
     rows = compare_rows()
     print(f"\npipeline {time.time() - start:.0f}s\n")
     print(format_table(rows))

@@ -3,10 +3,10 @@
 ingest(D) -> per FM preset: fm_export(D) with FM_{D-1} -> fm_train(D) warm-started from FM_{D-1}
 -> experts_conf -> trigger_experts (one fmx_experts run for day D, see dags/fmx_experts.py).
 
-Every task calls a stage wrapper with references only; XCom carries ds, URIs, versions, run ids.
-The day is the run's logical date (== data_interval_start for scheduled and backfill runs) or the
-Param ds. Runs are kept in day order (max_active_runs=1, depends_on_past) because each FM day
-warm-starts from the previous one. Past days: catchup, or `airflow backfill create --dag-id fmx_fm`.
+Tasks call stage wrappers with references only; XCom carries ds, URIs, versions, run ids. The day is
+the Param ds or the run's logical date (== data_interval_start for scheduled and backfill runs).
+Runs stay in day order (max_active_runs=1, depends_on_past): each FM day warm-starts from the one
+before. Past days: catchup, or `airflow backfill create --dag-id fmx_fm --from-date .. --to-date ..`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from airflow.sdk import Asset, CronDataIntervalTimetable, dag, task, task_group
 
 from fmx import dagkit
 
-FM_OUTPUTS = Asset("fmx://lake/fm_outputs", extra={"table": "fm_outputs"})
+FM_OUTPUTS = Asset(
+    "fmx://lake/fm_outputs", extra={"table": "fm_outputs"}
+)  # lineage of the exported FM knowledge
 
 
 @dag(
@@ -36,32 +38,27 @@ def fmx_fm() -> None:
     def ingest(params=None, logical_date=None, run_id=None) -> dict:
         from features.stage import ingest as stage
 
-        ds, lake = dagkit.run_day(params, logical_date), dagkit.lake_uri(params)
-        out = dagkit.timed(stage, ds=ds, lake_uri=lake, source=params["source"], scale=params["scale"])
-        return {
-            **out,
-            "ds": ds,
-            "lake": lake,
-            "fm_presets": params["fm_presets"],
-            "pipeline_run": dagkit.pipeline_run(params, run_id),
-        }
+        run = dagkit.resolve_run(params, logical_date, run_id)
+        out = dagkit.timed(
+            stage, ds=run["ds"], lake_uri=run["lake"], source=run["source"], scale=run["scale"]
+        )
+        return {**out, **run}  # the run's references win over the stage's own keys (e.g. surfaces)
+
+    @task
+    def fm_presets(day: dict) -> list[str]:
+        return day["fm_presets"]
 
     @task(outlets=[FM_OUTPUTS])
     def fm_export(day: dict, preset: str) -> dict:
         from fm.stage import fm_export as stage
 
-        out = dagkit.timed(
-            stage, ds=day["ds"], lake_uri=day["lake"], preset=preset, pipeline_run=day["pipeline_run"]
-        )
-        return {**out, "ds": day["ds"], "preset": preset}
+        return {**dagkit.timed(stage, preset=preset, **dagkit.refs(day)), "ds": day["ds"], "preset": preset}
 
     @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT)
     def fm_train(day: dict, exported: dict, preset: str) -> dict:
         from fm.stage import fm_train as stage
 
-        out = dagkit.timed(
-            stage, ds=day["ds"], lake_uri=day["lake"], preset=preset, pipeline_run=day["pipeline_run"]
-        )
+        out = dagkit.timed(stage, preset=preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "preset": preset, "scored_with": exported.get("fm_version")}
 
     @task_group
@@ -69,28 +66,14 @@ def fmx_fm() -> None:
         fm_train(day, fm_export(day, preset), preset)
 
     @task
-    def fm_presets(day: dict) -> list[str]:
-        return list(day["fm_presets"])
-
-    @task
-    def experts_conf(day: dict, params=None) -> dict:
-        """The conf of day D's fmx_experts run: the same day, lake, presets and pipeline run."""
-        keep = ("surfaces", "variants", "source", "scale")
-        return {
-            **{k: params[k] for k in keep},
-            "ds": day["ds"],
-            "lake": day["lake"],
-            "fm_presets": day["fm_presets"],
-            "pipeline_run": day["pipeline_run"],
-        }
+    def experts_conf(day: dict) -> dict:
+        """Day D's fmx_experts conf: the same day, lake, surfaces, variants, presets and pipeline run."""
+        return {k: day[k] for k in dagkit.RUN_KEYS}
 
     day = ingest()
-    trained = fm_preset.partial(day=day).expand(preset=fm_presets(day))
     conf = experts_conf(day)
-    trained >> conf
-    conf >> TriggerDagRunOperator(
-        task_id="trigger_experts", trigger_dag_id="fmx_experts", conf=conf, wait_for_completion=False
-    )
+    fm_preset.partial(day=day).expand(preset=fm_presets(day)) >> conf
+    conf >> TriggerDagRunOperator(task_id="trigger_experts", trigger_dag_id="fmx_experts", conf=conf)
 
 
 fmx_fm()

@@ -2,7 +2,8 @@
 
 Reads the expert_train runs (tag ``fmx.stage = expert_train``) of the tracking store, keeps those
 whose ``ds`` lies in [ds_from, ds_to] and that were evaluated (cold starts have no metrics), and
-averages each metric per (fm_preset, surface, variant) over the days that have it. The champion
+averages each metric per (fm_preset, surface, variant) over the days that have it. The FM itself
+appears as variant ``fm`` (its fm_export per-surface runs: the same rows, the same base rate). The champion
 (registry alias ``champion`` of ``fmx-expert-<surface>-<preset>``) is marked with ``*``.
 """
 
@@ -29,6 +30,10 @@ def compare_rows(surface: str | None = None, ds_from: str | None = None, ds_to: 
     if surface:
         flt += f" and tags.surface = '{surface}'"
     runs = mlflow.search_runs([exp_id], filter_string=flt, output_format="list", max_results=50_000)
+    # the FM's own progressive metrics per surface (fm_export child runs, same rows and base rate)
+    fm_flt = "tags.variant = 'fm' and tags.surface != 'all'" + (f" and tags.surface = '{surface}'" if surface else "")
+    runs += [r for r in mlflow.search_runs([exp_id], filter_string=fm_flt, output_format="list", max_results=50_000)
+             if "ne" in r.data.metrics]
     groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     days: dict[tuple[str, str, str], set[str]] = defaultdict(set)
     for run in runs:
@@ -41,7 +46,7 @@ def compare_rows(surface: str | None = None, ds_from: str | None = None, ds_to: 
             if col in run.data.metrics:
                 groups[key][col].append(run.data.metrics[col])
     rows = []
-    order = {v: i for i, v in enumerate(VARIANTS)}
+    order = {v: i for i, v in enumerate((*VARIANTS, "fm"))}
     for key in sorted(groups, key=lambda k: (k[1], k[0], order.get(k[2], 99))):
         preset, surf, variant = key
         champ = champion(surf, preset)

@@ -39,8 +39,11 @@ class StudentAdapter(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        with torch.no_grad():  # start at the identity-ish map: the FM logit passes through
-            self.net[2].bias.zero_()
+        last = self.net[2]
+        assert isinstance(last, nn.Linear)
+        with torch.no_grad():  # start near the identity map: the FM logit passes through
+            last.weight.mul_(0.1)
+            last.bias.zero_()
 
     def forward(self, fm_logit: torch.Tensor) -> torch.Tensor:
         x = fm_logit.detach().unsqueeze(-1)  # (B, 1); no gradient ever reaches FM features

@@ -35,7 +35,8 @@ class HashedEmbeddings(nn.Module):
 
     def forward(self, cats: torch.Tensor) -> torch.Tensor:
         salt = torch.arange(cats.shape[1], device=cats.device) * 7919
-        idx = torch.remainder((cats + salt) * _HASH_MULT, self.sizes) + self.offsets  # (B, F)
+        sizes, offsets = self.get_buffer("sizes"), self.get_buffer("offsets")
+        idx = torch.remainder((cats + salt) * _HASH_MULT, sizes) + offsets  # (B, F)
         return self.table(idx)  # (B, F, D)
 
 

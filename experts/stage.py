@@ -23,7 +23,15 @@ import numpy as np
 
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import ExpertData, load_examples
-from experts.evaluate import fm_probs, gap_closure, metric_dict, predict, smaller_first, training_ctr, transfer_ratio
+from experts.evaluate import (
+    fm_probs,
+    gap_closure,
+    metric_dict,
+    predict,
+    smaller_first,
+    training_ctr,
+    transfer_ratio,
+)
 from experts.train import (
     Checkpoint,
     check_lineage,

@@ -13,7 +13,8 @@ event_id, and joins
 Batch tensors (`BATCH_KEYS`), N rows, L = cfg.hist_len:
   user_id, item_id, segment, region, category, brand, position, device: (N,) int64 raw values
   surface: (N,) int64 index into cfg.surfaces
-  hist_item (N, L) int64, hist_surface (N, L) int64, hist_click (N, L) int64 (0/1),
+  hist_item (N, L) int64, hist_category / hist_brand (N, L) int64 (the history items' side features
+  from the same items snapshot, -1 if unknown), hist_surface (N, L) int64, hist_click (N, L) int64 (0/1),
   hist_mask (N, L) bool — right-aligned (newest interaction in the last column), padding False
   click (N,) float32; like (N,) float32 with like_mask (N,) float32 (0 where the log has no like label)
 """
@@ -38,7 +39,8 @@ PAYLOAD = (ITEM_ID, SURFACE, CLICK)
 SIDE = {"users": (USER_ID, ("segment", "region")), "items": (ITEM_ID, ("category", "brand"))}
 BATCH_KEYS = (
     "user_id", "item_id", "segment", "region", "category", "brand", "position", "device", "surface",
-    "hist_item", "hist_surface", "hist_click", "hist_mask", "click", "like", "like_mask",
+    "hist_item", "hist_category", "hist_brand", "hist_surface", "hist_click", "hist_mask", "click", "like",
+    "like_mask",
 )
 
 
@@ -73,14 +75,25 @@ def load_window(lake: Lake, window: Window, cfg: FMConfig) -> WindowData:
         events.select(EVENT_ID, USER_ID, TS, *PAYLOAD), read_user_history(lake, window), cfg.hist_len, PAYLOAD
     )
     frame = events.join(hist.select(pl.exclude("hist_ts")), on=EVENT_ID, how="left", maintain_order="left")
+    item_side = None
     for table, (key, cols) in SIDE.items():
         snap = asof_snapshot(lake, table, window)
         if snap is None:
             frame = frame.with_columns(pl.lit(-1, pl.Int64).alias(c) for c in cols)
-        else:
-            frame = frame.join(snap.select(key, *cols), on=key, how="left", maintain_order="left")
-    df = frame.collect()
-    return to_window_data(df, cfg)
+            continue
+        side = snap.select(key, *cols).sort(key).collect()
+        frame = frame.join(side.lazy(), on=key, how="left", maintain_order="left")
+        item_side = side if table == "items" else item_side
+    return to_window_data(frame.collect(), cfg, item_side)
+
+
+def _lookup(ids: np.ndarray, side: pl.DataFrame | None, col: str) -> np.ndarray:
+    """side[col] for each id (side sorted by its first column, the id); -1 where absent."""
+    if side is None or side.height == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    keys = side[side.columns[0]].to_numpy()
+    pos = np.clip(np.searchsorted(keys, ids), 0, len(keys) - 1)
+    return np.where(keys[pos] == ids, side[col].cast(pl.Int64).to_numpy()[pos], -1)
 
 
 def _surface_index(names: pl.Series, surfaces: tuple[str, ...], what: str) -> np.ndarray:
@@ -122,8 +135,11 @@ def _scatter(values: np.ndarray, plan: tuple, length: int, fill: int) -> Tensor:
     return torch.from_numpy(out)
 
 
-def to_window_data(df: pl.DataFrame, cfg: FMConfig) -> WindowData:
-    """Frame with events + hist_* lists + side columns -> WindowData (no I/O; used by tests and bench)."""
+def to_window_data(df: pl.DataFrame, cfg: FMConfig, item_side: pl.DataFrame | None = None) -> WindowData:
+    """Frame with events + hist_* lists + side columns -> WindowData (no I/O; used by tests and bench).
+
+    `item_side` (item_id, category, brand; sorted by item_id) gives the history items' side features.
+    """
     def long(col: str) -> Tensor:
         return torch.from_numpy(df[col].fill_null(-1).cast(pl.Int64).to_numpy().copy())
 
@@ -136,7 +152,10 @@ def to_window_data(df: pl.DataFrame, cfg: FMConfig) -> WindowData:
     like = df[LIKE]
     t = {c: long(c) for c in (USER_ID, ITEM_ID, "segment", "region", "category", "brand", "position", "device")}
     t[SURFACE] = torch.from_numpy(_surface_index(df[SURFACE], cfg.surfaces, "events").copy())
-    t["hist_item"] = _scatter(items.values.to_numpy(zero_copy_only=False), plan, L, 0)
+    item_values = items.values.to_numpy(zero_copy_only=False)
+    t["hist_item"] = _scatter(item_values, plan, L, 0)
+    for col in ("category", "brand"):
+        t[f"hist_{col}"] = _scatter(_lookup(item_values, item_side, col), plan, L, -1)
     t["hist_surface"] = _scatter(surf_values, plan, L, S)
     t["hist_click"] = _scatter(_flat(df["hist_click"]).values.to_numpy(zero_copy_only=False), plan, L, 0).clamp(0, 1)
     t["hist_mask"] = torch.from_numpy(plan[3])

@@ -73,8 +73,8 @@ def load_scorer(lake: Lake, cfg: FMConfig, window: Window, trained_through: Wind
 def score(bundle: FMBundle, data: WindowData, batch: int) -> dict[str, np.ndarray]:
     """logits (N, T), code (N, W), tae (N, D), and compression error sums, in data order."""
     parts: dict[str, list[np.ndarray]] = {"logits": [], "code": [], "tae": []}
-    sse = sst = 0.0
-    hidden_sum, hidden_sq, n = 0.0, 0.0, 0
+    sse, hidden_sq, n = 0.0, 0.0, 0
+    hidden_sum = torch.zeros(bundle.fm.cfg.mlp[-1], dtype=torch.float64)
     for lo in range(0, len(data), batch):
         b = data.batch(torch.arange(lo, min(lo + batch, len(data))))
         out, code, recon = bundle(b)

@@ -12,7 +12,7 @@ Design choices (and why):
   synthetic data's active id counts, where collisions cost little; larger presets collide less, which
   is part of why they win. Surfaces are few and named, so they use a plain index (cfg.surfaces).
 - **History encoder = DIN target attention, plus self-attention blocks in larger presets.** Each
-  history token is item + surface + click + recency embeddings. DIN-style attention with the candidate
+  history token is item + category + brand + surface + click + recency embeddings. DIN-style attention with the candidate
   item as query pools the last L cross-surface interactions into a candidate-aware interest vector —
   the natural (user, candidate) target-aware embedding that Foundation-Expert exports — at O(L) cost,
   which keeps "small" CPU-cheap. `n_blocks` > 0 adds pre-LN self-attention blocks over the history
@@ -104,10 +104,11 @@ class TargetAttention(nn.Module):
 class HistoryEncoder(nn.Module):
     """Cross-surface history (B, L) -> candidate-aware interest (B, D) and mean history (B, D)."""
 
-    def __init__(self, cfg: FMConfig, items: HashEmbedding) -> None:
+    def __init__(self, cfg: FMConfig, items: HashEmbedding, category: HashEmbedding, brand: HashEmbedding) -> None:
         super().__init__()
         d = cfg.dim
-        self.items = items  # shared with the candidate tower: history and candidates live in one space
+        # shared with the candidate tower: history and candidates live in one space
+        self.items, self.category, self.brand = items, category, brand
         self.surface = nn.Embedding(len(cfg.surfaces) + 1, d)  # last row: unknown surface
         self.click = nn.Embedding(2, d)
         self.recency = nn.Embedding(cfg.hist_len, d)
@@ -119,7 +120,8 @@ class HistoryEncoder(nn.Module):
         mask = b["hist_mask"]  # (B, L), True = real interaction; right-aligned, newest last
         B, L = mask.shape
         pos = torch.arange(L, device=mask.device).expand(B, L)
-        tok = self.items(b["hist_item"]) + self.surface(b["hist_surface"]) + self.click(b["hist_click"])
+        tok = self.items(b["hist_item"]) + self.category(b["hist_category"]) + self.brand(b["hist_brand"])
+        tok = tok + self.surface(b["hist_surface"]) + self.click(b["hist_click"])
         tok = (tok + self.recency(pos)) * mask[..., None]  # (B, L, D)
         x = torch.cat([self.null.expand(B, 1, -1), tok], dim=1)  # (B, L+1, D)
         m = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask], dim=1)  # (B, L+1)
@@ -147,7 +149,7 @@ class FoundationModel(nn.Module):
         names = ("segment", "region", "category", "brand", "position", "device")
         self.side = nn.ModuleDict({n: HashEmbedding(cfg.side_buckets, d, salt=10 + i) for i, n in enumerate(names)})
         self.surface = nn.Embedding(len(cfg.surfaces) + 1, d)
-        self.history = HistoryEncoder(cfg, self.items)
+        self.history = HistoryEncoder(cfg, self.items, self.side["category"], self.side["brand"])
         layers: list[nn.Module] = []
         width = 7 * d
         for h in cfg.mlp:

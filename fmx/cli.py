@@ -12,7 +12,14 @@ import click
 
 from features.lake import default_lake_uri
 
-COMMAND_MODULES = ("fmx.cmd_data", "fmx.cmd_import", "fmx.cmd_fm", "fmx.cmd_experts", "fmx.cmd_run", "fmx.cmd_servers")
+COMMAND_MODULES = (
+    "fmx.cmd_data",
+    "fmx.cmd_import",
+    "fmx.cmd_fm",
+    "fmx.cmd_experts",
+    "fmx.cmd_run",
+    "fmx.cmd_servers",
+)
 
 
 def lake_option(func):  # type: ignore[no-untyped-def]

@@ -14,14 +14,24 @@ SCALE_NAMES = ("tiny", "small", "default")
 
 @cli.command()
 @click.option("--days", type=click.IntRange(min=1), required=True, help="Number of 1-day windows.")
-@click.option("--events-per-day", type=click.IntRange(min=1), default=None, help="Override the scale's events/day.")
-@click.option("--scale", type=click.Choice(SCALE_NAMES), default="small", show_default=True,
-              help="tiny ~2k, small ~50k, default ~1M events/day.")
+@click.option(
+    "--events-per-day", type=click.IntRange(min=1), default=None, help="Override the scale's events/day."
+)
+@click.option(
+    "--scale",
+    type=click.Choice(SCALE_NAMES),
+    default="small",
+    show_default=True,
+    help="tiny ~2k, small ~50k, default ~1M events/day.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--start", default=None, help="First day YYYY-MM-DD [default: the lake's origin, else 2026-01-01].")
+@click.option(
+    "--start", default=None, help="First day YYYY-MM-DD [default: the lake's origin, else 2026-01-01]."
+)
 @lake_option
-def generate(days: int, events_per_day: int | None, scale: str, seed: int, start: str | None,
-             lake_uri: str | None) -> None:
+def generate(
+    days: int, events_per_day: int | None, scale: str, seed: int, start: str | None, lake_uri: str | None
+) -> None:
     """Write DAYS windows of synthetic multi-surface events, users and items into the lake."""
     from features.generate import GeneratorConfig, bayes_metrics_by_surface
     from features.generate import generate as run_generator
@@ -38,8 +48,10 @@ def generate(days: int, events_per_day: int | None, scale: str, seed: int, start
     ceiling = bayes_metrics_by_surface(lake.scan_many("events", lake.partitions("events", ds=last)).collect())
     click.echo(f"lake {lake.uri}: {len(windows)} windows {windows[0].ds} .. {last}")
     for surface, m in ceiling.items():
-        click.echo(f"  {last} {surface:<7} rows {int(m['rows']):>9,}  ctr {m['base_rate']:.4f}  "
-                   f"bayes auc {m['auc']:.4f}  ne {m['ne']:.4f} (base rate: this day's ctr)")
+        click.echo(
+            f"  {last} {surface:<7} rows {int(m['rows']):>9,}  ctr {m['base_rate']:.4f}  "
+            f"bayes auc {m['auc']:.4f}  ne {m['ne']:.4f} (base rate: this day's ctr)"
+        )
 
 
 def _start_day(start: str | None, origin: str | None) -> date:
@@ -52,8 +64,13 @@ def _start_day(start: str | None, origin: str | None) -> date:
 
 @cli.command()
 @click.option("--ds", required=True, help="Window to ingest (YYYY-MM-DD).")
-@click.option("--source", type=click.Choice(("generator", "lake")), default="generator", show_default=True,
-              help="generator: generate the window; lake: validate a window imported before.")
+@click.option(
+    "--source",
+    type=click.Choice(("generator", "lake")),
+    default="generator",
+    show_default=True,
+    help="generator: generate the window; lake: validate a window imported before.",
+)
 @click.option("--scale", type=click.Choice(SCALE_NAMES), default="small", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @lake_option

@@ -44,8 +44,15 @@ def examples_cmd(ds: str, surface: str, preset: str, lake_uri: str | None) -> No
 @click.option("--pipeline-run", default="manual", show_default=True)
 @click.option("--rebaseline", is_flag=True, help="Accept features from another FM lineage (restart it).")
 @lake_option
-def train_cmd(ds: str, surface: str, variant: str, preset: str, pipeline_run: str, rebaseline: bool,
-              lake_uri: str | None) -> None:
+def train_cmd(
+    ds: str,
+    surface: str,
+    variant: str,
+    preset: str,
+    pipeline_run: str,
+    rebaseline: bool,
+    lake_uri: str | None,
+) -> None:
     """Progressive eval on DS with the model trained through DS-1, then warm-start train on DS."""
     from experts.stage import expert_train
 
@@ -58,9 +65,13 @@ def train_cmd(ds: str, surface: str, variant: str, preset: str, pipeline_run: st
 @click.option("--surface", required=True)
 @click.option("--preset", default="small", show_default=True)
 @click.option("--pipeline-run", default="manual", show_default=True)
-@click.option("--margin", type=float, default=0.001, show_default=True, help="NE margin a challenger must win by.")
+@click.option(
+    "--margin", type=float, default=0.001, show_default=True, help="NE margin a challenger must win by."
+)
 @lake_option
-def promote_cmd(ds: str, surface: str, preset: str, pipeline_run: str, margin: float, lake_uri: str | None) -> None:
+def promote_cmd(
+    ds: str, surface: str, preset: str, pipeline_run: str, margin: float, lake_uri: str | None
+) -> None:
     """Score all variants and the champion on DS's rows; promote the best if it wins by MARGIN."""
     from experts.stage import compare_and_promote
 

@@ -16,15 +16,24 @@ def fm_group() -> None:
 
 def _common(func):  # type: ignore[no-untyped-def]
     func = click.option("--ds", required=True, help="Window start day, YYYY-MM-DD.")(func)
-    func = click.option("--preset", default="small", show_default=True,
-                        type=click.Choice(["small", "base", "large"]), help="FM size preset.")(func)
-    func = click.option("--pipeline-run", default="manual", show_default=True, help="MLflow parent run key.")(func)
+    func = click.option(
+        "--preset",
+        default="small",
+        show_default=True,
+        type=click.Choice(["small", "base", "large"]),
+        help="FM size preset.",
+    )(func)
+    func = click.option("--pipeline-run", default="manual", show_default=True, help="MLflow parent run key.")(
+        func
+    )
     return lake_option(func)
 
 
 @fm_group.command("train")
 @_common
-@click.option("--cold-start", is_flag=True, help="Start from scratch even if the previous window's FM is missing.")
+@click.option(
+    "--cold-start", is_flag=True, help="Start from scratch even if the previous window's FM is missing."
+)
 def train_cmd(ds: str, preset: str, pipeline_run: str, lake_uri: str | None, cold_start: bool) -> None:
     """Warm-start from FM_{ds-1} and train one pass over window ds."""
     from fm.stage import fm_train

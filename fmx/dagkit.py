@@ -78,7 +78,9 @@ def resolve_run(params: Mapping[str, Any], logical_date: datetime | None, run_id
     """The run's references as plain values (the RUN_KEYS): what fmx_fm hands to its fmx_experts run as conf."""
     run = {k: params[k] for k in ("source", "scale")}
     run.update({k: list(params[k]) for k in ("surfaces", "variants", "fm_presets")})
-    run.update(ds=run_day(params, logical_date), lake=lake_uri(params), pipeline_run=pipeline_run(params, run_id))
+    run.update(
+        ds=run_day(params, logical_date), lake=lake_uri(params), pipeline_run=pipeline_run(params, run_id)
+    )
     return run
 
 

@@ -82,7 +82,9 @@ def airflow_env(fmx_home: Path) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("FMX_AIRFLOW_LOG_LEVEL", "WARNING"),
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get(
+            "FMX_AIRFLOW_LOG_LEVEL", "ERROR"
+        ),  # task errors still show
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }

@@ -110,8 +110,12 @@ def test_pipeline_day_with_postgres_metadata(postgres_url: str, tmp_path: Path) 
         wait_success(srv, FM_DAG, fm_run)
         wait_success(srv, EXPERTS_DAG, experts_run_for(srv, DAY))
 
-        names = {r.info.run_name for r in mlflow_runs(srv, DAY)}
-        assert {"fm_train", "expert/small/feed/base"} <= names, sorted(names)
+        # Day 1 trains the first FM (its experts skip: no FM has scored anything yet).
+        runs = {r.info.run_name: r for r in mlflow_runs(srv, DAY)}
+        assert {"fm_export", "fm_train"} <= set(runs), sorted(runs)
+        assert runs["fm_train"].data.tags["fm_version"].startswith(f"small-{DAY}-")
+        assert runs["fm_train"].data.tags["orchestrator_run_id"] == fm_run
+        names = set(runs)
         # The metadata really lives in PostgreSQL: Airflow's runs and MLflow's runs, one database each.
         assert _count(postgres_url + "_airflow", "SELECT count(*) FROM dag_run WHERE state = 'success'") >= 2
         assert _count(postgres_url + "_mlflow", "SELECT count(*) FROM runs") >= len(names)

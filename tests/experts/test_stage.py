@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import mlflow
-import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -126,4 +125,3 @@ def test_cli_examples_train_and_clean_errors(lake_uri: str) -> None:
     bad = run.invoke(cli, ["experts", "train", "--ds", ws[2].ds, "--surface", "live", "--variant", "kd",
                            "--lake", lake_uri])
     assert bad.exit_code != 0 and "fm export" in bad.output
-    assert isinstance(pl.from_arrow(lake.read("expert_examples", fm="small", ds=ws[1].ds, surface="live")), pl.DataFrame)

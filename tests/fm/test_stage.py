@@ -8,7 +8,7 @@ import mlflow
 from click.testing import CliRunner
 
 from features import tracking
-from fm.stage import fm_export, fm_train
+from fm.stage import fm_export
 from fmx.cli import cli
 from tests.fm.conftest import make_lake
 

@@ -71,7 +71,7 @@ def test_compose_airflow_runs_celery_on_postgres_and_redis(compose: dict) -> Non
 def test_compose_mlflow_uses_postgres_and_s3(compose: dict) -> None:
     mlflow = compose["services"]["mlflow"]
     args = " ".join(mlflow["command"])
-    assert "--backend-store-uri=postgresql://" in args and "--artifacts-destination=s3://" in args
+    assert "--backend-store-uri=postgresql+psycopg2://" in args and "--artifacts-destination=s3://" in args
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     for name in ("postgres", "redis", "minio", "mlflow", "airflow-apiserver"):
         assert "healthcheck" in compose["services"][name], f"{name} has no healthcheck"

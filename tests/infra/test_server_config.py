@@ -31,7 +31,7 @@ def test_sqlite_defaults_live_under_fmx_home(isolated_home: Path) -> None:
 def test_postgres_url_gives_one_database_per_service(isolated_home: Path) -> None:
     cfg = servers.resolve_config(db="postgres://fmx:pw@db.example:5433/fmx?sslmode=require")
     assert cfg.airflow_db_url() == "postgresql+psycopg2://fmx:pw@db.example:5433/fmx_airflow?sslmode=require"
-    assert cfg.mlflow_db_url() == "postgresql://fmx:pw@db.example:5433/fmx_mlflow?sslmode=require"
+    assert cfg.mlflow_db_url() == "postgresql+psycopg2://fmx:pw@db.example:5433/fmx_mlflow?sslmode=require"
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_down_stops_the_whole_process_group(isolated_home: Path) -> None:
         config={},
         pids={"fake": [leader.pid, psutil.Process(leader.pid).create_time()]},
     )
-    servers._save_state(isolated_home, state)
+    servers.save_state(isolated_home, state)
     assert servers.status(isolated_home)["processes"] == {"fake": "running"}
     assert servers.down(isolated_home, timeout=10) == ["fake"]
     leader.wait(timeout=5)
@@ -130,7 +130,7 @@ def test_a_reused_pid_is_not_signalled(isolated_home: Path) -> None:
     (isolated_home / "servers").mkdir()
     me = psutil.Process(os.getpid())
     state = servers.ServerState("", "", "", {}, {}, pids={"old": [me.pid, me.create_time() - 3600]})
-    servers._save_state(isolated_home, state)
+    servers.save_state(isolated_home, state)
     assert servers.down(isolated_home) == []
 
 

@@ -1,0 +1,349 @@
+"""Configuration of the local servers (`fmx up`): where their state lives, ports, metadata URLs, secrets,
+and the environment every server process, Airflow CLI call and Airflow task runs with.
+
+State under ``$FMX_HOME``: ``servers/state.json`` (what runs, its config), ``servers/passwords.json``
+(the Airflow ``admin`` password), ``servers/secrets.json`` (Fernet key, JWT and API secrets),
+``servers/logs/``, ``airflow/`` (AIRFLOW_HOME), ``mlflow.db`` and ``mlartifacts/``. Secret files are 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+AIRFLOW_USER = "admin"
+POOL = "fmx_training"
+POOL_SLOTS = 1  # one FM training at a time: each day warm-starts from the previous day's checkpoint
+PREFERRED_PORTS = {"airflow": 8080, "mlflow": 5000}
+
+
+class ServerError(RuntimeError):
+    """A server did not start, or is not healthy, or the state under FMX_HOME is unusable."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the servers keep their state and how they listen. Build with `resolve_config`."""
+
+    home: Path
+    dags_folder: Path
+    airflow_port: int
+    mlflow_port: int
+    db: str | None = None  # PostgreSQL server URL; None = SQLite files under home
+    parallelism: int = 4
+    schedule: bool = (
+        True  # False: the scheduler creates no scheduled/catch-up runs; triggers and backfills run
+    )
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "servers"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.airflow_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def airflow_db_url(self) -> str:
+        if self.db is None:
+            return f"sqlite:///{self.airflow_home / 'airflow.db'}"
+        return _postgres_url(self.db, "_airflow", driver="postgresql+psycopg2")
+
+    def mlflow_db_url(self) -> str:
+        if self.db is None:
+            return f"sqlite:///{self.home / 'mlflow.db'}"
+        return _postgres_url(
+            self.db, "_mlflow", driver="postgresql+psycopg2"
+        )  # SQLAlchemy 2.1 defaults to psycopg 3
+
+
+@dataclass
+class ServerState:
+    """What `up` started; saved as ``state.json`` so that `down` and `status` find it."""
+
+    airflow_url: str
+    mlflow_url: str
+    password_file: str
+    logs: dict[str, str]
+    config: dict[str, Any]  # the ServerConfig fields, so `airflow_cli` and `down` need only FMX_HOME
+    pids: dict[str, list[float]] = field(default_factory=dict)  # name -> [pid, process start time]
+
+
+def resolve_home() -> Path:
+    """$FMX_HOME (default ./.fmx), absolute."""
+    return Path(os.environ.get("FMX_HOME", ".fmx")).absolute()
+
+
+def resolve_config(
+    home: str | Path | None = None,
+    dags_folder: str | Path | None = None,
+    airflow_port: int | None = None,
+    mlflow_port: int | None = None,
+    db: str | None = None,
+    schedule: bool = True,
+) -> ServerConfig:
+    """Defaults: home $FMX_HOME (./.fmx); dags the repo's dags/; ports $FMX_AIRFLOW_PORT / $FMX_MLFLOW_PORT,
+    else 8080 / 5000 when free, else any free port; db $FMX_DB, else SQLite."""
+    home_path = Path(home).absolute() if home else resolve_home()
+    dags = Path(dags_folder or Path(__file__).resolve().parents[1] / "dags").absolute()
+    if not dags.is_dir():
+        raise ServerError(f"DAGs folder {dags} does not exist")
+    db = db or os.environ.get("FMX_DB") or None
+    if db is not None:
+        _postgres_url(db, "", driver="postgresql")  # validate early
+    return ServerConfig(
+        home=home_path,
+        dags_folder=dags,
+        airflow_port=_port("airflow", airflow_port),
+        mlflow_port=_port("mlflow", mlflow_port),
+        db=db,
+        schedule=schedule,
+    )
+
+
+def _port(name: str, requested: int | None) -> int:
+    requested = requested or int(os.environ.get(f"FMX_{name.upper()}_PORT", 0)) or None
+    if requested is not None:
+        if not _port_free(requested):
+            raise ServerError(f"{name} port {requested} is already in use on 127.0.0.1")
+        return requested
+    if _port_free(PREFERRED_PORTS[name]):
+        return PREFERRED_PORTS[name]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _postgres_url(url: str, suffix: str, driver: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql", "postgresql+psycopg2"):
+        raise ServerError(
+            f"--db must be a postgresql://user:password@host:port/name URL, got scheme {parts.scheme!r}"
+        )
+    name = parts.path.strip("/")
+    if not name or "/" in name:
+        raise ServerError(f"--db URL must name one database (postgresql://.../NAME), got path {parts.path!r}")
+    return urlunsplit((driver, parts.netloc, f"/{name}{suffix}", parts.query, ""))
+
+
+# ---- state under FMX_HOME ----------------------------------------------------------------------
+
+
+def state_file(home: Path) -> Path:
+    return home / "servers" / "state.json"
+
+
+def load_state(home: str | Path) -> ServerState | None:
+    path = state_file(Path(home).absolute())
+    if not path.exists():
+        return None
+    return ServerState(**json.loads(path.read_text()))
+
+
+def save_state(home: Path, state: ServerState) -> None:
+    path = state_file(home)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold a database password
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(state), f, indent=2)
+    tmp.replace(path)
+
+
+def running_config(home: str | Path) -> ServerConfig:
+    """The ServerConfig of the servers `up` started under `home` (ServerError when none)."""
+    state = load_state(home)
+    if state is None:
+        raise ServerError(f"no servers started under {Path(home).absolute()}: run `fmx up` first")
+    c = state.config
+    return ServerConfig(
+        home=Path(c["home"]), dags_folder=Path(c["dags_folder"]), airflow_port=c["airflow_port"],
+        mlflow_port=c["mlflow_port"], db=c["db"], parallelism=c["parallelism"], schedule=c["schedule"],
+    )  # fmt: skip
+
+
+def _private_json(path: Path, make: Any) -> dict[str, str]:
+    """Read a small JSON secret file, creating it (mode 0600) with `make()` on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(make(), f)
+    return json.loads(path.read_text())
+
+
+def password_file(home: Path) -> Path:
+    return home / "servers" / "passwords.json"
+
+
+def airflow_password(home: str | Path) -> str:
+    """The `admin` password of the Airflow API (fixed per FMX_HOME, created by the first `up`)."""
+    path = password_file(Path(home).absolute())
+    if not path.exists():
+        raise ServerError(f"no password file at {path}: run `fmx up` first")
+    return json.loads(path.read_text())[AIRFLOW_USER]
+
+
+def _secrets(cfg: ServerConfig) -> dict[str, str]:
+    from cryptography.fernet import Fernet
+
+    _private_json(password_file(cfg.home), lambda: {AIRFLOW_USER: secrets.token_urlsafe(16)})
+    return _private_json(
+        cfg.state_dir / "secrets.json",
+        lambda: {
+            "fernet_key": Fernet.generate_key().decode(),
+            "jwt_secret": secrets.token_urlsafe(64),  # HS512 wants >= 64 bytes
+            "secret_key": secrets.token_urlsafe(32),
+        },
+    )
+
+
+# ---- environment and commands --------------------------------------------------------------------
+
+
+def server_env(cfg: ServerConfig) -> dict[str, str]:
+    """The environment every server process, Airflow CLI call and Airflow task runs with."""
+    keys = _secrets(cfg)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__") and k != "MLFLOW_TRACKING_URI"
+    }
+    env.update(
+        FMX_HOME=str(cfg.home),
+        MLFLOW_TRACKING_URI=cfg.mlflow_url,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",  # no job-runner subprocesses (and no huey store)
+        AIRFLOW_HOME=str(cfg.airflow_home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(cfg.dags_folder),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__PARALLELISM=str(cfg.parallelism),
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{cfg.airflow_url}/execution/",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{AIRFLOW_USER}:admin",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(password_file(cfg.home)),
+        AIRFLOW__CORE__FERNET_KEY=keys["fernet_key"],
+        AIRFLOW__API_AUTH__JWT_SECRET=keys["jwt_secret"],
+        AIRFLOW__API__SECRET_KEY=keys["secret_key"],
+        AIRFLOW__API__BASE_URL=cfg.airflow_url,
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__PORT=str(cfg.airflow_port),
+        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=str(cfg.schedule),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=cfg.airflow_db_url(),
+        AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES="1",
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="30",  # new DAG files show up within 30 s
+    )
+    return env
+
+
+def module_cmd(name: str) -> list[str]:
+    return [sys.executable, "-m", name]
+
+
+def commands(cfg: ServerConfig) -> dict[str, list[str]]:
+    mlflow_artifacts = cfg.home / "mlartifacts"
+    return {
+        "mlflow": [
+            *module_cmd("mlflow"),
+            "server",
+            "--backend-store-uri",
+            cfg.mlflow_db_url(),
+            "--artifacts-destination",
+            str(mlflow_artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(cfg.mlflow_port),
+            "--workers",
+            "1",
+        ],  # fmt: skip
+        "api-server": [
+            *module_cmd("airflow"),
+            "api-server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(cfg.airflow_port),
+            "-w",
+            "1",
+        ],
+        "scheduler": [*module_cmd("airflow"), "scheduler", "--skip-serve-logs"],
+        "dag-processor": [*module_cmd("airflow"), "dag-processor"],
+    }
+
+
+def airflow_cli(cfg: ServerConfig, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+    """Run ``airflow ARGS`` against the servers' metadata DB; raise ServerError with its output on failure."""
+    out = subprocess.run(
+        [*module_cmd("airflow"), *args], env=server_env(cfg), capture_output=True, text=True, timeout=timeout
+    )
+    if out.returncode != 0:
+        raise ServerError(
+            f"`airflow {' '.join(args)}` failed ({out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-4000:]}"
+        )
+    return out
+
+
+def create_postgres_databases(cfg: ServerConfig) -> None:
+    try:
+        import asyncpg  # noqa: F401  (Airflow 3 opens an async engine too; fail here, not in a server log)
+        import psycopg2
+        from psycopg2 import sql
+    except ImportError:
+        raise ServerError(
+            "--db postgresql://... needs psycopg2 and asyncpg: pip install psycopg2-binary asyncpg"
+        ) from None
+    given = _postgres_url(cfg.db or "", "", driver="postgresql")
+    # The named database need not exist: fall back to the server's maintenance database to create ours.
+    maintenance = urlunsplit(urlsplit(given)._replace(path="/postgres"))
+    conn, errors = None, []
+    for url in (given, maintenance):
+        try:
+            conn = psycopg2.connect(url)
+            break
+        except psycopg2.OperationalError as exc:
+            errors.append(f"{redact(url)}: {str(exc).strip()}")
+    if conn is None:
+        raise ServerError("cannot connect to PostgreSQL: " + "; ".join(errors))
+    conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+    try:
+        with conn.cursor() as cur:
+            for url in (cfg.airflow_db_url(), cfg.mlflow_db_url()):
+                name = urlsplit(url).path.strip("/")
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg2.Error as exc:
+        raise ServerError(
+            f"cannot create the fmx databases (needs CREATEDB, or create them yourself): {exc}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))

@@ -22,7 +22,10 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
     from experts.stage import compare_and_promote, expert_examples, expert_train
     from features.lake import Lake
     from features.stage import ingest, lake_windows
+    from fm.config import FMConfig
+    from fm.export import export_fm
     from fm.stage import fm_export, fm_train
+    from fm.train import run_training, window_for
 
     lake = Lake(lake_uri)
     surfaces = list(lake.meta()["surfaces"])
@@ -30,8 +33,13 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
         t0 = time.time()
         ingest(ds, lake_uri, source="lake")  # validate the window, build its user_history state
         for preset in presets:
-            fm_export(ds, lake_uri, preset, pipeline_run="bench")
-            fm_train(ds, lake_uri, preset, pipeline_run="bench")
+            if tuple(surfaces) == FMConfig().surfaces:
+                fm_export(ds, lake_uri, preset, pipeline_run="bench")
+                fm_train(ds, lake_uri, preset, pipeline_run="bench")
+            else:  # fm.stage fixes the FM's heads to the preset's surfaces: build the FM for this lake's
+                cfg = FMConfig.from_preset(preset, surfaces=tuple(surfaces))
+                export_fm(cfg, window_for(lake, ds), lake)
+                run_training(cfg, window_for(lake, ds), lake)
         t1 = time.time()
         for preset in presets:
             for surface in surfaces:

@@ -117,6 +117,23 @@ def restore(bundle: FMBundle, opts: tuple[torch.optim.Optimizer, ...], state: di
             group["lr"] = lr
 
 
+@torch.no_grad()
+def init_head_bias(bundle: FMBundle, data: WindowData, cfg: FMConfig) -> None:
+    """Cold start: each (surface, task) head's bias = logit of that task's rate in the training window.
+
+    Starting at p = 0.5 with rates of a few percent wastes the first day's steps on the bias (Adam moves
+    it ~lr per step) and leaves the first FM badly calibrated; the rates come from the window being trained.
+    """
+    bias = bundle.fm.heads.bias.view(len(cfg.surfaces), len(cfg.tasks))  # (S, T)
+    s, t = data.tensors["surface"], data.tensors
+    for i in range(len(cfg.surfaces)):
+        rows = s == i
+        for j, (label, mask) in enumerate((("click", None), ("like", "like_mask"))[: len(cfg.tasks)]):
+            w = t[mask][rows] if mask else torch.ones(int(rows.sum()))
+            rate = float(((t[label][rows] * w).sum() + 1) / (w.sum() + 2))  # smoothed: never 0 or 1
+            bias[i, j] = math.log(rate / (1 - rate))
+
+
 def train_step(model: nn.Module, opts: tuple[torch.optim.Optimizer, ...], data: WindowData, gidx: Tensor,
                d: Dist, cfg: FMConfig) -> float:
     """One update on global batch `gidx`; this rank computes its contiguous slice. Returns the local loss."""
@@ -163,6 +180,8 @@ def run_training(cfg: FMConfig, window: Window, lake: Lake, *, cold_start: bool 
         start = progress["step"]
         log.info("fm train %s: resuming from step %d", window.ds, start)
     data = data if data is not None else load_window(lake, window, cfg)
+    if parent is None and start == 0:
+        init_head_bias(bundle, data, cfg)
     bundle.to(d.device)
     model: nn.Module = bundle
     if d.world > 1:

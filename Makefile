@@ -18,6 +18,7 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	infra/ci-setup.sh
 	$(BIN)/python -m pytest -q -m e2e tests/e2e
 
 test-slow: install

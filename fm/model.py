@@ -149,7 +149,9 @@ class FoundationModel(nn.Module):
         names = ("segment", "region", "category", "brand", "position", "device")
         self.side = nn.ModuleDict({n: HashEmbedding(cfg.side_buckets, d, salt=10 + i) for i, n in enumerate(names)})
         self.surface = nn.Embedding(len(cfg.surfaces) + 1, d)
-        self.history = HistoryEncoder(cfg, self.items, self.side["category"], self.side["brand"])
+        category, brand = self.side["category"], self.side["brand"]
+        assert isinstance(category, HashEmbedding) and isinstance(brand, HashEmbedding)
+        self.history = HistoryEncoder(cfg, self.items, category, brand)
         layers: list[nn.Module] = []
         width = 7 * d
         for h in cfg.mlp:

@@ -102,10 +102,12 @@ def test_day_trigger_then_backfill(srv: Servers) -> None:
     _check_fm_day(srv, DAY1, fm_run)
 
     # Days 2-3 with Airflow's own backfill (logical dates -> ds), same small conf minus ds. fmx_fm has
-    # depends_on_past tasks, for which Airflow requires an explicit reprocess behaviour.
+    # depends_on_past tasks, for which Airflow requires an explicit reprocess behaviour. One run at a
+    # time: a backfill ignores the DAG's max_active_runs, and day D's fm_export needs day D-1's fm_train.
     conf = json.dumps(pipeline_conf(srv.lake))
     fmx("airflow", "backfill", "create", "--dag-id", FM_DAG, "--from-date", DAY2, "--to-date", DAY3,
-        "--reprocess-behavior", "failed", "--dag-run-conf", conf, home=srv.home)  # fmt: skip
+        "--reprocess-behavior", "failed", "--max-active-runs", "1", "--dag-run-conf", conf,
+        home=srv.home)  # fmt: skip
     backfill = sorted(srv.api.runs(FM_DAG, run_type="backfill"), key=lambda r: r["logical_date"])
     assert [r["logical_date"][:10] for r in backfill] == [DAY2, DAY3]
     experts = {}

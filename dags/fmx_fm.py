@@ -5,7 +5,8 @@ ingest(D) -> per FM preset: fm_export(D) with FM_{D-1} -> fm_train(D) warm-start
 
 Tasks call stage wrappers with references only; XCom carries ds, URIs, versions, run ids. The day is
 the Param ds or the run's logical date (== data_interval_start for scheduled and backfill runs).
-Runs stay in day order (max_active_runs=1, depends_on_past): each FM day warm-starts from the one
+Runs stay in day order (max_active_runs=1, depends_on_past, wait_for_downstream — backfill ignores
+max_active_runs, so fm_export(D) also waits for fm_train(D-1)): each FM day warm-starts from the one
 before. Past days: catchup, or `airflow backfill create --dag-id fmx_fm --from-date .. --to-date ..`.
 """
 
@@ -29,7 +30,7 @@ FM_OUTPUTS = Asset(
     catchup=True,
     max_active_runs=1,
     params=dagkit.params(),
-    default_args={**dagkit.DEFAULT_ARGS, "depends_on_past": True},
+    default_args={**dagkit.DEFAULT_ARGS, "depends_on_past": True, "wait_for_downstream": True},
     tags=["fmx", "fm"],
     doc_md=__doc__,
 )

@@ -38,6 +38,8 @@ class ExpertConfig:
     adapter_hidden: int = 8
     adapter_weight: float = 0.25
     lr: float = 3e-3
+    emb_lr_scale: float = 1.0  # learning rate of the hashed embeddings = lr * emb_lr_scale
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the dense layers
     batch_size: int = 256
     epochs: int = 1
     seed: int = 0

@@ -43,16 +43,19 @@ def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), width)
 
 
-def _history(column: pa.ChunkedArray, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """list<fixed_size_list<float>[R]> -> (N, L, R) zero padded after the entries, and (N, L) mask."""
+def _history(column: pa.ChunkedArray, length: int, width: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """list<fixed_size_list<float>[R]> -> (N, L, R) (list<scalar> with width None -> (N, L)), zero padded
+    after the entries, and the (N, L) mask."""
     arr = column.combine_chunks()
     n = len(arr)
     lengths = np.minimum(arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), length)
-    out = np.zeros((n, length, width), dtype=np.float32)
+    out = np.zeros((n, length) if width is None else (n, length, width), dtype=np.float32)
     mask = np.arange(length)[None, :] < lengths[:, None]  # (N, L)
     inner = arr.flatten()
     if len(inner):
-        values = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(inner), width)
+        flat = inner if width is None else inner.flatten()
+        values = flat.to_numpy(zero_copy_only=False).astype(np.float32)
+        values = values if width is None else values.reshape(len(inner), width)
         offsets = arr.offsets.to_numpy()[:-1]
         full = np.asarray(arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False))
         # keep the newest `length` entries of longer lists (they are ordered oldest -> newest)
@@ -72,10 +75,12 @@ def to_tensors(table: pa.Table, history_length: int) -> ExpertData:
     tae = _vectors(table["fm_tae"])
     width = table["loop_hist_repr"].type.value_type.list_size
     hist, mask = _history(table["loop_hist_repr"], history_length, width)
+    clicks, _ = _history(table["loop_hist_click"], history_length, None)  # aligned with hist's slots
     tensors = {
         "cats": torch.from_numpy(cats),
         "loop_repr": torch.from_numpy(hist),
         "loop_mask": torch.from_numpy(mask),
+        "loop_click": torch.from_numpy(clicks),
         "tae": torch.from_numpy(tae),
         "fm_logit": torch.from_numpy(table["fm_logit_click"].to_numpy().astype(np.float32)),
     }

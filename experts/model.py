@@ -5,6 +5,7 @@ T = target-aware embedding width):
   cats      (B, F) int64   raw ids of OWN_FEATURES, hashed here (so serving needs no vocabulary)
   loop_repr (B, L, R) f32  the user's last L historical FM representations (loopfm), zero padded
   loop_mask (B, L) bool    True where loop_repr holds a real entry
+  loop_click (B, L) f32    the click label of each history entry (0 on padding)
   tae       (B, T) f32     FM target-aware embedding (fe), detached
   fm_logit  (B,) f32       FM click logit (kd: the adapter's input; never a serving-head input)
 Output: {"logit": (B,)} plus "aux_logit", "adapter_logit" for kd variants. The serving prediction is
@@ -56,6 +57,29 @@ class TargetAttention(nn.Module):
         return (w.unsqueeze(-1) * hist).sum(1)  # (B, R)
 
 
+def _masked_mean(hist: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over the history slots: hist (B, L, R), weight (B, L) >= 0 -> (B, R); 0 if no weight."""
+    return (hist * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp(min=1.0)
+
+
+class LoopPooling(nn.Module):
+    """LoopFM: pools the user's FM history into (B, 3R + 2): mean, DIN target attention, clicked-entry mean
+    (each LayerNorm-ed: FM activations have their own scale), plus the history's click rate and log length."""
+
+    def __init__(self, query_dim: int, repr_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.attention = TargetAttention(query_dim, repr_dim, hidden)
+        self.norm = nn.LayerNorm(3 * repr_dim)
+
+    def forward(self, item: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor, click: torch.Tensor) -> torch.Tensor:
+        real = mask.float()  # (B, L)
+        pooled = torch.cat([_masked_mean(hist, real), self.attention(item, hist, mask),
+                            _masked_mean(hist, click * real)], dim=-1)  # (B, 3R)
+        count = real.sum(1, keepdim=True)  # (B, 1)
+        rate = (click * real).sum(1, keepdim=True) / count.clamp(min=1.0)
+        return torch.cat([self.norm(pooled), rate, torch.log1p(count)], dim=-1)
+
+
 class Expert(nn.Module):
     def __init__(self, cfg: ExpertConfig, repr_dim: int, tae_dim: int) -> None:
         super().__init__()
@@ -64,9 +88,10 @@ class Expert(nn.Module):
         self.emb = HashedEmbeddings(cfg.buckets, cfg.emb_dim)
         width = n * cfg.emb_dim
         if cfg.uses_loop:
-            self.attention = TargetAttention(cfg.emb_dim, repr_dim, cfg.att_hidden)
-            width += 2 * repr_dim  # mean pool + attention pool
+            self.loop = LoopPooling(cfg.emb_dim, repr_dim, cfg.att_hidden)
+            width += 3 * repr_dim + 2
         if cfg.uses_tae:
+            self.tae_norm = nn.LayerNorm(tae_dim)  # detached FM input on the expert's own scale
             width += tae_dim
         layers: list[nn.Module] = []
         for h in cfg.hidden:
@@ -82,12 +107,10 @@ class Expert(nn.Module):
         e = self.emb(batch["cats"])  # (B, F, D)
         parts = [e.flatten(1)]
         if self.cfg.uses_loop:
-            hist, mask = batch["loop_repr"], batch["loop_mask"]
-            count = mask.sum(1, keepdim=True).clamp(min=1)
-            parts.append((hist * mask.unsqueeze(-1)).sum(1) / count)  # (B, R) mean over real entries
-            parts.append(self.attention(e[:, OWN_FEATURES.index("item_id")], hist, mask))
+            item = e[:, OWN_FEATURES.index("item_id")]
+            parts.append(self.loop(item, batch["loop_repr"], batch["loop_mask"], batch["loop_click"]))
         if self.cfg.uses_tae:
-            parts.append(batch["tae"].detach())
+            parts.append(self.tae_norm(batch["tae"].detach()))
         h = self.trunk(torch.cat(parts, dim=-1))  # (B, H)
         out = {"logit": self.head(h).squeeze(-1)}
         if self.cfg.uses_kd:
@@ -104,7 +127,7 @@ def flops_per_example(model: Expert) -> int:
     """Multiply-adds x2 of the dense layers for one example (embedding lookups are free)."""
     total = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     if model.cfg.uses_loop:  # the attention MLP and query run once per history slot, not once
-        att = model.attention
+        att = model.loop.attention
         per_slot = sum(2 * m.in_features * m.out_features for m in att.score if isinstance(m, nn.Linear))
         total += per_slot * (model.cfg.history_length - 1)
     return total

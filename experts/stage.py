@@ -14,7 +14,6 @@ in the lake (read by compare_and_promote for the transfer ratio and by the NE-by
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import date
 from typing import Any
@@ -32,9 +31,11 @@ from experts.evaluate import (
     training_ctr,
     transfer_ratio,
 )
+from experts.records import champion_before, decided_after, read_eval, strict_json, write_champion, write_eval
 from experts.train import (
     Checkpoint,
     check_lineage,
+    ckpt_relpath,
     latest_before,
     load_checkpoint,
     new_checkpoint,
@@ -62,15 +63,6 @@ def _fm_started(lake: Lake, preset: str, window: Window) -> bool:
     return any(p["ds"] <= window.ds for p in lake.partitions("fm_outputs", fm=preset))
 
 
-def _eval_rel(preset: str, surface: str, ds: str, variant: str) -> str:
-    return f"models/experts/{preset}/{surface}/evals/ds={ds}/{variant}.json"
-
-
-def _read_eval(lake: Lake, preset: str, surface: str, ds: str, variant: str) -> dict[str, Any] | None:
-    rel = _eval_rel(preset, surface, ds, variant)
-    return json.loads(lake.read_bytes(rel)) if lake.file_exists(rel) else None
-
-
 def expert_examples(ds: str, surface: str, lake_uri: str, preset: str = "small") -> dict:
     """Write expert_examples(fm=preset, ds, surface) (plus any missing loop_state); rows and path."""
     lake = Lake(lake_uri)
@@ -79,7 +71,7 @@ def expert_examples(ds: str, surface: str, lake_uri: str, preset: str = "small")
         return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored no window up to {ds}"}
     path = build_expert_examples(lake, window, surface, preset, ExpertConfig().history_length)
     rows = lake.read("expert_examples", columns=["event_id"], fm=preset, ds=ds, surface=surface).num_rows
-    return {"ds": ds, "surface": surface, "fm": preset, "rows": rows, "path": path}
+    return strict_json({"ds": ds, "surface": surface, "fm": preset, "rows": rows, "path": path})
 
 
 def _score(ckpt: Checkpoint, data: ExpertData, window: Window, what: str) -> np.ndarray:
@@ -140,11 +132,10 @@ def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str
     new, loss = train_window(ckpt, data, window, lineage)
     rel = save_checkpoint(lake, new)
     if evaluation:
-        record = {k: v for k, v in evaluation.items() if k != "calib"}
-        lake.write_bytes(_eval_rel(preset, surface, ds, variant), json.dumps(record).encode())
+        write_eval(lake, preset, surface, ds, variant, {k: v for k, v in evaluation.items() if k != "calib"})
     run_id = _log_train(lake, window, surface, new, data, evaluation, rel, pipeline_run, rebaseline)
-    return {"ds": ds, "surface": surface, "variant": variant, "fm_version": data.fm_versions[0],
-            "metrics": evaluation.get("metrics", {}), "loss": loss, "checkpoint": rel, "run_id": run_id}
+    return strict_json({"ds": ds, "surface": surface, "variant": variant, "fm_version": data.fm_versions[0],
+                        "metrics": evaluation.get("metrics", {}), "loss": loss, "checkpoint": rel, "run_id": run_id})
 
 
 def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data: ExpertData,
@@ -180,7 +171,7 @@ def _ne_history(lake: Lake, preset: str, surface: str, variant: str, window: Win
     found, ours, fm = [], [], []
     w = window
     for _ in range(days):
-        rec = _read_eval(lake, preset, surface, w.ds, variant)
+        rec = read_eval(lake, preset, surface, w.ds, variant)
         if rec is not None:
             found.append(w.ds)
             ours.append(rec["metrics"]["ne"])
@@ -209,11 +200,11 @@ def _score_variants(lake: Lake, window: Window, surface: str, preset: str, data:
 
 def _transfer(lake: Lake, preset: str, surface: str, ds: str, variant: str) -> tuple[str, float] | None:
     """Transfer ratio of `variant` between `preset` and another FM preset with eval results on ds."""
-    mine = _read_eval(lake, preset, surface, ds, variant)
+    mine = read_eval(lake, preset, surface, ds, variant)
     if mine is None:
         return None
     for other in sorted(p["fm"] for p in lake.partitions("fm_outputs", ds=ds, surface=surface)):
-        theirs = _read_eval(lake, other, surface, ds, variant) if other != preset else None
+        theirs = read_eval(lake, other, surface, ds, variant) if other != preset else None
         if theirs is None or theirs["rows"] != mine["rows"]:
             continue
         small, large = smaller_first(preset, other)
@@ -224,19 +215,64 @@ def _transfer(lake: Lake, preset: str, surface: str, ds: str, variant: str) -> t
     return None
 
 
+def _previous_champion(lake: Lake, window: Window, surface: str, preset: str) -> dict[str, Any] | None:
+    """The champion in force when `window` starts: the lake's decision of the newest earlier day.
+
+    Lakes without decisions (older runs) fall back to the registry's champion, resolved to its
+    variant's checkpoint trained through a day before `window` (never a model trained on `window`).
+    """
+    from experts.registry import champion
+
+    found = champion_before(lake, preset, surface, window)
+    if found is not None:
+        return found
+    current = champion(surface, preset)
+    if current is None:
+        return None
+    variant = current.tags["variant"]
+    rel = current.tags["checkpoint"] if current.tags.get("trained_through", window.ds) < window.ds else (
+        latest_before(lake, preset, surface, variant, window))
+    return None if rel is None else {"variant": variant, "checkpoint": rel, "version": current.version}
+
+
+def _winner_record(lake: Lake, window: Window, surface: str, preset: str, best: str) -> dict[str, Any]:
+    """The model a promotion of `best` installs: trained through window if expert_train ran, else the scored one."""
+    rel = ckpt_relpath(preset, surface, best, window.ds)
+    if not lake.file_exists(rel):
+        rel = str(latest_before(lake, preset, surface, best, window))
+    return {"variant": best, "checkpoint": rel, "trained_through": rel.split("ds=")[-1].split("/")[0]}
+
+
+def _register(record: dict[str, Any], surface: str, preset: str, aliases: list[str]) -> str | None:
+    """Register the expert_train run model of `record`, set `aliases`; the version (None without a run)."""
+    from experts.registry import find_train_run, register
+
+    run = find_train_run(record["trained_through"], surface, record["variant"], preset)
+    if run is None:
+        return None
+    vtags = {"variant": record["variant"], "fm_preset": preset, "trained_through": record["trained_through"],
+             "fm_version": run.data.tags["fm_version"], "checkpoint": record["checkpoint"]}
+    return register(run.data.tags["model_uri"], surface, preset, vtags, aliases)
+
+
 def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual",
                         margin: float = 0.001) -> dict:
     """Score every variant (trained through < ds) and the champion on the same rows of ds; promote.
 
-    The best challenger (lowest NE) becomes champion when there is none yet or when it beats the
-    champion's NE by more than `margin`; the version registered is the winner's model trained through
-    ds (its expert_train run of ds), or the scored one if ds was not trained yet. Transfer ratios are
-    logged onto the larger-FM expert_train runs when another FM preset has results for ds.
-    Returns {"ds", "surface", "scores", "champion", "promoted", "decision"} or {"skipped": reason}.
+    The champion scored is the one in force when ds starts (the decision of the newest earlier day,
+    experts/records.py), so re-running ds — even after later days ran — scores the same models. The
+    best challenger (lowest NE) becomes champion when there is none yet or when it beats the
+    champion's NE by more than `margin`; the model installed is the winner's checkpoint trained through
+    ds (or the scored one if ds was not trained yet). The decision is written to the lake for ds
+    (replacing a previous run's); registry aliases (``champion``, ``challenger``) move only when no
+    later day has a decision (re-running the past does not roll back the serving model). Transfer
+    ratios are logged onto the larger-FM expert_train runs when another FM preset has results for ds.
+    Returns strict JSON: {"ds", "surface", "scores", "fm", "best", "champion_ne", "promoted",
+    "decision", "champion", "version", "transfer_ratio", "run_id"} or {"skipped": reason}.
     """
     import mlflow
 
-    from experts.registry import PROMOTE_STAGE, STAGE_TAG, champion, find_train_run, register
+    from experts.registry import PROMOTE_STAGE, STAGE_TAG
     from features.tracking import setup, stage_run
 
     lake = Lake(lake_uri)
@@ -249,37 +285,48 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
         return {"ds": ds, "surface": surface, "skipped": "no expert trained before this window"}
     setup()
     best = min(scores, key=lambda v: scores[v]["ne"])
-    current = champion(surface, preset)
-    champ_ne = math.inf
-    if current is not None:
-        ckpt = load_checkpoint(lake, current.tags["checkpoint"])
-        y = data.label.numpy().astype(np.float64)
-        champ_ne = metric_dict(y, _score(ckpt, data, window, "champion"), training_ctr(lake, window, surface))["ne"]
-    promote = current is None or champ_ne - scores[best]["ne"] > margin
-    scored = load_checkpoint(lake, str(latest_before(lake, preset, surface, best, window)))
-    run = find_train_run(ds, surface, best, preset) or find_train_run(scored.trained_through, surface, best, preset)
+    previous = _previous_champion(lake, window, surface, preset)
+    champ_ne = None
+    if previous is not None:
+        probs = _score(load_checkpoint(lake, previous["checkpoint"]), data, window, "champion")
+        champ_ne = metric_dict(data.label.numpy().astype(np.float64), probs, training_ctr(lake, window, surface))["ne"]
+    promote = champ_ne is None or champ_ne - scores[best]["ne"] > margin
+    record = _winner_record(lake, window, surface, preset, best) if promote else dict(previous or {})
+    latest = not decided_after(lake, preset, surface, window)
     version = None
-    if run is not None:
-        vtags = {"variant": best, "fm_preset": preset, "trained_through": run.data.tags["trained_through"],
-                 "fm_version": run.data.tags["fm_version"], "checkpoint": run.data.tags["checkpoint"]}
-        version = register(run.data.tags["model_uri"], surface, preset, vtags,
-                           ["challenger", "champion"] if promote else ["challenger"])
-    transfers = {}
-    for variant in scores:
-        found = _transfer(lake, preset, surface, ds, variant)
-        if found is not None:
-            transfers[variant] = found[1]
-            target = find_train_run(ds, surface, variant, found[0])
-            if target is not None and math.isfinite(found[1]):
-                mlflow.MlflowClient().log_metric(target.info.run_id, "transfer_ratio", found[1], step=_step(lake, window))
-    decision = "promoted" if promote else "kept"
-    old = current.tags.get("variant", "?") if current is not None else "none"
+    if latest:
+        version = _register(_winner_record(lake, window, surface, preset, best), surface, preset,
+                            ["challenger", "champion"] if promote else ["challenger"])
+    record.update(decision="promoted" if promote else "kept", **({"version": version} if promote else {}))
+    write_champion(lake, preset, surface, ds, record)
+    transfers = _log_transfers(lake, window, surface, preset, scores)
+    old = previous["variant"] if previous is not None else "none"
     tags = {"surface": surface, "variant": best, "fm_version": data.fm_versions[0], "fm_preset": preset,
-            STAGE_TAG: PROMOTE_STAGE, "decision": decision, "previous_champion": old,
-            "champion_ne": f"{champ_ne:.6f}", "challenger_ne": f"{scores[best]['ne']:.6f}", "margin": str(margin),
-            "registered_version": str(version)}
+            STAGE_TAG: PROMOTE_STAGE, "decision": record["decision"], "previous_champion": old,
+            "champion_ne": "none" if champ_ne is None else f"{champ_ne:.6f}",
+            "challenger_ne": f"{scores[best]['ne']:.6f}", "margin": str(margin), "registered_version": str(version),
+            "registry_updated": str(latest).lower()}
     with stage_run(f"promote/{preset}/{surface}", pipeline_run=pipeline_run, ds=ds, tags=tags) as prun:
         mlflow.log_metrics({k: v for k, v in scores[best].items() if math.isfinite(v)}, step=_step(lake, window))
-    return {"ds": ds, "surface": surface, "scores": scores, "fm": fm, "best": best, "champion_ne": champ_ne,
-            "promoted": promote, "decision": decision, "version": version, "transfer_ratio": transfers,
-            "run_id": prun.info.run_id}
+    return strict_json({"ds": ds, "surface": surface, "scores": scores, "fm": fm, "best": best,
+                        "champion_ne": champ_ne, "promoted": promote, "decision": record["decision"],
+                        "champion": record, "version": version, "transfer_ratio": transfers,
+                        "run_id": prun.info.run_id})
+
+
+def _log_transfers(lake: Lake, window: Window, surface: str, preset: str, scores: dict[str, Any]) -> dict[str, float]:
+    """Transfer ratio per variant against another FM preset; logged on the larger FM's expert_train run."""
+    import mlflow
+
+    from experts.registry import find_train_run
+
+    transfers = {}
+    for variant in scores:
+        found = _transfer(lake, preset, surface, window.ds, variant)
+        if found is not None:
+            transfers[variant] = found[1]
+            target = find_train_run(window.ds, surface, variant, found[0])
+            if target is not None and math.isfinite(found[1]):
+                mlflow.MlflowClient().log_metric(target.info.run_id, "transfer_ratio", found[1],
+                                                 step=_step(lake, window))
+    return transfers

@@ -163,11 +163,21 @@ def new_checkpoint(cfg: ExpertConfig, data: ExpertData, preset: str, surface: st
     return Checkpoint(cfg, data.repr_dim, data.tae_dim, model.state_dict(), None, "", preset, surface, [])
 
 
+def make_optimizer(model: Expert, cfg: ExpertConfig) -> torch.optim.Optimizer:
+    """AdamW with two groups: the hashed embeddings (lr * emb_lr_scale, no decay: rows absent from a batch
+    must not shrink) and the dense layers (lr, weight_decay)."""
+    emb = list(model.emb.parameters())
+    emb_ids = {id(p) for p in emb}
+    dense = [p for p in model.parameters() if id(p) not in emb_ids]
+    return torch.optim.AdamW([{"params": emb, "lr": cfg.lr * cfg.emb_lr_scale, "weight_decay": 0.0},
+                              {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+
+
 def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: list[tuple[str, str]]) -> tuple[Checkpoint, float]:
     """One warm-started pass (cfg.epochs) over `data`; returns the checkpoint trained through `window`."""
     cfg = ckpt.config
     model = ckpt.build()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(model, cfg)
     if ckpt.optim is not None:
         opt.load_state_dict(ckpt.optim)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + window.start.toordinal())

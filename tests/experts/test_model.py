@@ -54,7 +54,7 @@ def _trunk_grad(beta: float, kd_weight: float = 1.0) -> torch.Tensor:
                        id_buckets=64, side_buckets=8)
     model = Expert(cfg, repr_dim=4, tae_dim=4)
     batch = {"cats": torch.randint(0, 100, (16, 8)), "loop_repr": torch.zeros(16, 20, 4),
-             "loop_mask": torch.zeros(16, 20, dtype=torch.bool), "tae": torch.zeros(16, 4),
+             "loop_mask": torch.zeros(16, 20, dtype=torch.bool), "loop_click": torch.zeros(16, 20), "tae": torch.zeros(16, 4),
              "fm_logit": torch.randn(16)}
     out = model(batch)
     # aux loss only: isolate the distillation gradient reaching the shared trunk
@@ -99,7 +99,7 @@ def test_expert_is_at_most_a_tenth_of_the_base_fm(variant: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = {"cats": torch.zeros(1, 8, dtype=torch.int64), "loop_repr": torch.zeros(1, 20, 32),
-             "loop_mask": torch.ones(1, 20, dtype=torch.bool), "tae": torch.zeros(1, 32), "fm_logit": torch.zeros(1)}
+             "loop_mask": torch.ones(1, 20, dtype=torch.bool), "loop_click": torch.ones(1, 20), "tae": torch.zeros(1, 32), "fm_logit": torch.zeros(1)}
     with FlopCounterMode(display=False) as counter:
         expert(batch)
     assert counter.get_total_flops() <= FM_BASE_FLOPS / 10

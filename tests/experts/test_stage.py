@@ -125,3 +125,39 @@ def test_cli_examples_train_and_clean_errors(lake_uri: str) -> None:
     bad = run.invoke(cli, ["experts", "train", "--ds", ws[2].ds, "--surface", "live", "--variant", "kd",
                            "--lake", lake_uri])
     assert bad.exit_code != 0 and "fm export" in bad.output
+
+
+def _train_promote(uri: str, ds: str, variants: tuple[str, ...] = ("base", "loopfm")) -> dict:
+    out = {v: expert_train(ds, "feed", v, uri, "small", pipeline_run="rr") for v in variants}
+    out["promote"] = compare_and_promote(ds, "feed", uri, "small", pipeline_run="rr")
+    for result in out.values():  # every stage returns strict JSON (NaN/inf -> null)
+        json.dumps(result, allow_nan=False)
+    return out
+
+
+def _weights(lake, ds: str) -> dict:  # type: ignore[no-untyped-def]
+    from experts.train import ckpt_relpath, load_checkpoint
+
+    return load_checkpoint(lake, ckpt_relpath("small", "feed", "base", ds)).model
+
+
+def test_rerunning_a_day_replaces_it_exactly_and_scores_models_of_the_day_before(lake_uri: str) -> None:
+    lake, ws = make_lake(lake_uri, days=5)
+    _train_promote(lake_uri, ws[1].ds)  # cold start
+    first2 = _train_promote(lake_uri, ws[2].ds)
+    assert first2["promote"]["champion_ne"] is None  # no champion before ws[2]: null, not inf
+    first3 = _train_promote(lake_uri, ws[3].ds)
+    weights3 = _weights(lake, ws[3].ds)
+    again3 = _train_promote(lake_uri, ws[3].ds)  # re-run at once: same models scored, same decision
+    assert again3["promote"]["champion_ne"] == first3["promote"]["champion_ne"] is not None
+    for key in ("base", "loopfm"):
+        assert again3[key]["metrics"] == first3[key]["metrics"]
+    assert again3["promote"]["scores"] == first3["promote"]["scores"]
+    assert all(torch.equal(weights3[k], v) for k, v in _weights(lake, ws[3].ds).items())  # D's checkpoint replaced exactly
+    _train_promote(lake_uri, ws[4].ds)
+    serving = champion("feed", "small").version
+    late3 = _train_promote(lake_uri, ws[3].ds)  # re-run of the past, after ws[4] ran: still the D-1 models
+    assert late3["promote"]["champion_ne"] == first3["promote"]["champion_ne"]
+    assert late3["promote"]["scores"] == first3["promote"]["scores"]
+    assert late3["base"]["metrics"] == first3["base"]["metrics"]
+    assert late3["promote"]["version"] is None and champion("feed", "small").version == serving  # no roll back

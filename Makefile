@@ -17,6 +17,8 @@ run: install
 	$(BIN)/fmx run
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy features fm experts fmx dags
 	$(BIN)/python -m pytest -q
 	infra/ci-setup.sh
 	$(BIN)/python -m pytest -q -m e2e tests/e2e

@@ -3,10 +3,17 @@
 `python bench/fm_ne_table.py [--days 7] [--scale small] [--events-per-day N] [--presets small,large]`
 
 Generates `days` windows of built-in data; for each preset and each day D: export (progressive metrics
-on D with FM_{D-1}), then train on D. Prints one row per (surface, day) with each preset's NE and the
-generator's Bayes-optimal NE (features.generate.bayes_metrics: true p_click, base rate = that day's
-CTR; the FM's NE uses the CTR of its training window D-1, so the columns are close but not identical
-in definition).
+on D with FM_{D-1}), then train on D. Prints one row per (surface, day) and a per-day mean row:
+
+- `NE <preset>`: the FM's progressive NE on D, base rate = that surface's CTR of D-1 (the FM's training
+  window; exactly what fm_export logs to MLflow);
+- `Bayes`: the generator's true p_click on D, with the SAME base rate (CTR of D-1), so the two are
+  directly comparable (the gap is the FM's excess log loss in units of the same entropy);
+- `Bayes(D)`: the true p_click with D's own CTR as base rate (features.generate.bayes_metrics), for
+  reference: the day-to-day swing of the CTR moves both NE columns, not this one.
+
+The summary gives, per preset, the mean NE over days and surfaces, over the last 3 days, and the mean
+gap to Bayes (same base rate) on day 2 and on the last day.
 """
 
 from __future__ import annotations
@@ -15,15 +22,26 @@ import argparse
 import tempfile
 import time
 
-import polars as pl
+import numpy as np
 import torch
 
 from features.generate import GeneratorConfig, bayes_metrics_by_surface, generate
 from features.history import build_user_history
 from features.lake import Lake
-from fm.config import FMConfig
+from features.metrics import entropy
+from fm.config import FMConfig, lake_config
 from fm.export import export_fm
 from fm.train import run_training
+
+
+def _overrides(items: list[str], preset: str) -> dict:
+    over = {}
+    for item in items:
+        name, _, kv = item.partition(":")
+        if name == preset:
+            key, _, value = kv.partition("=")
+            over[key] = type(getattr(FMConfig(), key))(value)
+    return over
 
 
 def main() -> None:
@@ -35,38 +53,49 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", action="append", default=[], help="preset:key=value override")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     lake = Lake(tempfile.mkdtemp(prefix="fm-ne-") + "/lake")
     windows = generate(lake, GeneratorConfig(scale=args.scale, events_per_day=args.events_per_day), args.days,
                        progress=None)
     for w in windows:
         build_user_history(lake, w)
+    presets = args.presets.split(",")
     ne: dict[tuple[str, str, str], float] = {}
-    for preset in args.presets.split(","):
-        over = {}
-        for item in args.set:
-            name, _, kv = item.partition(":")
-            if name == preset:
-                key, _, value = kv.partition("=")
-                over[key] = type(getattr(FMConfig(), key))(value)
-        cfg = FMConfig.from_preset(preset, log_every=10**9, **over)
+    for preset in presets:
+        cfg = lake_config(preset, lake.meta(), log_every=10**9, threads=args.threads,
+                          **_overrides(args.set, preset))
         t0 = time.perf_counter()
         for w in windows:
             res = export_fm(cfg, w, lake)
-            for s, m in res.metrics.items():
-                ne[(preset, s, w.ds)] = m["ne"]
+            ne |= {(preset, s, w.ds): m["ne"] for s, m in res.metrics.items()}
             run_training(cfg, w, lake)
         print(f"{preset}: {len(windows)} days in {time.perf_counter() - t0:.0f}s", flush=True)
-    presets = args.presets.split(",")
-    print(f"{'surface':8}{'day':>12}" + "".join(f"{'NE ' + q:>12}" for q in presets) + f"{'Bayes NE':>10}")
-    for w in windows[1:]:
+    torch.set_num_threads(args.threads)
+    head = f"{'surface':8}{'day':>12}" + "".join(f"{'NE ' + q:>12}" for q in presets)
+    print(head + f"{'Bayes':>9}{'Bayes(D)':>10}")
+    gaps: dict[tuple[str, str], list[float]] = {}
+    for prev, w in zip(windows, windows[1:], strict=False):
         events = lake.scan_many("events", lake.partitions("events", ds=w.ds)).collect()
-        bayes = bayes_metrics_by_surface(events)
-        for s in sorted(bayes):
-            row = "".join(f"{ne.get((q, s, w.ds), float('nan')):>12.4f}" for q in presets)
-            print(f"{s:8}{w.ds:>12}{row}{bayes[s]['ne']:>10.4f}")
-    means = {q: pl.Series([v for (pp, _, _), v in ne.items() if pp == q]).mean() for q in presets}
-    print("mean NE over surfaces and days:", {q: round(float(v), 4) for q, v in means.items()})  # type: ignore[arg-type]
+        before = lake.scan_many("events", lake.partitions("events", ds=prev.ds)).collect()
+        ctr = {str(s[0]): float(g["click"].mean()) for s, g in before.group_by("surface")}  # type: ignore[arg-type]
+        rows = []
+        for s, b in sorted(bayes_metrics_by_surface(events).items()):
+            rate = ctr.get(s, 0.0)
+            same = b["logloss"] / entropy(rate) if 0 < rate < 1 else float("nan")  # as fm_export: nan
+            rows.append([ne.get((q, s, w.ds), float("nan")) for q in presets] + [same, b["ne"]])
+            for q in presets:
+                gaps.setdefault((q, w.ds), []).append(ne.get((q, s, w.ds), float("nan")) - same)
+            print(f"{s:8}{w.ds:>12}" + "".join(f"{v:>12.4f}" for v in rows[-1][:-2]) +
+                  f"{same:>9.4f}{b['ne']:>10.4f}")
+        mean = np.nanmean(np.array(rows), axis=0)
+        print(f"{'mean':8}{w.ds:>12}" + "".join(f"{v:>12.4f}" for v in mean[:-2]) + f"{mean[-2]:>9.4f}{mean[-1]:>10.4f}")
+    days = [w.ds for w in windows[1:]]
+    for q in presets:
+        vals = np.array([v for (pp, _, _), v in ne.items() if pp == q])
+        last3 = [v for (pp, _, d), v in ne.items() if pp == q and d in days[-3:]]
+        print(f"{q}: mean NE {np.nanmean(vals):.4f}, last 3 days {np.nanmean(last3):.4f}; mean gap to Bayes (same base "
+              f"rate) day {days[0]} {np.nanmean(gaps[(q, days[0])]):+.4f} -> day {days[-1]} "
+              f"{np.nanmean(gaps[(q, days[-1])]):+.4f}, last 3 days "
+              f"{np.nanmean([g for d in days[-3:] for g in gaps[(q, d)]]):+.4f}")
 
 
 if __name__ == "__main__":

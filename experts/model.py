@@ -87,12 +87,15 @@ class Expert(nn.Module):
         n = len(OWN_FEATURES)
         self.emb = HashedEmbeddings(cfg.buckets, cfg.emb_dim)
         width = n * cfg.emb_dim
+        # FM inputs are LayerNorm-ed (their own scale) and projected to fm_proj dims, so that a few
+        # hundred wide FM features do not swamp the n * emb_dim own features in the first layer
         if cfg.uses_loop:
             self.loop = LoopPooling(cfg.emb_dim, repr_dim, cfg.att_hidden)
-            width += 3 * repr_dim + 2
+            self.loop_proj = nn.Linear(3 * repr_dim + 2, cfg.fm_proj)
+            width += cfg.fm_proj
         if cfg.uses_tae:
-            self.tae_norm = nn.LayerNorm(tae_dim)  # detached FM input on the expert's own scale
-            width += tae_dim
+            self.tae_proj = nn.Sequential(nn.LayerNorm(tae_dim), nn.Linear(tae_dim, cfg.fm_proj))
+            width += cfg.fm_proj
         layers: list[nn.Module] = []
         for h in cfg.hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
@@ -108,9 +111,9 @@ class Expert(nn.Module):
         parts = [e.flatten(1)]
         if self.cfg.uses_loop:
             item = e[:, OWN_FEATURES.index("item_id")]
-            parts.append(self.loop(item, batch["loop_repr"], batch["loop_mask"], batch["loop_click"]))
+            parts.append(self.loop_proj(self.loop(item, batch["loop_repr"], batch["loop_mask"], batch["loop_click"])))
         if self.cfg.uses_tae:
-            parts.append(self.tae_norm(batch["tae"].detach()))
+            parts.append(self.tae_proj(batch["tae"].detach()))
         h = self.trunk(torch.cat(parts, dim=-1))  # (B, H)
         out = {"logit": self.head(h).squeeze(-1)}
         if self.cfg.uses_kd:

@@ -10,15 +10,23 @@ Progressive evaluation (expert_train): the checkpoint trained through the newest
 scored on ALL rows of expert_examples(ds) BEFORE it trains on them; NE's base rate is the CTR of
 events(ds-1, surface). Results also go to ``models/experts/<preset>/<surface>/evals/ds=<D>/<variant>.json``
 in the lake (read by compare_and_promote for the transfer ratio and by the NE-by-day plot).
+
+Idempotent re-runs: checkpoints are kept per day, expert_train(D) always evaluates and warm-starts
+from the newest checkpoint trained through a day before D (D-1 in the daily flow) and replaces D's
+checkpoint; compare_and_promote(D) scores the champion recorded in the lake for the newest day before D
+(experts/records.py). Re-running D, before or after D+1 ran, gives the same scores and decision.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from typing import Any
 
 import numpy as np
+import torch
 
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import ExpertData, load_examples
@@ -105,6 +113,18 @@ def _examples(lake: Lake, window: Window, surface: str, preset: str, cfg: Expert
     return load_examples(lake, preset, window.ds, surface, cfg.history_length)
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` intra-op torch threads, restoring the caller's setting after: the expert's layers are
+    too small to gain from more (measured in the report), and the default job runs several stages at once."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str = "small",
                  pipeline_run: str = "manual", rebaseline: bool = False,
                  overrides: dict[str, Any] | None = None) -> dict:
@@ -112,8 +132,14 @@ def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str
 
     Returns {"ds", "surface", "variant", "fm_version", "metrics" (empty on a cold start), "loss",
     "checkpoint", "run_id"} or {"skipped": reason}. A warm start keeps the checkpoint's config
-    (`overrides` apply to a cold start only).
+    (`overrides` apply to a cold start only). Trains with one torch thread (restored after).
     """
+    with _torch_threads(1):
+        return _expert_train(ds, surface, variant, lake_uri, preset, pipeline_run, rebaseline, overrides)
+
+
+def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str, pipeline_run: str,
+                  rebaseline: bool, overrides: dict[str, Any] | None) -> dict:
     lake = Lake(lake_uri)
     window = _window(lake, ds)
     cfg = ExpertConfig(variant=variant).with_overrides(**(overrides or {}))

@@ -183,8 +183,10 @@ def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: li
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + window.start.toordinal())
     model.train()
     total, steps = 0.0, 0
+    # a sparse surface (a few hundred rows a day) would otherwise get a handful of steps per window
+    batch_size = max(16, min(cfg.batch_size, math.ceil(len(data) / max(cfg.min_steps, 1))))
     for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
+        for idx in torch.randperm(len(data), generator=gen).split(batch_size):
             batch = data.batch(idx)
             loss = expert_loss(model(batch), data.label[idx], batch["fm_logit"], cfg)
             opt.zero_grad(set_to_none=True)

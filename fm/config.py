@@ -13,6 +13,12 @@ FLOPs; batch 256, history length 32), measured with `bench/bench_fm.py`:
 large has 15x the parameters of small and 57x its FLOPs; all fit easily in memory (large: ~70 MB of
 fp32 weights, ~210 MB with AdamW state). Parameters are dominated by the hashed ID tables; FLOPs by
 the history encoder (DIN scoring MLP over L tokens, self-attention blocks) and the interaction MLP.
+
+Surfaces: the stages build the config with `lake_config(preset, lake.meta())`, so the heads are the lake's
+surfaces (an imported lake names its own); the checkpoint stores them and a mismatch is refused.
+Threads: train and export run with `threads` torch intra-op threads (default 1) and restore the caller's
+setting. Measured on the shared 2-core machine (bench/bench_fm.py): see the FM report; the torch default
+(one thread per core, plus polars' pool and Airflow in the same process) made in-process days 6-20x slower.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class FMConfig:
     preset: str = "small"
     # ---- model ----------------------------------------------------------------------------------
     dim: int = 16  # width of every ID / side-feature embedding and of the history tokens
+    emb_std: float = 0.1  # init std of every embedding table (0.02 left products like user*item ~1e-4:
+    # the interaction MLP and DIN saw no signal for most of the first day and the FM stayed near the base rate)
     user_buckets: int = 2**15  # hashed user-id table rows
     item_buckets: int = 2**15  # hashed item-id table rows (shared by candidate and history items)
     side_buckets: int = 1024  # hashed rows for each small categorical (segment, region, ...)
@@ -43,7 +51,7 @@ class FMConfig:
     n_heads: int = 2
     mlp: tuple[int, ...] = (64, 32)  # interaction MLP; its last width is the LoopFM source representation
     hist_len: int = 32  # L: most recent cross-surface interactions per event
-    surfaces: tuple[str, ...] = SURFACES  # one head per (surface, label)
+    surfaces: tuple[str, ...] = SURFACES  # one head per (surface, label); stages take them from the lake's meta
     tasks: tuple[str, ...] = ("click", "like")
     repr_width: int = 32  # LoopFM autoencoder bottleneck (tanh) -> int8 fm_repr
     # ---- training -------------------------------------------------------------------------------
@@ -55,6 +63,8 @@ class FMConfig:
     ckpt_every: int = 200  # steps between mid-window checkpoints
     log_every: int = 100  # steps between progress lines on stderr
     like_weight: float = 0.5  # loss weight of the like task
+    threads: int = 1  # torch intra-op threads while training / exporting (restored afterwards): torch's
+    # default (one per core) oversubscribes a shared machine where polars, Airflow and others also run
     # ---- export ---------------------------------------------------------------------------------
     export_batch: int = 4096
 
@@ -76,7 +86,8 @@ class FMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FMConfig:
         tuples = {"mlp", "surfaces", "tasks"}
-        values: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in data.items()}
+        known = {f.name for f in fields(cls)}  # checkpoints written before a field existed lack it: default
+        values: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in data.items() if k in known}
         return cls(**values)
 
     def model_key(self) -> dict[str, Any]:
@@ -87,3 +98,13 @@ class FMConfig:
 
 
 PRESETS = tuple(_PRESETS)
+
+
+def lake_config(preset: str, meta: dict[str, Any], **overrides: Any) -> FMConfig:
+    """The preset with the lake's surfaces (`meta` = Lake.meta(); its "surfaces" list, if any) as heads.
+
+    An imported lake names its own surfaces (MovieLens: genres); the FM must have exactly those heads.
+    """
+    surfaces = overrides.pop("surfaces", None) or meta.get("surfaces")
+    extra = {"surfaces": tuple(surfaces)} if surfaces else {}
+    return FMConfig.from_preset(preset, **extra, **overrides)

@@ -100,7 +100,8 @@ def _surface_index(names: pl.Series, surfaces: tuple[str, ...], what: str) -> np
     unknown = sorted(set(names.unique().drop_nulls().to_list()) - set(surfaces))
     if unknown:
         raise ValueError(f"{what}: surfaces {unknown} are not among the FM's heads {list(surfaces)}; "
-                         "set FMConfig.surfaces (a new surface needs a new FM, not a warm start)")
+                         "the lake's meta must list every surface it holds (fm.config.lake_config builds the heads from it); "
+                         "a new surface needs a new FM, not a warm start")
     lookup = {s: i for i, s in enumerate(surfaces)}
     return names.replace_strict(lookup, default=len(surfaces), return_dtype=pl.Int64).to_numpy()
 

@@ -39,7 +39,7 @@ from fm.compress import quantize_int8
 from fm.config import FMConfig
 from fm.data import WindowData, load_window
 from fm.model import FMBundle
-from fm.train import is_first_window
+from fm.train import check_surfaces, is_first_window, torch_threads
 
 BASE_RATE_SOURCE = "ctr of the FM's training window (ds-1) per surface"
 
@@ -64,7 +64,9 @@ def load_scorer(lake: Lake, cfg: FMConfig, window: Window, trained_through: Wind
                                 f"run `fmx fm train --ds {trained_through.ds}` first")
     through = Window.parse(state["trained_through"], state["window_days"])
     assert_after(through, window, f"FM {state['fm_version']}")
-    bundle = FMBundle(FMConfig.from_dict(state["cfg"]))
+    saved = FMConfig.from_dict(state["cfg"])
+    check_surfaces(saved.surfaces, cfg.surfaces, f"FM {state['fm_version']}")
+    bundle = FMBundle(saved)
     bundle.load_state_dict(state["model"])
     return bundle.eval(), state
 
@@ -154,7 +156,15 @@ def embedding_tables(bundle: FMBundle, lake: Lake, window: Window, data: WindowD
 
 
 def export_fm(cfg: FMConfig, window: Window, lake: Lake, *, trained_through: Window | None = None) -> ExportResult:
-    """See module docstring. `trained_through` (default window.prev()) picks another FM; it must end before D."""
+    """See module docstring. `trained_through` (default window.prev()) picks another FM; it must end before D.
+
+    cfg.surfaces must equal the checkpoint's (fm.config.lake_config gives the lake's); cfg.threads torch threads.
+    """
+    with torch_threads(cfg.threads):
+        return _export(cfg, window, lake, trained_through)
+
+
+def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window | None) -> ExportResult:
     through = trained_through or window.prev()
     if checkpoint.load(lake, cfg.preset, through.ds, "final") is None and trained_through is None \
             and is_first_window(lake, window):

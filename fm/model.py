@@ -57,8 +57,7 @@ class HashEmbedding(nn.Module):
     def __init__(self, buckets: int, dim: int, salt: int) -> None:
         super().__init__()
         self.buckets, self.salt = buckets, salt
-        self.table = nn.Embedding(buckets, dim)
-        nn.init.normal_(self.table.weight, std=0.02)
+        self.table = nn.Embedding(buckets, dim)  # FoundationModel sets its init (cfg.emb_std)
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.table(hash_ids(ids, self.salt, self.buckets))  # (*ids.shape, D)
@@ -159,6 +158,9 @@ class FoundationModel(nn.Module):
             width = h
         self.mlp = nn.Sequential(*layers)
         self.heads = nn.Linear(width, len(cfg.surfaces) * len(cfg.tasks))
+        for m in self.modules():  # every table, hashed or not, starts at the same small scale
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=cfg.emb_std)
 
     def user_embedding(self, b: dict[str, Tensor]) -> Tensor:
         return self.users(b["user_id"]) + self.side["segment"](b["segment"]) + self.side["region"](b["region"])

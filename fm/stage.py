@@ -6,6 +6,10 @@
   auc, logloss, ne, calibration, at step = window index since the lake's origin. Returns
   {"fm_version", "ds", "metrics": {surface: {...}}, "rows": {surface: n}, "base_rates", "compression",
   "skipped"}; on the lake's first window fm_version is None and skipped says why (nothing written).
+Both build the FMConfig from the preset and the lake's meta surfaces (fm.config.lake_config), so an imported
+lake (e.g. MovieLens genres as surfaces) gets its own heads; the checkpoint stores them and a warm start or
+export on a lake with other surfaces fails with a clear ValueError.
+
 - `fm_train(ds, lake_uri, preset, pipeline_run)`: fm.train.train_fm; nested run "fm_train" with params =
   the resolved FMConfig, metrics train_loss / examples_per_s (progress diagnostics, not evaluation
   metrics), tags fm_version / fm_parent, and the final checkpoint file as an artifact
@@ -23,7 +27,7 @@ from typing import Any
 from features.lake import Lake
 from features.tracking import stage_run
 from fm import checkpoint
-from fm.config import FMConfig
+from fm.config import lake_config
 from fm.export import BASE_RATE_SOURCE, export_fm
 from fm.train import run_training, window_for
 
@@ -38,7 +42,7 @@ def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str =
     import mlflow
 
     lake = Lake(lake_uri)
-    cfg = FMConfig.from_preset(preset)
+    cfg = lake_config(preset, lake.meta())  # heads = the lake's surfaces
     res = export_fm(cfg, window_for(lake, ds), lake)
     tags = {"surface": "all", "variant": "fm", "fm_version": res.fm_version or "none", "fm_preset": preset}
     with stage_run("fm_export", pipeline_run=pipeline_run, ds=ds, tags=tags, params={"fm_preset": preset}):
@@ -61,7 +65,7 @@ def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = 
     import mlflow
 
     lake = Lake(lake_uri)
-    cfg = FMConfig.from_preset(preset)
+    cfg = lake_config(preset, lake.meta())  # heads = the lake's surfaces; a different set than the parent's fails
     tags = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": preset}
     with stage_run("fm_train", pipeline_run=pipeline_run, ds=ds, tags=tags, params=cfg.to_dict()):
         res = run_training(cfg, window_for(lake, ds), lake, cold_start=cold_start)

@@ -28,7 +28,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 from features.lake import Lake
 from features.windows import Window
 from fm import checkpoint
-from fm.config import FMConfig
+from fm.config import FMConfig, lake_config
 from fm.data import WindowData, load_window, surface_ctr
 from fm.model import FMBundle, ae_loss, fm_loss
 
@@ -77,6 +79,26 @@ def window_for(lake: Lake, ds: str) -> Window:
     return Window.parse(ds, int(lake.meta().get("window_days", 1)))
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch intra-op threads = n inside the block (n <= 0: leave torch's setting), restored afterwards."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_surfaces(saved: tuple[str, ...], wanted: tuple[str, ...], what: str) -> None:
+    """Refuse an FM whose heads are not exactly the lake's surfaces (names and order)."""
+    if tuple(saved) != tuple(wanted):
+        raise ValueError(f"{what} has surface heads {list(saved)} but the lake's surfaces are {list(wanted)}; "
+                         "an FM cannot be warm-started or used on a lake with other surfaces — train a new "
+                         "FM (another lake or preset) for these surfaces")
+
+
 def is_first_window(lake: Lake, window: Window) -> bool:
     return not any(p["ds"] < window.ds for p in lake.partitions("events"))
 
@@ -103,6 +125,7 @@ def load_parent(lake: Lake, cfg: FMConfig, window: Window, cold_start: bool) -> 
             )
         return None
     saved = FMConfig.from_dict(parent["cfg"])
+    check_surfaces(saved.surfaces, cfg.surfaces, f"FM {parent['fm_version']}")
     if saved.model_key() != cfg.model_key():
         raise ValueError(f"cannot warm-start {cfg.preset!r} from {parent['fm_version']}: model shape differs "
                          f"({saved.model_key()} vs {cfg.model_key()})")
@@ -163,7 +186,15 @@ def _state(bundle: FMBundle, opts: tuple[torch.optim.Optimizer, ...], cfg: FMCon
 
 def run_training(cfg: FMConfig, window: Window, lake: Lake, *, cold_start: bool = False,
                  data: WindowData | None = None) -> TrainResult:
-    """train_fm with its statistics (see module docstring). `data` skips loading (bench, tests)."""
+    """train_fm with its statistics (see module docstring). `data` skips loading (bench, tests).
+
+    Runs with cfg.threads torch threads (the caller's setting is restored on return).
+    """
+    with torch_threads(cfg.threads):
+        return _run_training(cfg, window, lake, cold_start, data)
+
+
+def _run_training(cfg: FMConfig, window: Window, lake: Lake, cold_start: bool, data: WindowData | None) -> TrainResult:
     d = dist_info()
     torch.manual_seed(cfg.seed)
     bundle = FMBundle(cfg)
@@ -244,18 +275,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FMConfig override")
     p.add_argument("--cold-start", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: FMConfig.threads)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     lake = Lake(args.lake)
-    cfg = FMConfig.from_preset(args.preset, **parse_overrides(args.set))
+    cfg = lake_config(args.preset, lake.meta(), **parse_overrides(args.set))
+    cfg = replace(cfg, threads=args.threads) if args.threads else cfg
     version = train_fm(cfg, window_for(lake, args.ds), lake, cold_start=args.cold_start)
     if dist_info().rank == 0:
         print(version)

@@ -35,6 +35,7 @@ def test_fm_takes_surfaces_from_lake_and_refuses_others(tmp_path, lake_uri: str,
     ab = _renamed_lake(lake_uri, str(tmp_path / "ab"), windows, {"feed": "a", "search": "b"})
     trained = fm_train(windows[0].ds, ab.uri)
     state = checkpoint.load(ab, "small", windows[0].ds, "final")
+    assert state is not None
     assert tuple(state["cfg"]["surfaces"]) == ("a", "b")
     exported = fm_export(windows[1].ds, ab.uri)
     assert exported["fm_version"] == trained["fm_version"] and set(exported["metrics"]) == {"a", "b"}

@@ -71,3 +71,14 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, lake_uri: str) -> None:
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
     ea, eb = a["opt_fm"]["state"], b["opt_fm"]["state"]
     assert all(torch.equal(ea[i]["exp_avg_sq"], eb[i]["exp_avg_sq"]) for i in eb)
+
+
+def test_torch_threads_is_applied_and_restored() -> None:
+    from fm.train import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0: leave torch's setting alone
+        assert torch.get_num_threads() == before

@@ -59,7 +59,7 @@ def fmx_fm() -> None:
     def fm_train(day: dict, exported: dict, preset: str) -> dict:
         from fm.stage import fm_train as stage
 
-        out = dagkit.timed(stage, preset=preset, **dagkit.refs(day))
+        out = dagkit.timed(stage, preset=preset, nproc=day["fm_nproc"], **dagkit.refs(day))
         return {**out, "ds": day["ds"], "preset": preset, "scored_with": exported.get("fm_version")}
 
     @task_group

@@ -17,8 +17,9 @@ the history encoder (DIN scoring MLP over L tokens, self-attention blocks) and t
 Surfaces: the stages build the config with `lake_config(preset, lake.meta())`, so the heads are the lake's
 surfaces (an imported lake names its own); the checkpoint stores them and a mismatch is refused.
 Threads: train and export run with `threads` torch intra-op threads (default 1) and restore the caller's
-setting. Measured on the shared 2-core machine (bench/bench_fm.py): see the FM report; the torch default
-(one thread per core, plus polars' pool and Airflow in the same process) made in-process days 6-20x slower.
+setting. Measured on a shared 2-core machine: the torch default (one thread per core, beside polars' pool
+and Airflow in the same process) made in-process days 6-20x slower; on a quiet machine 2 threads train
+small 1.2x and base 1.7x faster than 1 (bench/bench_fm.py --threads), so raise it where cores are free.
 """
 
 from __future__ import annotations

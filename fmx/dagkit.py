@@ -68,15 +68,23 @@ def params() -> dict[str, Any]:
         "pipeline_run": Param(
             "", type="string", description="MLflow pipeline run id. Empty: this DAG run's id."
         ),
+        "fm_nproc": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=64,
+            description="FM training processes: >1 launches fm_train under torchrun (DDP; gloo on CPU, nccl on GPU).",
+        ),
     }
 
 
-RUN_KEYS = ("ds", "lake", "surfaces", "variants", "fm_presets", "source", "scale", "pipeline_run")
+RUN_KEYS = ("ds", "lake", "surfaces", "variants", "fm_presets", "source", "scale", "pipeline_run", "fm_nproc")
 
 
 def resolve_run(params: Mapping[str, Any], logical_date: datetime | None, run_id: str) -> dict[str, Any]:
     """The run's references as plain values (the RUN_KEYS): what fmx_fm hands to its fmx_experts run as conf."""
     run = {k: params[k] for k in ("source", "scale")}
+    run["fm_nproc"] = int(params.get("fm_nproc") or 1)
     run.update({k: list(params[k]) for k in ("surfaces", "variants", "fm_presets")})
     run.update(
         ds=run_day(params, logical_date), lake=lake_uri(params), pipeline_run=pipeline_run(params, run_id)

@@ -8,7 +8,7 @@ import mlflow
 from click.testing import CliRunner
 
 from features import tracking
-from fm.stage import fm_export
+from fm.stage import fm_export, fm_train
 from fmx.cli import cli
 from tests.fm.conftest import make_lake
 
@@ -38,3 +38,14 @@ def test_stages_log_to_mlflow_and_cli(lake_uri: str) -> None:
     train_run = next(r for r in runs if r.info.run_name == "fm_train")
     assert train_run.data.tags["fm_version"] == trained["fm_version"] and train_run.data.params["preset"] == "small"
     assert mlflow.MlflowClient().list_artifacts(train_run.info.run_id, "checkpoint")
+
+
+def test_fm_train_stage_can_launch_under_torchrun(lake_uri: str) -> None:
+    """nproc=2: the stage runs `python -m fm.train` under torchrun (gloo) and records FM_ds like in-process."""
+    (w1,) = make_lake(lake_uri, 1, events_per_day=300)
+    out = fm_train(w1.ds, lake_uri, pipeline_run="p-ddp", nproc=2)
+    json.dumps(out)
+    assert out["fm_version"].startswith(f"small-{w1.ds}-") and out["steps"] > 0 and out["examples"] > 0
+    run = next(r for r in mlflow.search_runs([tracking.setup()], output_format="list") if r.info.run_name == "fm_train")
+    assert run.data.tags["nproc"] == "2" and run.data.tags["fm_version"] == out["fm_version"]
+    assert "examples_per_s" in run.data.metrics

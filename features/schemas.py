@@ -56,19 +56,27 @@ def _list(inner: pa.DataType | Vector) -> tuple:
     return ("list", inner)
 
 
-EVENTS = TableSpec(
-    "events",
-    ("ds", "surface"),
-    (
+# The columns that identify an event, shared by every per-event table (events, fm_outputs, expert_examples).
+_EVENT_KEYS = (
         (EVENT_ID, pa.int64(), False),
         (TS, TS_TYPE, False),
         (USER_ID, pa.int64(), False),
         (ITEM_ID, pa.int64(), False),
         (SURFACE, pa.string(), False),
+)
+_LABELS_AND_CONTEXT = (
         (CLICK, pa.int8(), False),
         (LIKE, pa.int8(), True),
         ("position", pa.int16(), False),  # slot position on the surface, 0 = top
         ("device", pa.int8(), False),  # 0 = unknown, 1 = mobile, 2 = desktop, 3 = tv
+)
+
+EVENTS = TableSpec(
+    "events",
+    ("ds", "surface"),
+    (
+        *_EVENT_KEYS,
+        *_LABELS_AND_CONTEXT,
         (P_CLICK, pa.float32(), True),
     ),
 )
@@ -129,11 +137,7 @@ FM_OUTPUTS = TableSpec(
     "fm_outputs",
     ("fm", "ds", "surface"),
     (
-        (EVENT_ID, pa.int64(), False),
-        (TS, TS_TYPE, False),
-        (USER_ID, pa.int64(), False),
-        (ITEM_ID, pa.int64(), False),
-        (SURFACE, pa.string(), False),
+        *_EVENT_KEYS,
         (FM_VERSION, pa.string(), False),
         ("fm_logit_click", pa.float32(), False),
         ("fm_logit_like", pa.float32(), False),
@@ -173,15 +177,8 @@ EXPERT_EXAMPLES = TableSpec(
     "expert_examples",
     ("fm", "ds", "surface"),
     (
-        (EVENT_ID, pa.int64(), False),
-        (TS, TS_TYPE, False),
-        (USER_ID, pa.int64(), False),
-        (ITEM_ID, pa.int64(), False),
-        (SURFACE, pa.string(), False),
-        (CLICK, pa.int8(), False),
-        (LIKE, pa.int8(), True),
-        ("position", pa.int16(), False),
-        ("device", pa.int8(), False),
+        *_EVENT_KEYS,
+        *_LABELS_AND_CONTEXT,
         ("segment", pa.int32(), False),
         ("region", pa.int32(), False),
         ("category", pa.int32(), False),

@@ -20,13 +20,10 @@ checkpoint; compare_and_promote(D) scores the champion recorded in the lake for 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date
 from typing import Any
 
 import numpy as np
-import torch
 
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import ExpertData, load_examples
@@ -52,6 +49,7 @@ from experts.train import (
 )
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
+from features.threads import torch_threads
 from features.windows import Window, assert_after
 
 __all__ = ["VARIANTS", "compare_and_promote", "expert_examples", "expert_train"]
@@ -113,18 +111,6 @@ def _examples(lake: Lake, window: Window, surface: str, preset: str, cfg: Expert
     return load_examples(lake, preset, window.ds, surface, cfg.history_length)
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` intra-op torch threads, restoring the caller's setting after: the expert's layers are
-    too small to gain from more (measured in the report), and the default job runs several stages at once."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str = "small",
                  pipeline_run: str = "manual", rebaseline: bool = False,
                  overrides: dict[str, Any] | None = None) -> dict:
@@ -134,7 +120,7 @@ def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str
     "checkpoint", "run_id"} or {"skipped": reason}. A warm start keeps the checkpoint's config
     (`overrides` apply to a cold start only). Trains with one torch thread (restored after).
     """
-    with _torch_threads(1):
+    with torch_threads(1):  # the expert's layers are too small to gain from more
         return _expert_train(ds, surface, variant, lake_uri, preset, pipeline_run, rebaseline, overrides)
 
 

@@ -33,13 +33,14 @@ from features.history import asof_snapshot
 from features.lake import Lake
 from features.metrics import all_metrics
 from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, USER_EMBEDDINGS, USER_ID
+from features.threads import torch_threads
 from features.windows import Window, assert_after
 from fm import checkpoint
 from fm.compress import quantize_int8
 from fm.config import FMConfig
 from fm.data import WindowData, load_window
 from fm.model import FMBundle
-from fm.train import check_surfaces, is_first_window, torch_threads
+from fm.train import check_surfaces, is_first_window
 
 BASE_RATE_SOURCE = "ctr of the FM's training window (ds-1) per surface"
 

@@ -28,8 +28,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from features.lake import Lake
+from features.threads import torch_threads
 from features.windows import Window
 from fm import checkpoint
 from fm.config import FMConfig, lake_config
@@ -77,18 +76,6 @@ def dist_info() -> Dist:
 def window_for(lake: Lake, ds: str) -> Window:
     """The window starting `ds`, with the lake's window length (meta window_days, default 1)."""
     return Window.parse(ds, int(lake.meta().get("window_days", 1)))
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch intra-op threads = n inside the block (n <= 0: leave torch's setting), restored afterwards."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_surfaces(saved: tuple[str, ...], wanted: tuple[str, ...], what: str) -> None:

@@ -74,7 +74,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, lake_uri: str) -> None:
 
 
 def test_torch_threads_is_applied_and_restored() -> None:
-    from fm.train import torch_threads
+    from features.threads import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(before + 1):

@@ -124,6 +124,11 @@ def _port(name: str, requested: int | None) -> int:
         return requested
     if _port_free(PREFERRED_PORTS[name]):
         return PREFERRED_PORTS[name]
+    return free_port()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that the kernel reports free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fmx.server_config import free_port
 from tests.e2e.conftest import (
     EXPERTS_DAG,
     FM_DAG,
@@ -41,12 +41,6 @@ def _pg_bin(name: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_db_user(cmd: list[str]) -> list[str]:
     if os.geteuid() != 0:
         return cmd
@@ -66,7 +60,7 @@ def postgres_url() -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="fmx-pg-"))  # not under pytest's 0700 tmp: the postgres user needs it
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     run = lambda *cmd: subprocess.run(_as_db_user(list(cmd)), capture_output=True, text=True, timeout=120)  # noqa: E731
     out = run(initdb, "-D", str(data), "-U", "fmx", "--auth=trust", "-E", "UTF8", "--no-instructions")
     assert out.returncode == 0, f"initdb failed:\n{out.stdout}\n{out.stderr}"

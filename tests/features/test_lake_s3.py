@@ -4,7 +4,6 @@ pyarrow S3FileSystem), so the scale-out path (Parquet on MinIO / S3) is exercise
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 from datetime import date
 
@@ -13,14 +12,9 @@ import pyarrow as pa
 import pytest
 
 from features.lake import DATA_FILE, Lake, PartitionNotFound, SchemaError
+from fmx.server_config import free_port
 
 BUCKET = "fmx-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +24,7 @@ def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -17,10 +17,11 @@ from click.testing import CliRunner
 
 from fmx import servers
 from fmx.cli import cli
+from fmx.server_config import free_port
 
 
 def test_sqlite_defaults_live_under_fmx_home(isolated_home: Path) -> None:
-    cfg = servers.resolve_config(airflow_port=_free_port(), mlflow_port=_free_port())
+    cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port())
     assert (
         cfg.home == isolated_home and cfg.dags_folder == Path(servers.__file__).resolve().parents[1] / "dags"
     )
@@ -52,7 +53,7 @@ def test_busy_ports_fall_back_or_fail(monkeypatch: pytest.MonkeyPatch) -> None:
         held.bind(("127.0.0.1", 0))
         busy = held.getsockname()[1]
         monkeypatch.setitem(servers.PREFERRED_PORTS, "airflow", busy)
-        cfg = servers.resolve_config(mlflow_port=_free_port())
+        cfg = servers.resolve_config(mlflow_port=free_port())
         assert cfg.airflow_port != busy  # preferred port taken: any free one
         with pytest.raises(servers.ServerError, match=f"port {busy} is already in use"):
             servers.resolve_config(airflow_port=busy)
@@ -67,7 +68,7 @@ def test_server_env_configures_airflow_and_keeps_secrets_stable(
     monkeypatch.setenv(
         "AIRFLOW__CORE__EXECUTOR", "CeleryExecutor"
     )  # a caller's Airflow config must not leak in
-    cfg = servers.resolve_config(airflow_port=_free_port(), mlflow_port=_free_port(), schedule=False)
+    cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port(), schedule=False)
     env = servers.server_env(cfg)
     assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor" and env["AIRFLOW__CORE__PARALLELISM"] == "4"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"{cfg.airflow_url}/execution/"
@@ -132,12 +133,6 @@ def test_a_reused_pid_is_not_signalled(isolated_home: Path) -> None:
     state = servers.ServerState("", "", "", {}, {}, pids={"old": [me.pid, me.create_time() - 3600]})
     servers.save_state(isolated_home, state)
     assert servers.down(isolated_home) == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_child(pid: int) -> int:

@@ -25,7 +25,7 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
     from fm.config import FMConfig
     from fm.export import export_fm
     from fm.stage import fm_export, fm_train
-    from fm.train import run_training, window_for
+    from fm.train import run_training
 
     lake = Lake(lake_uri)
     surfaces = list(lake.meta()["surfaces"])
@@ -38,8 +38,8 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
                 fm_train(ds, lake_uri, preset, pipeline_run="bench")
             else:  # fm.stage fixes the FM's heads to the preset's surfaces: build the FM for this lake's
                 cfg = FMConfig.from_preset(preset, surfaces=tuple(surfaces))
-                export_fm(cfg, window_for(lake, ds), lake)
-                run_training(cfg, window_for(lake, ds), lake)
+                export_fm(cfg, lake.window(ds), lake)
+                run_training(cfg, lake.window(ds), lake)
         t1 = time.time()
         for preset in presets:
             for surface in surfaces:

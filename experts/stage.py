@@ -55,10 +55,6 @@ from features.windows import Window, assert_after
 __all__ = ["VARIANTS", "compare_and_promote", "expert_examples", "expert_train"]
 
 
-def _window(lake: Lake, ds: str) -> Window:
-    return Window.parse(ds, int(lake.meta().get("window_days", 1)))
-
-
 def _step(lake: Lake, window: Window) -> int:
     origin = lake.meta().get("origin")
     return window.index(date.fromisoformat(origin)) if origin else 0
@@ -72,7 +68,7 @@ def _fm_started(lake: Lake, preset: str, window: Window) -> bool:
 def expert_examples(ds: str, surface: str, lake_uri: str, preset: str = "small") -> dict:
     """Write expert_examples(fm=preset, ds, surface) (plus any missing loop_state); rows and path."""
     lake = Lake(lake_uri)
-    window = _window(lake, ds)
+    window = lake.window(ds)
     if not _fm_started(lake, preset, window):
         return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored no window up to {ds}"}
     path = build_expert_examples(lake, window, surface, preset, ExpertConfig().history_length)
@@ -127,7 +123,7 @@ def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str
 def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str, pipeline_run: str,
                   rebaseline: bool, overrides: dict[str, Any] | None) -> dict:
     lake = Lake(lake_uri)
-    window = _window(lake, ds)
+    window = lake.window(ds)
     cfg = ExpertConfig(variant=variant).with_overrides(**(overrides or {}))
     data = _examples(lake, window, surface, preset, cfg)
     if data is None:
@@ -288,7 +284,7 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
     from features.tracking import setup, stage_run
 
     lake = Lake(lake_uri)
-    window = _window(lake, ds)
+    window = lake.window(ds)
     data = _examples(lake, window, surface, preset, ExpertConfig())
     if data is None:
         return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored nothing yet"}

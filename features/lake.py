@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from features.schemas import TABLES, TableSpec, Vector, describe, type_matches
+from features.windows import Window
 
 DATA_FILE = "data.parquet"
 META_FILE = "_lake.json"
@@ -156,6 +157,10 @@ class Lake:
             return {}
         with self.fs.open_input_stream(path) as f:
             return json.loads(f.read().decode())
+
+    def window(self, ds: str) -> Window:
+        """The window starting `ds`, with this lake's window length (meta window_days, default 1)."""
+        return Window.parse(ds, int(self.meta().get("window_days", 1)))
 
     def update_meta(self, **values: Any) -> dict[str, Any]:
         meta = {**self.meta(), **values}

@@ -41,7 +41,7 @@ def ingest(ds: str, lake_uri: str, source: str = "generator", scale: str = "smal
         window = Window.parse(ds)
         _generate_through(lake, window, scale, seed)
     else:
-        window = Window.parse(ds, int(lake.meta().get("window_days", 1)))
+        window = lake.window(ds)
     surfaces, rows = _validate_events(lake, window)
     _build_history_through(lake, window)
     return {"ds": window.ds, "surfaces": surfaces, "rows": rows, "source": source}

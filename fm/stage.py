@@ -34,12 +34,12 @@ from features.tracking import stage_run
 from fm import checkpoint
 from fm.config import lake_config
 from fm.export import BASE_RATE_SOURCE, export_fm
-from fm.train import TrainResult, run_training, window_for
+from fm.train import TrainResult, run_training
 
 
 def _step(lake: Lake, ds: str) -> int:
     origin = lake.meta().get("origin")
-    window = window_for(lake, ds)
+    window = lake.window(ds)
     return window.index(date.fromisoformat(origin)) if origin else 0
 
 
@@ -48,7 +48,7 @@ def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str =
 
     lake = Lake(lake_uri)
     cfg = lake_config(preset, lake.meta())  # heads = the lake's surfaces
-    res = export_fm(cfg, window_for(lake, ds), lake)
+    res = export_fm(cfg, lake.window(ds), lake)
     tags = {"surface": "all", "variant": "fm", "fm_version": res.fm_version or "none", "fm_preset": preset}
     with stage_run("fm_export", pipeline_run=pipeline_run, ds=ds, tags=tags, params={"fm_preset": preset}):
         if res.skipped:
@@ -77,7 +77,7 @@ def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = 
         if nproc > 1:
             res = _train_under_torchrun(lake, ds, preset, cold_start, nproc)
         else:
-            res = run_training(cfg, window_for(lake, ds), lake, cold_start=cold_start)
+            res = run_training(cfg, lake.window(ds), lake, cold_start=cold_start)
         mlflow.set_tags({"fm_version": res.fm_version, "fm_parent": res.parent or "none"})
         step = _step(lake, ds)
         metrics = {"examples_per_s": res.examples / max(res.seconds, 1e-9)}

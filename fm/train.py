@@ -73,11 +73,6 @@ def dist_info() -> Dist:
     return Dist(0, 1, torch.device("cpu"))
 
 
-def window_for(lake: Lake, ds: str) -> Window:
-    """The window starting `ds`, with the lake's window length (meta window_days, default 1)."""
-    return Window.parse(ds, int(lake.meta().get("window_days", 1)))
-
-
 def check_surfaces(saved: tuple[str, ...], wanted: tuple[str, ...], what: str) -> None:
     """Refuse an FM whose heads are not exactly the lake's surfaces (names and order)."""
     if tuple(saved) != tuple(wanted):
@@ -273,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     lake = Lake(args.lake)
     cfg = lake_config(args.preset, lake.meta(), **parse_overrides(args.set))
     cfg = replace(cfg, threads=args.threads) if args.threads else cfg
-    version = train_fm(cfg, window_for(lake, args.ds), lake, cold_start=args.cold_start)
+    version = train_fm(cfg, lake.window(args.ds), lake, cold_start=args.cold_start)
     if dist_info().rank == 0:
         print(version)
     if dist.is_initialized():

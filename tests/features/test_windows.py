@@ -36,3 +36,12 @@ def test_leakage_guard() -> None:
     for trained in (d, d.next()):
         with pytest.raises(ValueError, match="leakage guard"):
             assert_after(trained, d, "FM")
+
+
+def test_lake_window_takes_the_lakes_window_length(lake_uri: str) -> None:
+    from features.lake import Lake
+
+    lake = Lake(lake_uri)
+    assert lake.window("2026-01-08") == Window(date(2026, 1, 8), 1)  # a new lake: 1-day windows
+    lake.update_meta(window_days=7)
+    assert lake.window("2026-01-08") == Window(date(2026, 1, 8), 7)

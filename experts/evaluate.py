@@ -3,7 +3,7 @@
 NE's base rate is the CTR of the surface's TRAINING window (the window before the scored one, i.e. the
 last window the model trained on): `training_ctr`. Every model is scored on rows it never trained on
 (the caller asserts trained_through < scored window). The metric functions themselves (auc, logloss,
-ne, calibration) are the project's shared ones in features.metrics.
+ne, calibration) are the project's shared ones in features.metrics (`all_metrics`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from experts.data import ExpertData
 from experts.model import Expert
-from features import metrics as fm_metrics
 from features.lake import Lake
 from features.schemas import CLICK
 from features.windows import Window
@@ -32,17 +31,6 @@ def predict(model: Expert, data: ExpertData, batch_size: int = 8192) -> np.ndarr
         idx = torch.arange(start, min(start + batch_size, len(data)))
         out.append(torch.sigmoid(model(data.batch(idx))["logit"]))
     return torch.cat(out).numpy().astype(np.float64)
-
-
-def metric_dict(labels: np.ndarray, probs: np.ndarray, base_rate: float) -> dict[str, float]:
-    """auc, logloss, ne (base rate given), calibration of probabilities `probs` against 0/1 `labels`."""
-    y, p = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
-    return {
-        "auc": float(fm_metrics.auc(y, p)),
-        "logloss": float(fm_metrics.logloss(y, p)),
-        "ne": float(fm_metrics.ne(y, p, base_rate)),
-        "calibration": float(fm_metrics.calibration(y, p)),
-    }
 
 
 def fm_probs(data: ExpertData) -> np.ndarray:

@@ -30,7 +30,6 @@ from experts.data import ExpertData, load_examples
 from experts.evaluate import (
     fm_probs,
     gap_closure,
-    metric_dict,
     predict,
     smaller_first,
     training_ctr,
@@ -49,6 +48,7 @@ from experts.train import (
 )
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
+from features.metrics import all_metrics, ne
 from features.threads import torch_threads
 from features.windows import Window, assert_after
 
@@ -87,13 +87,13 @@ def _progressive_eval(lake: Lake, window: Window, surface: str, preset: str, ckp
     y = data.label.numpy().astype(np.float64)
     base_rate = training_ctr(lake, window, surface)
     probs = _score(ckpt, data, window, f"expert {surface}/{ckpt.config.variant}")
-    result: dict[str, Any] = {"metrics": metric_dict(y, probs, base_rate), "base_rate": base_rate,
-                              "fm": metric_dict(y, fm_probs(data), base_rate), "rows": len(y),
+    result: dict[str, Any] = {"metrics": all_metrics(y, probs, base_rate), "base_rate": base_rate,
+                              "fm": all_metrics(y, fm_probs(data), base_rate), "rows": len(y),
                               "trained_through": ckpt.trained_through}
     base_rel = latest_before(lake, preset, surface, "base", window)
     if base_rel is not None:
         base = load_checkpoint(lake, base_rel)
-        ne_base = metric_dict(y, _score(base, data, window, f"expert {surface}/base"), base_rate)["ne"]
+        ne_base = ne(y, _score(base, data, window, f"expert {surface}/base"), base_rate)
         result["metrics"]["gap_closure"] = gap_closure(ne_base, result["metrics"]["ne"], result["fm"]["ne"])
     result["calib"] = (y, probs)
     return result
@@ -198,8 +198,8 @@ def _score_variants(lake: Lake, window: Window, surface: str, preset: str, data:
         rel = latest_before(lake, preset, surface, variant, window)
         if rel is not None:
             probs = _score(load_checkpoint(lake, rel), data, window, f"expert {surface}/{variant}")
-            scores[variant] = metric_dict(y, probs, base_rate)
-    fm = metric_dict(y, fm_probs(data), base_rate)
+            scores[variant] = all_metrics(y, probs, base_rate)
+    fm = all_metrics(y, fm_probs(data), base_rate)
     if "base" in scores:
         for m in scores.values():
             m["gap_closure"] = gap_closure(scores["base"]["ne"], m["ne"], fm["ne"])
@@ -297,7 +297,7 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
     champ_ne = None
     if previous is not None:
         probs = _score(load_checkpoint(lake, previous["checkpoint"]), data, window, "champion")
-        champ_ne = metric_dict(data.label.numpy().astype(np.float64), probs, training_ctr(lake, window, surface))["ne"]
+        champ_ne = ne(data.label.numpy().astype(np.float64), probs, training_ctr(lake, window, surface))
     promote = champ_ne is None or champ_ne - scores[best]["ne"] > margin
     record = _winner_record(lake, window, surface, preset, best) if promote else dict(previous or {})
     latest = not decided_after(lake, preset, surface, window)

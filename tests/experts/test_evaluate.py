@@ -9,8 +9,9 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from experts.config import ExpertConfig
-from experts.evaluate import gap_closure, metric_dict, smaller_first, transfer_ratio
+from experts.evaluate import gap_closure, smaller_first, transfer_ratio
 from experts.train import Checkpoint, FMLineageError, check_lineage
+from features.metrics import all_metrics
 
 
 def test_metrics_match_sklearn() -> None:
@@ -18,7 +19,7 @@ def test_metrics_match_sklearn() -> None:
     y = (rng.random(2000) < 0.1).astype(float)
     p = np.clip(0.1 + 0.3 * (y - 0.1) + 0.05 * rng.standard_normal(2000), 1e-3, 1 - 1e-3)
     base = 0.12
-    m = metric_dict(y, p, base)
+    m = all_metrics(y, p, base)
     assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
     assert m["logloss"] == pytest.approx(log_loss(y, p), rel=1e-9)
     entropy = -(base * math.log(base) + (1 - base) * math.log(1 - base))

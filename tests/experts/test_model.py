@@ -9,10 +9,11 @@ import torch
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import load_examples
 from experts.distill import expert_loss, scale_grad
-from experts.evaluate import metric_dict, predict
+from experts.evaluate import predict
 from experts.model import Expert, flops_per_example, param_count
 from experts.train import new_checkpoint, train_window
 from features.expert_examples import build_expert_examples
+from features.metrics import all_metrics
 from tests.experts.synth import make_lake
 
 
@@ -36,7 +37,7 @@ def test_variant_trains_then_scores_the_next_day(lake_uri: str, variant: str) ->
     assert any(not torch.equal(before[k], trained.model[k]) for k in before), "training changed nothing"
     probs = predict(trained.build(), test)
     assert probs.shape == (len(test),) and ((probs > 0) & (probs < 1)).all()
-    m = metric_dict(test.label.numpy(), probs, float(train.label.mean()))
+    m = all_metrics(test.label.numpy(), probs, float(train.label.mean()))
     assert set(m) == {"auc", "logloss", "ne", "calibration"} and all(np.isfinite(list(m.values())))
 
 

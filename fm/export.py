@@ -40,7 +40,7 @@ from fm.compress import quantize_int8
 from fm.config import FMConfig
 from fm.data import WindowData, load_window
 from fm.model import FMBundle
-from fm.train import check_surfaces, is_first_window
+from fm.train import check_surfaces, is_first_window, serving_weights
 
 BASE_RATE_SOURCE = "ctr of the FM's training window (ds-1) per surface"
 
@@ -68,7 +68,7 @@ def load_scorer(lake: Lake, cfg: FMConfig, window: Window, trained_through: Wind
     saved = FMConfig.from_dict(state["cfg"])
     check_surfaces(saved.surfaces, cfg.surfaces, f"FM {state['fm_version']}")
     bundle = FMBundle(saved)
-    bundle.load_state_dict(state["model"])
+    bundle.load_state_dict(serving_weights(state))
     return bundle.eval(), state
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -12,20 +13,22 @@ import torch
 
 from features.lake import Lake
 from fm import checkpoint
-from fm.train import run_training, train_fm
+from fm.data import load_window
+from fm.model import FMBundle
+from fm.train import run_training, serving_weights, train_fm
 from tests.fm.conftest import PYTHON, TINY, make_lake, overrides_args, subprocess_env, tiny_cfg
 
 
 def test_warm_start_and_version_chain(lake_uri: str) -> None:
     w1, w2, w3 = make_lake(lake_uri, 3, events_per_day=300)
     lake = Lake(lake_uri)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(ema_decay=0.0)  # serve the last iterate, so "same weights" below means the same version
     v1 = train_fm(cfg, w1, lake)
     assert v1.startswith(f"small-{w1.ds}-")
     with pytest.raises(FileNotFoundError, match="cannot warm-start"):
         train_fm(cfg, w3, lake)  # day 2's FM is missing
     # lr = 0: day 2 changes nothing, so its weights must be exactly day 1's (proves the warm start).
-    frozen = run_training(tiny_cfg(lr=0.0, ae_lr=0.0), w2, lake)
+    frozen = run_training(tiny_cfg(lr=0.0, ae_lr=0.0, ema_decay=0.0), w2, lake)
     assert frozen.parent == v1
     day1 = checkpoint.load(lake, "small", w1.ds, "final")["model"]
     day2 = checkpoint.load(lake, "small", w2.ds, "final")["model"]
@@ -69,8 +72,28 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, lake_uri: str) -> None:
     b = checkpoint.load(Lake(reference), "small", w1.ds, "final")
     assert a["fm_version"] == b["fm_version"] == resumed.stdout.strip()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert a["ema"]["updates"] == b["ema"]["updates"] == a["n_steps"]
+    assert all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in b["ema"]["weights"])
     ea, eb = a["opt_fm"]["state"], b["opt_fm"]["state"]
     assert all(torch.equal(ea[i]["exp_avg_sq"], eb[i]["exp_avg_sq"]) for i in eb)
+
+
+def test_serving_weights_are_the_ema_of_the_trained_ones(lake_uri: str) -> None:
+    w1, w2 = make_lake(lake_uri, 2, events_per_day=300)
+    lake = Lake(lake_uri)
+    v1 = train_fm(tiny_cfg(batch_size=16), w1, lake)
+    state = checkpoint.load(lake, "small", w1.ds, "final")
+    served, live = serving_weights(state), state["model"]
+    assert set(served) == set(live)
+    assert any(not torch.equal(served[k], live[k]) for k in live)  # the average lags the last iterate
+    bundle = FMBundle(tiny_cfg())
+    bundle.load_state_dict(served)
+    assert v1 == checkpoint.fm_version("small", w1.ds, bundle)  # the version names what is served
+    # a second window continues the same average (its update count carries over), from the raw weights
+    train_fm(tiny_cfg(batch_size=16), w2, lake)
+    day2 = checkpoint.load(lake, "small", w2.ds, "final")
+    steps = [math.ceil(len(load_window(lake, w, tiny_cfg())) / 16) for w in (w1, w2)]
+    assert state["ema"]["updates"] == steps[0] and day2["ema"]["updates"] == sum(steps)
 
 
 def test_torch_threads_is_applied_and_restored() -> None:

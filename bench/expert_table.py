@@ -18,7 +18,8 @@ import time
 from collections import defaultdict
 
 
-def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_windows: int, log: bool = True) -> None:
+def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_windows: int, log: bool = True,
+              only: list[str] | None = None, overrides: dict | None = None) -> None:
     from experts.stage import compare_and_promote, expert_examples, expert_train
     from features.lake import Lake
     from features.stage import ingest, lake_windows
@@ -29,6 +30,7 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
 
     lake = Lake(lake_uri)
     surfaces = list(lake.meta()["surfaces"])
+    experts_on = [s for s in surfaces if not only or s in only]
     for ds in lake_windows(lake_uri)[:max_windows]:
         t0 = time.time()
         ingest(ds, lake_uri, source="lake")  # validate the window, build its user_history state
@@ -42,15 +44,15 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
                 run_training(cfg, lake.window(ds), lake)
         t1 = time.time()
         for preset in presets:
-            for surface in surfaces:
+            for surface in experts_on:
                 if not lake.exists("events", ds=ds, surface=surface):
                     continue
                 if "skipped" in expert_examples(ds, surface, lake_uri, preset):
                     continue
                 for v in variants:
-                    expert_train(ds, surface, v, lake_uri, preset, pipeline_run="bench")
+                    expert_train(ds, surface, v, lake_uri, preset, pipeline_run="bench", overrides=overrides)
         for preset in presets:
-            for surface in surfaces:
+            for surface in experts_on:
                 if lake.exists("expert_examples", fm=preset, ds=ds, surface=surface):
                     compare_and_promote(ds, surface, lake_uri, preset, pipeline_run="bench")
         if log:
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=7, help="run the first N windows of the lake")
     ap.add_argument("--presets", default="small,large")
     ap.add_argument("--variants", default="base,loopfm,kd,fe,loopfm_kd")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ExpertConfig override")
+    ap.add_argument("--surfaces", default="", help="train experts on these surfaces only (default: all)")
     args = ap.parse_args()
     os.environ["FMX_HOME"] = args.home
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -87,6 +91,7 @@ def main() -> None:
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     from experts.compare import compare_rows, format_table
+    from fm.train import parse_overrides
 
     lake_uri = args.lake or os.path.join(args.home, "lake")
     if args.lake is None:
@@ -95,7 +100,8 @@ def main() -> None:
 
         generate(Lake(lake_uri), GeneratorConfig(scale="small", events_per_day=args.events_per_day), args.days)
     start = time.time()
-    _pipeline(lake_uri, args.presets.split(","), args.variants.split(","), args.max_windows)
+    _pipeline(lake_uri, args.presets.split(","), args.variants.split(","), args.max_windows,
+              only=[s for s in args.surfaces.split(",") if s], overrides=parse_overrides(args.set))
     rows = compare_rows()
     print(f"\npipeline {time.time() - start:.0f}s\n")
     print(format_table(rows))

@@ -44,6 +44,7 @@ class ExpertConfig:
     batch_size: int = 256
     min_steps: int = 64  # a sparse surface's window still gets this many updates (smaller batches, one pass)
     epochs: int = 1
+    ema_decay: float = 0.99  # the expert serves an EMA of its weights (features.ema; 0: the last iterate)
     seed: int = 0
 
     def __post_init__(self) -> None:

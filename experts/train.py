@@ -32,6 +32,7 @@ from experts.config import ExpertConfig
 from experts.data import ExpertData
 from experts.distill import expert_loss
 from experts.model import Expert
+from features.ema import WeightEMA, serving_weights
 from features.lake import Lake
 from features.windows import Window
 
@@ -55,10 +56,12 @@ class Checkpoint:
     fm_preset: str
     surface: str
     fm_versions: list[tuple[str, str]] = field(default_factory=list)  # (ds, fm_version), oldest first
+    ema: dict[str, Any] | None = None  # features.ema.WeightEMA state: the weights the expert serves
 
-    def build(self) -> Expert:
+    def build(self, serving: bool = True) -> Expert:
+        """The expert with its serving weights (the EMA, features.ema), or the raw ones to train on."""
         model = Expert(self.config, self.repr_dim, self.tae_dim)
-        model.load_state_dict(self.model)
+        model.load_state_dict(serving_weights({"model": self.model, "ema": self.ema}) if serving else self.model)
         return model
 
 
@@ -176,7 +179,8 @@ def make_optimizer(model: Expert, cfg: ExpertConfig) -> torch.optim.Optimizer:
 def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: list[tuple[str, str]]) -> tuple[Checkpoint, float]:
     """One warm-started pass (cfg.epochs) over `data`; returns the checkpoint trained through `window`."""
     cfg = ckpt.config
-    model = ckpt.build()
+    model = ckpt.build(serving=False)
+    ema = WeightEMA(model, cfg.ema_decay, ckpt.ema)
     opt = make_optimizer(model, cfg)
     if ckpt.optim is not None:
         opt.load_state_dict(ckpt.optim)
@@ -192,7 +196,8 @@ def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: li
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            ema.update()
             total, steps = total + loss.item(), steps + 1
     out = Checkpoint(cfg, ckpt.repr_dim, ckpt.tae_dim, model.state_dict(), opt.state_dict(), window.ds,
-                     ckpt.fm_preset, ckpt.surface, lineage)
+                     ckpt.fm_preset, ckpt.surface, lineage, ema.state())
     return out, total / max(steps, 1)

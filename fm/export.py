@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from features.ema import serving_weights
 from features.history import asof_snapshot
 from features.lake import Lake
 from features.metrics import all_metrics
@@ -40,7 +41,7 @@ from fm.compress import quantize_int8
 from fm.config import FMConfig
 from fm.data import WindowData, load_window
 from fm.model import FMBundle
-from fm.train import check_surfaces, is_first_window, serving_weights
+from fm.train import check_surfaces, is_first_window
 
 BASE_RATE_SOURCE = "ctr of the FM's training window (ds-1) per surface"
 

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from features.ema import WeightEMA, serving_weights
 from features.lake import Lake
 from features.threads import torch_threads
 from features.windows import Window
@@ -93,39 +94,6 @@ def is_first_window(lake: Lake, window: Window) -> bool:
 def permutation(seed: int, ds: str, n: int) -> Tensor:
     digest = hashlib.sha256(f"{seed}:{ds}".encode()).hexdigest()
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(digest[:15], 16)))
-
-
-class WeightEMA:
-    """EMA of every floating tensor of a module's state: ema <- ema + (1 - d_t) (live - ema) after each step.
-
-    d_t = min(decay, (1 + t) / (10 + t)) with t the updates so far (across windows), so a cold start is
-    not anchored to the random init. Identical on every DDP rank (the live weights are).
-    """
-
-    def __init__(self, module: nn.Module, decay: float, state: dict[str, Any] | None = None) -> None:
-        live = module.state_dict()
-        self.names = [k for k, v in live.items() if v.is_floating_point()]
-        self.live = [live[k] for k in self.names]  # views of the parameters: updated in place by the optimizer
-        self.decay = decay
-        saved = state or {}
-        self.updates = int(saved.get("updates", 0))
-        self.avg = [saved["weights"][k].clone() if saved else live[k].detach().clone() for k in self.names]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.avg, self.live, 1.0 - d)
-        self.updates += 1
-
-    def state(self) -> dict[str, Any]:
-        return {"weights": {k: v.detach().cpu().clone() for k, v in zip(self.names, self.avg, strict=True)},
-                "updates": self.updates}
-
-
-def serving_weights(state: dict[str, Any]) -> dict[str, Tensor]:
-    """The weights export and embeddings use: the EMA where the checkpoint has one, else the raw weights."""
-    ema = state.get("ema")
-    return state["model"] | ema["weights"] if ema else state["model"]
 
 
 def make_optimizers(bundle: FMBundle, cfg: FMConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -234,7 +202,7 @@ def _run_training(cfg: FMConfig, window: Window, lake: Lake, cold_start: bool, d
     if parent is None and start == 0:
         init_head_bias(bundle, data, cfg)
     bundle.to(d.device)
-    saved_ema = (progress if start else parent or {}).get("ema")
+    saved_ema = (progress if start and progress else parent or {}).get("ema")
     ema = WeightEMA(bundle, cfg.ema_decay, {k: v if k == "updates" else {n: t.to(d.device) for n, t in v.items()}
                                             for k, v in saved_ema.items()} if saved_ema else None)
     model: nn.Module = bundle

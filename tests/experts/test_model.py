@@ -104,3 +104,25 @@ def test_expert_is_at_most_a_tenth_of_the_base_fm(variant: str) -> None:
     with FlopCounterMode(display=False) as counter:
         expert(batch)
     assert counter.get_total_flops() <= FM_BASE_FLOPS / 10
+
+
+def test_expert_serves_the_ema_and_a_warm_start_continues_it(lake_uri: str) -> None:
+    lake, ws = make_lake(lake_uri, days=3, rows=400)
+    for w in ws[1:]:
+        build_expert_examples(lake, w, "feed", "small")
+    day1 = load_examples(lake, "small", ws[1].ds, "feed", 20)
+    day2 = load_examples(lake, "small", ws[2].ds, "feed", 20)
+    cfg = ExpertConfig(variant="base")
+    first, _ = train_window(new_checkpoint(cfg, day1, "small", "feed"), day1, ws[1], [(ws[1].ds, day1.fm_versions[0])])
+    assert first.ema is not None
+    steps = first.ema["updates"]
+    assert steps > 1
+    served, raw = first.build().state_dict(), first.build(serving=False).state_dict()
+    assert all(torch.equal(served[k], first.ema["weights"][k]) for k in first.ema["weights"])
+    assert any(not torch.equal(served[k], raw[k]) for k in first.ema["weights"]), "serving the last iterate"
+    second, _ = train_window(first, day2, ws[2], [(ws[2].ds, day2.fm_versions[0])])
+    assert second.ema is not None and second.ema["updates"] > steps  # one average across windows
+    # ema_decay 0 serves the last iterate
+    last, _ = train_window(new_checkpoint(ExpertConfig(variant="base", ema_decay=0.0), day1, "small", "feed"), day1,
+                           ws[1], [(ws[1].ds, day1.fm_versions[0])])
+    assert all(torch.equal(last.build().state_dict()[k], last.model[k]) for k in last.model)

@@ -11,11 +11,12 @@ import subprocess
 import pytest
 import torch
 
+from features.ema import serving_weights
 from features.lake import Lake
 from fm import checkpoint
 from fm.data import load_window
 from fm.model import FMBundle
-from fm.train import run_training, serving_weights, train_fm
+from fm.train import run_training, train_fm
 from tests.fm.conftest import PYTHON, TINY, make_lake, overrides_args, subprocess_env, tiny_cfg
 
 

@@ -31,7 +31,7 @@ class ExpertConfig:
     emb_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
     history_length: int = 20
-    fm_proj: int = 16  # width the (LayerNorm-ed) FM inputs of loopfm / fe are projected to
+    fm_proj: int = 16  # width the FM inputs of loopfm / fe are projected to
     att_hidden: int = 4  # DIN scorer width: it runs once per history slot
     kd_alpha: float = 1.0
     kd_weight: float = 1.0

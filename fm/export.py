@@ -5,7 +5,7 @@
 - ``fm_outputs(fm=<preset>, ds=D, surface=s)`` (schemas.FM_OUTPUTS), one row per event: fm_version,
   fm_logit_click / fm_logit_like (the event's surface head), fm_repr = int8 of the LoopFM autoencoder's
   tanh code (width cfg.repr_width) with fm_repr_scale = per-row max|code| / 127 (dequantise:
-  fm_repr * fm_repr_scale), fm_tae = the target-aware embedding (float32, width cfg.dim);
+  fm_repr * fm_repr_scale), fm_tae = the target-aware embedding (float32, width cfg.mlp[-1]: fm.model.FMOutput.tae);
 - ``user_embeddings(fm, ds=D)`` / ``item_embeddings(fm, ds=D)``: FM_{D-1}'s user and item embeddings
   (id + side features) of every user / item in the newest snapshot with ds <= D-1, i.e. the ids known
   at the end of D-1, as FM_{D-1} (the version that scored D) sees them;

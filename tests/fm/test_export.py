@@ -27,7 +27,7 @@ def test_export_contract(lake_uri: str) -> None:
         out = lake.read(FM_OUTPUTS.name, fm="small", ds=w2.ds, surface=surface)  # schema-checked read
         assert out.column_names == FM_OUTPUTS.columns
         assert set(pc.unique(out["fm_version"]).to_pylist()) == {v1}
-        assert out["fm_repr"].type.list_size == cfg.repr_width and out["fm_tae"].type.list_size == cfg.dim
+        assert out["fm_repr"].type.list_size == cfg.repr_width and out["fm_tae"].type.list_size == cfg.mlp[-1]
         mine = events.filter(events["surface"] == surface)["event_id"].sort().to_list()
         assert out["event_id"].to_pylist() == mine and n == len(mine)  # one row per event, no duplicates
         scale = out["fm_repr_scale"].to_numpy()

@@ -19,7 +19,8 @@ from collections import defaultdict
 
 
 def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_windows: int, log: bool = True,
-              only: list[str] | None = None, overrides: dict | None = None) -> None:
+              only: list[str] | None = None, overrides: dict | None = None) -> dict[tuple[str, str, str], float]:
+    """Run the daily flow; returns the FMs' progressive NE by (preset, surface, ds)."""
     from experts.stage import compare_and_promote, expert_examples, expert_train
     from features.lake import Lake
     from features.stage import ingest, lake_windows
@@ -31,17 +32,19 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
     lake = Lake(lake_uri)
     surfaces = list(lake.meta()["surfaces"])
     experts_on = [s for s in surfaces if not only or s in only]
+    fm_ne: dict[tuple[str, str, str], float] = {}
     for ds in lake_windows(lake_uri)[:max_windows]:
         t0 = time.time()
         ingest(ds, lake_uri, source="lake")  # validate the window, build its user_history state
         for preset in presets:
             if tuple(surfaces) == FMConfig().surfaces:
-                fm_export(ds, lake_uri, preset, pipeline_run="bench")
+                metrics = fm_export(ds, lake_uri, preset, pipeline_run="bench").get("metrics") or {}
                 fm_train(ds, lake_uri, preset, pipeline_run="bench")
             else:  # fm.stage fixes the FM's heads to the preset's surfaces: build the FM for this lake's
                 cfg = FMConfig.from_preset(preset, surfaces=tuple(surfaces))
-                export_fm(cfg, lake.window(ds), lake)
+                metrics = export_fm(cfg, lake.window(ds), lake).metrics
                 run_training(cfg, lake.window(ds), lake)
+            fm_ne |= {(preset, s, ds): m["ne"] for s, m in metrics.items()}
         t1 = time.time()
         for preset in presets:
             for surface in experts_on:
@@ -57,6 +60,7 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
                     compare_and_promote(ds, surface, lake_uri, preset, pipeline_run="bench")
         if log:
             print(f"{ds}: fm {t1 - t0:.0f}s, experts {time.time() - t1:.0f}s", flush=True)
+    return fm_ne
 
 
 def _verdict(rows: list[dict]) -> None:
@@ -68,9 +72,18 @@ def _verdict(rows: list[dict]) -> None:
         if "base" not in ne:
             continue
         deltas = {v: ne[v] - ne["base"] for v in ne if v != "base" and math.isfinite(ne[v])}
-        ok = all(d < 0 for d in deltas.values())
+        ok = all(d < 0 for v, d in deltas.items() if v != "fm")  # the FM itself is the reference, not a variant
         text = "  ".join(f"{v} {d:+.4f}" for v, d in deltas.items())
         print(f"  {preset:<6} {surface:<7} {'all beat base' if ok else 'NOT all beat base'}:  {text}")
+    gains: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for (preset, surface), ne in by.items():
+        for v in ne:
+            if v not in ("base", "fm") and "base" in ne and math.isfinite(ne[v]):
+                gains[(preset, v)][surface] = ne["base"] - ne[v]
+    print("\nSurface where each variant gains the most NE over base:")
+    for (preset, v), g in sorted(gains.items()):
+        best = max(g, key=lambda surface: g[surface])
+        print(f"  {preset:<6} {v:<10} {best} ({g[best]:+.4f}; " + ", ".join(f"{s} {x:+.4f}" for s, x in g.items()) + ")")
 
 
 def main() -> None:
@@ -100,10 +113,20 @@ def main() -> None:
 
         generate(Lake(lake_uri), GeneratorConfig(scale="small", events_per_day=args.events_per_day), args.days)
     start = time.time()
-    _pipeline(lake_uri, args.presets.split(","), args.variants.split(","), args.max_windows,
-              only=[s for s in args.surfaces.split(",") if s], overrides=parse_overrides(args.set))
+    presets = args.presets.split(",")
+    fm_ne = _pipeline(lake_uri, presets, args.variants.split(","), args.max_windows,
+                      only=[s for s in args.surfaces.split(",") if s], overrides=parse_overrides(args.set))
     rows = compare_rows()
     print(f"\npipeline {time.time() - start:.0f}s\n")
+    if args.lake is None:  # built-in data: the FMs' progressive NE beside the generator's Bayes NE
+        from fm_ne_table import print_ne_table  # bench/ is on sys.path when run as a script
+
+        from features.lake import Lake
+        from features.stage import lake_windows
+
+        lake = Lake(lake_uri)
+        print_ne_table(lake, [lake.window(ds) for ds in lake_windows(lake_uri)[: args.max_windows]], presets, fm_ne)
+        print()
     print(format_table(rows))
     _verdict(rows)
 

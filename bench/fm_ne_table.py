@@ -70,6 +70,14 @@ def main() -> None:
             run_training(cfg, w, lake)
         print(f"{preset}: {len(windows)} days in {time.perf_counter() - t0:.0f}s", flush=True)
     torch.set_num_threads(args.threads)
+    print_ne_table(lake, windows, presets, ne)
+
+
+def print_ne_table(lake: Lake, windows: list, presets: list[str], ne: dict[tuple[str, str, str], float]) -> None:
+    """The per (surface, day) table of progressive NE by FM preset beside Bayes, and the summary lines.
+
+    `ne` maps (preset, surface, ds) -> the FM's progressive NE (fm_export's metrics); `windows` in order.
+    """
     head = f"{'surface':8}{'day':>12}" + "".join(f"{'NE ' + q:>12}" for q in presets)
     print(head + f"{'Bayes':>9}{'Bayes(D)':>10}")
     gaps: dict[tuple[str, str], list[float]] = {}

@@ -4,7 +4,9 @@ World model (vectorised numpy; deterministic from `GeneratorConfig.seed`):
 
 - Users: a latent interest u (`dim` floats) = centre of the user's *segment* + noise, so `segment`
   is informative; a slow drift u(t) = u + 0.35 (cos wt a + sin wt b) with a 60-day period; per
-  surface an interest offset and a click bias (surface-specific taste on top of the shared u); an
+  surface a small interest offset and click bias (surface-specific taste on top of the shared u, sd 0.2
+  and 0.15: taste mostly carries across surfaces, which is what lets an FM trained on all of them help
+  the sparse one); an
   activity rate (log-normal); a surface mix (live reaches only ~35 % of users, for few events each:
   the sparse surface where knowledge from the other surfaces matters most); a main device; a
   `region` with its own taste for each category.
@@ -25,7 +27,8 @@ World model (vectorised numpy; deterministic from `GeneratorConfig.seed`):
 
 Scales (events per day; users / items on day one, plus new ones every day): "tiny" 2k (300 / 150,
 +20 / +10), "small" 50k (6k / 2k, +200 / +60), "default" 1M (100k / 25k, +2.5k / +600); "default"
-generates a day in ~4 s on 2 cores. Bayes AUC of p_click is ~0.82-0.85 per surface, CTR 4-13 %
+generates a day in ~4 s on 2 cores. Bayes AUC of p_click is ~0.79-0.85 per surface (NE ~0.84-0.86 with
+the day's own CTR as base rate), CTR 4-13 %
 ("tiny" is noisier). event_id = (date ordinal << 32) | row of the day (sorted by ts): unique, stable.
 """
 

@@ -13,7 +13,8 @@
 LOOP_STATE contract: ``loop_state(fm, ds=W)`` is the per-user last-L FM history at the END of window W,
 built from fm_outputs(fm, W, every surface) ⨝ events(W) and loop_state(fm, W.prev()). It is built once
 per (preset, window) by `build_loop_state`; `build_expert_examples` for window D needs the state of D-1
-and builds it (and any missing predecessor) on demand. The chain starts at the first window the FM
+and builds it (and any missing predecessor) on demand. Re-exporting a window with another FM version
+deletes the states built from the old rows (`invalidate_loop_state`, called by fm.export). The chain starts at the first window the FM
 scored: before it the state is empty (None). The history length of the state is fixed per lake/preset
 (default 20); a different `history_length` with an existing state truncates to the shorter one.
 
@@ -114,6 +115,22 @@ def build_loop_state(lake: Lake, window: Window, preset: str, length: int = 20) 
     rows = _loop_rows(lake, window, preset).lazy()
     new = advance_state(rows, state, length, LOOP_PAYLOAD).collect()
     return lake.write("loop_state", new, fm=preset, ds=window.ds)
+
+
+def invalidate_loop_state(lake: Lake, preset: str, window: Window, new_version: str) -> list[str]:
+    """Before fm_outputs(fm=preset, window) are (re)written by FM `new_version`: if the ones there came from
+    another FM version, delete loop_state(fm=preset, ds >= window) (they were built from the old rows; they
+    are rebuilt on demand). A deterministic re-export (same version) keeps them. Returns the deleted ds."""
+    scored = fm_surfaces(lake, window, preset)
+    if not scored:
+        return []
+    old = lake.read("fm_outputs", columns=[FM_VERSION], fm=preset, ds=window.ds, surface=scored[0])[FM_VERSION]
+    if len(old) and old[0].as_py() == new_version:
+        return []
+    stale = [p["ds"] for p in lake.partitions("loop_state", fm=preset) if p["ds"] >= window.ds]
+    for ds in stale:
+        lake.delete("loop_state", fm=preset, ds=ds)
+    return stale
 
 
 def loop_state_before(lake: Lake, window: Window, preset: str, length: int = 20) -> pl.LazyFrame | None:

@@ -21,6 +21,7 @@ First window of a lake (no FM yet): nothing is written; the result has fm_versio
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ import pyarrow.compute as pc
 import torch
 
 from features.ema import serving_weights
+from features.expert_examples import invalidate_loop_state
 from features.history import asof_snapshot
 from features.lake import Lake
 from features.metrics import all_metrics
@@ -42,6 +44,8 @@ from fm.config import FMConfig
 from fm.data import WindowData, load_window
 from fm.model import FMBundle
 from fm.train import check_surfaces, is_first_window
+
+log = logging.getLogger(__name__)
 
 BASE_RATE_SOURCE = "ctr of the FM's training window (ds-1) per surface"
 
@@ -176,6 +180,9 @@ def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window |
     data = load_window(lake, window, FMConfig.from_dict(state["cfg"]))
     scores = score(bundle, data, cfg.export_batch)
     table = outputs_table(data, scores, version)
+    stale = invalidate_loop_state(lake, cfg.preset, window, version)  # before the rows they derive from change
+    if stale:
+        log.info("fm export %s: fm_outputs were from another FM version; deleted loop_state %s", window.ds, stale)
     rows = {}
     for s in sorted(set(data.surface_names.tolist())):
         part = table.filter(pc.equal(table["surface"], s))

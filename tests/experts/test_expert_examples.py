@@ -15,6 +15,7 @@ from features.expert_examples import (
     SurfaceNotScored,
     build_expert_examples,
     expert_frame,
+    invalidate_loop_state,
 )
 from features.lake import Lake
 from features.schemas import EXPERT_EXAMPLES
@@ -133,3 +134,18 @@ def test_unknown_side_ids_are_zero(lake_uri: str) -> None:
     frame = expert_frame(lake, ws[1], "feed", "small")
     unknown = frame.filter(pl.col("user_id") >= 40)
     assert unknown.height and (unknown["segment"] == 0).all() and (unknown["region"] == 0).all()
+
+
+def test_a_re_export_by_another_fm_version_drops_the_loop_state_built_from_the_old_rows(lake_uri: str) -> None:
+    lake, ws = make_lake(lake_uri, days=4)
+    build_expert_examples(lake, ws[3], "feed", "small")  # builds loop_state for ws[1] and ws[2]
+    built = [p["ds"] for p in lake.partitions("loop_state", fm="small")]
+    assert built == [ws[1].ds, ws[2].ds]
+    old = lake.read("fm_outputs", columns=["fm_version"], fm="small", ds=ws[2].ds, surface="feed")["fm_version"][0]
+    assert invalidate_loop_state(lake, "small", ws[2], old.as_py()) == []  # same FM: a deterministic re-run
+    assert [p["ds"] for p in lake.partitions("loop_state", fm="small")] == built
+    assert invalidate_loop_state(lake, "small", ws[1], "small-other") == built  # ws[1] and every later state
+    assert lake.partitions("loop_state", fm="small") == []
+    write_fm(lake, ws[1], "small", version="small-2026-01-01-other")
+    again = build_expert_examples(lake, ws[3], "feed", "small")  # rebuilt on demand from the new rows
+    assert [p["ds"] for p in lake.partitions("loop_state", fm="small")] == built and again

@@ -172,7 +172,7 @@ def to_window_data(df: pl.DataFrame, cfg: FMConfig, item_side: pl.DataFrame | No
     )
 
 
-def surface_ctr(data: WindowData, surfaces: tuple[str, ...]) -> dict[str, float]:
-    """Click-through rate per surface present in `data` (the base rate the next window's NE uses)."""
-    s, y = data.tensors[SURFACE], data.tensors[CLICK]
+def surface_ctr(data: WindowData, surfaces: tuple[str, ...], label: str = CLICK) -> dict[str, float]:
+    """Rate of `label` (CTR by default) per surface present in `data` (the base rate the next window's NE uses)."""
+    s, y = data.tensors[SURFACE], data.tensors[label]
     return {name: float(y[s == i].mean()) for i, name in enumerate(surfaces) if bool((s == i).any())}

@@ -9,7 +9,8 @@
 - ``user_embeddings(fm, ds=D)`` / ``item_embeddings(fm, ds=D)``: FM_{D-1}'s user and item embeddings
   (id + side features) of every user / item in the newest snapshot with ds <= D-1, i.e. the ids known
   at the end of D-1, as FM_{D-1} (the version that scored D) sees them;
-- progressive metrics per surface on D (AUC, log loss, NE, calibration of sigmoid(fm_logit_click)). NE's
+- progressive metrics per surface on D (AUC, log loss, NE, calibration of sigmoid(fm_logit_click), and
+  like_* the same for the like head, whose label is like, 0 on unclicked events). NE's
   base rate is the CTR of the FM's own training window D-1 for that surface (stored as train_ctr in
   final.pt); `base_rate_source` says so. Compression quality is measured on D too: the autoencoder's
   relative MSE (squared error / total variance of the hidden representation) and the int8 quantisation
@@ -120,23 +121,33 @@ def outputs_table(data: WindowData, scores: dict[str, np.ndarray], version: str)
     return pa.table(cols)
 
 
-def progressive_metrics(table: pa.Table, data: WindowData, train_ctr: dict[str, float]) -> tuple[dict, dict]:
-    """Per surface {auc, logloss, ne, calibration} and the base rate used (training window's CTR).
+def progressive_metrics(table: pa.Table, data: WindowData, train_ctr: dict[str, float],
+                        train_like_rate: dict[str, float] | None = None) -> tuple[dict, dict]:
+    """Per surface {auc, logloss, ne, calibration} of the click head and the base rate used (training
+    window's CTR); with `train_like_rate` (checkpoints record it) also like_auc, like_logloss, like_ne,
+    like_calibration of the like head (label: like, 0 on unclicked events; base rate: the training window's).
 
-    A surface the FM never trained on uses the mean of the trained surfaces' CTRs; a degenerate base
+    A surface the FM never trained on uses the mean of the trained surfaces' rates; a degenerate base
     rate (0 or 1) gives ne = nan.
     """
-    p = 1 / (1 + np.exp(-table["fm_logit_click"].to_numpy().astype(np.float64)))
-    y = data.tensors["click"].numpy()
-    overall = float(np.mean(list(train_ctr.values())))  # a surface the FM never trained on
-    metrics, rates = {}, {}
-    for s in sorted(set(data.surface_names.tolist())):
-        rows = data.surface_names == s
-        rates[s] = train_ctr.get(s, overall)
-        if 0 < rates[s] < 1:
-            metrics[s] = all_metrics(y[rows], p[rows], rates[s])
-        else:  # no click (or only clicks) in the training window: NE is undefined, the rest is not
-            metrics[s] = all_metrics(y[rows], p[rows], 0.5) | {"ne": float("nan")}
+    metrics: dict[str, dict[str, float]] = {}
+    rates: dict[str, float] = {}
+    for task, prefix, train_rate in (("click", "", train_ctr), ("like", "like_", train_like_rate)):
+        if train_rate is None:
+            continue
+        p = 1 / (1 + np.exp(-table[f"fm_logit_{task}"].to_numpy().astype(np.float64)))
+        y = data.tensors[task].numpy()
+        overall = float(np.mean(list(train_rate.values())))  # a surface the FM never trained on
+        for s in sorted(set(data.surface_names.tolist())):
+            rows = data.surface_names == s
+            rate = train_rate.get(s, overall)
+            if task == "click":
+                rates[s] = rate
+            if 0 < rate < 1:
+                m = all_metrics(y[rows], p[rows], rate)
+            else:  # no positive (or only positives) in the training window: NE is undefined, the rest is not
+                m = all_metrics(y[rows], p[rows], 0.5) | {"ne": float("nan")}
+            metrics.setdefault(s, {}).update({prefix + k: v for k, v in m.items()})
     return metrics, rates
 
 
@@ -190,7 +201,7 @@ def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window |
         rows[s] = part.num_rows
     for name, emb in embedding_tables(bundle, lake, window, data, version).items():
         lake.write(name, emb, fm=cfg.preset, ds=window.ds)
-    metrics, rates = progressive_metrics(table, data, state["train_ctr"])
+    metrics, rates = progressive_metrics(table, data, state["train_ctr"], state.get("train_like_rate"))
     q, scale = quantize_int8(scores["code"])
     deq = q.astype(np.float32) * scale[:, None]
     quant = float(((deq - scores["code"]) ** 2).sum() / max(float((scores["code"] ** 2).sum()), 1e-12))

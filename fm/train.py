@@ -230,7 +230,8 @@ def _run_training(cfg: FMConfig, window: Window, lake: Lake, cold_start: bool, d
     served.load_state_dict(serving_weights(final))
     version = checkpoint.fm_version(cfg.preset, window.ds, served)
     if d.rank == 0:
-        final |= {"fm_version": version, "trained_through": window.ds, "train_ctr": surface_ctr(data, cfg.surfaces)}
+        final |= {"fm_version": version, "trained_through": window.ds, "train_ctr": surface_ctr(data, cfg.surfaces),
+                  "train_like_rate": surface_ctr(data, cfg.surfaces, "like")}
         path = checkpoint.save(lake, cfg.preset, window.ds, "final", final)
         checkpoint.record_version(lake, cfg.preset, window.ds,
                                   {"fm_version": version, "parent": parent_version, "path": path, "steps": n_steps})

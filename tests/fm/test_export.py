@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pyarrow.compute as pc
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from features.lake import Lake
 from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, USER_EMBEDDINGS
@@ -36,8 +38,15 @@ def test_export_contract(lake_uri: str) -> None:
     # dequantised codes are within half a step of the codes: measured on the whole window
     assert res.compression["int8_max_abs_err"] <= 0.5 / 127 + 1e-6
     assert np.isfinite(res.compression["ae_rel_mse"])
-    assert set(res.metrics) == set(res.rows) and all(set(m) == {"auc", "logloss", "ne", "calibration"}
+    keys = {"auc", "logloss", "ne", "calibration"}
+    assert set(res.metrics) == set(res.rows) and all(set(m) == keys | {f"like_{k}" for k in keys}
                                                      for m in res.metrics.values())
+    for s, m in res.metrics.items():  # the like head against sklearn on the same rows
+        ev = events.filter(pl.col("surface") == s).sort("event_id")
+        out = pl.from_arrow(lake.read(FM_OUTPUTS.name, fm="small", ds=w2.ds, surface=s)).sort("event_id")
+        if ev["like"].n_unique() == 2:
+            want = roc_auc_score(ev["like"].to_numpy(), out["fm_logit_like"].to_numpy())
+            assert m["like_auc"] == pytest.approx(want, abs=1e-9)
     users = lake.read(USER_EMBEDDINGS.name, fm="small", ds=w2.ds)
     items = lake.read(ITEM_EMBEDDINGS.name, fm="small", ds=w2.ds)
     assert users.num_rows == lake.read("users", ds=w1.ds).num_rows and items.num_rows > 0

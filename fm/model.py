@@ -27,9 +27,10 @@ user (B, D) and item (B, D) embeddings (id + side features, candidate independen
 - **Target-aware embedding = `hidden`** (`FMOutput.tae`): the FM's top representation of the (user,
   candidate) pair, the input of its linear task heads. LoopFM stores the same activation, compressed,
   for *past* interactions; Foundation-Expert feeds the current event's, at full precision. Measured
-  (7 days, 50k events/day, small FM, experts' mean progressive NE gain over base): exporting the DIN
-  interest vector instead gave fe -0.004 feed / +0.004 live; `hidden` gives -0.010 / -0.017, and the
-  sparse live surface gains the most, as Foundation-Expert argues it should.
+  (7 days, 50k events/day, small FM, the fe expert's mean progressive NE change against base, feed /
+  live): exporting the DIN interest vector gave -0.004 / +0.004; `hidden` gives -0.013 / -0.024 (with
+  the expert's input change of experts.model), and the sparse live surface gains the most, as
+  Foundation-Expert argues it should.
 Batch keys are documented in fm.data.BATCH_KEYS.
 """
 

@@ -15,6 +15,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,23 +48,27 @@ def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def bench_preset(name: str, lake: Lake, windows: list, threads: int) -> dict[str, float]:
+def bench_preset(name: str, lake: Lake, windows: list, threads: int, repeat: int = 3) -> dict[str, float]:
     """Both rates are wall-clock of a whole run_training call (model init, training, final checkpoint);
-    an untimed warm-up run on the first 4096 rows goes first so one-off costs (allocator, kernels) bias neither."""
+    an untimed warm-up run on the first 4096 rows goes first so one-off costs (allocator, kernels) bias neither.
+    The in-memory and pipeline runs alternate `repeat` times and each keeps its fastest: on a shared machine
+    one run of each gave ratios from 0.70 to 1.05 for the same code."""
     cfg = lake_config(name, lake.meta(), log_every=10**9, ckpt_every=10**9, threads=threads)
     data = load_window(lake, windows[0], cfg)
     n = min(4096, len(data))
     head = WindowData(data.batch(torch.arange(n)), data.event_id[:n], data.ts.slice(0, n), data.surface_names[:n])
     shutil.rmtree(lake.path("models"), ignore_errors=True)
     run_training(cfg, windows[0], lake, data=head)
-    shutil.rmtree(lake.path("models"), ignore_errors=True)
-    t0 = time.perf_counter()
-    mem = run_training(cfg, windows[0], lake, data=data)
-    mem_wall = time.perf_counter() - t0
-    shutil.rmtree(lake.path("models"), ignore_errors=True)
-    t0 = time.perf_counter()
-    piped = run_training(cfg, windows[0], lake)  # loads the window itself
-    piped_wall = time.perf_counter() - t0
+    best: dict[str, tuple[float, Any]] = {}
+    for _ in range(repeat):
+        for kind, given in (("memory", data), ("pipeline", None)):  # pipeline: run_training loads the window
+            shutil.rmtree(lake.path("models"), ignore_errors=True)
+            t0 = time.perf_counter()
+            res = run_training(cfg, windows[0], lake, data=given)
+            wall = time.perf_counter() - t0
+            if kind not in best or wall < best[kind][0]:
+                best[kind] = (wall, res)
+    (mem_wall, mem), (piped_wall, piped) = best["memory"], best["pipeline"]
     params, flops = size_of(cfg, data.batch(torch.arange(min(256, len(data)))))
     return {"params": params, "fwd_flops": flops, "pipeline_eps": piped.examples / piped_wall,
             "memory_eps": mem.examples / mem_wall, "train_s": mem.seconds, "examples": mem.examples}
@@ -74,6 +79,7 @@ def main() -> None:
     p.add_argument("--scale", default="small")
     p.add_argument("--presets", default="small,base,large")
     p.add_argument("--threads", type=int, default=1, help="FMConfig.threads (1: best on a shared 2-core machine)")
+    p.add_argument("--repeat", type=int, default=3, help="alternating timed runs per preset; the fastest counts")
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # size_of and the matmul reference
     scratch = tempfile.mkdtemp(prefix="bench-fm-")
@@ -85,7 +91,7 @@ def main() -> None:
     print(f"{'preset':8}{'params':>12}{'fwd FLOPs/ex':>14}{'pipeline ex/s':>15}{'in-memory ex/s':>16}{'ratio':>7}")
     results = {}
     for name in args.presets.split(","):
-        r = results[name] = bench_preset(name, lake, windows, args.threads)
+        r = results[name] = bench_preset(name, lake, windows, args.threads, args.repeat)
         print(f"{name:8}{r['params']:>12,}{r['fwd_flops']:>14,.0f}{r['pipeline_eps']:>15,.0f}"
               f"{r['memory_eps']:>16,.0f}{r['pipeline_eps'] / r['memory_eps']:>7.2f}")
     first = args.presets.split(",")[0]

@@ -14,9 +14,10 @@ LOOP_STATE contract: ``loop_state(fm, ds=W)`` is the per-user last-L FM history 
 built from fm_outputs(fm, W, every surface) ⨝ events(W) and loop_state(fm, W.prev()). It is built once
 per (preset, window) by `build_loop_state`; `build_expert_examples` for window D needs the state of D-1
 and builds it (and any missing predecessor) on demand. Re-exporting a window with another FM version
-deletes the states built from the old rows (`invalidate_loop_state`, called by fm.export). The chain starts at the first window the FM
-scored: before it the state is empty (None). The history length of the state is fixed per lake/preset
-(default 20); a different `history_length` with an existing state truncates to the shorter one.
+deletes the states built from the old rows (`invalidate_loop_state`, called by fm.export). The chain
+starts at the first window the FM scored: before it the state is empty (None). The history length of
+the state is fixed per lake/preset (default 20); a different `history_length` with an existing state
+truncates to the shorter one.
 
 Errors: `MissingFMOutputs` (no fm_outputs for the window), `SurfaceNotScored` (the FM scored the
 window but not this surface, or left some events unscored), `FMVersionMismatch` (rows of one

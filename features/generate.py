@@ -6,8 +6,7 @@ World model (vectorised numpy; deterministic from `GeneratorConfig.seed`):
   is informative; a slow drift u(t) = u + 0.35 (cos wt a + sin wt b) with a 60-day period; per
   surface a small interest offset and click bias (surface-specific taste on top of the shared u, sd 0.2
   and 0.15: taste mostly carries across surfaces, which is what lets an FM trained on all of them help
-  the sparse one); an
-  activity rate (log-normal); a surface mix (live reaches only ~35 % of users, for few events each:
+  the sparse one); an activity rate (log-normal); a surface mix (live reaches only ~35 % of users, for few events each:
   the sparse surface where knowledge from the other surfaces matters most); a main device; a
   `region` with its own taste for each category.
 - Items: a latent v = centre of the item's *category* + noise; a brand (nested in the category)

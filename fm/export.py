@@ -130,24 +130,27 @@ def progressive_metrics(table: pa.Table, data: WindowData, train_ctr: dict[str, 
     A surface the FM never trained on uses the mean of the trained surfaces' rates; a degenerate base
     rate (0 or 1) gives ne = nan.
     """
-    metrics: dict[str, dict[str, float]] = {}
-    rates: dict[str, float] = {}
-    for task, prefix, train_rate in (("click", "", train_ctr), ("like", "like_", train_like_rate)):
-        if train_rate is None:
-            continue
-        p = 1 / (1 + np.exp(-table[f"fm_logit_{task}"].to_numpy().astype(np.float64)))
-        y = data.tensors[task].numpy()
-        overall = float(np.mean(list(train_rate.values())))  # a surface the FM never trained on
-        for s in sorted(set(data.surface_names.tolist())):
-            rows = data.surface_names == s
-            rate = train_rate.get(s, overall)
-            if task == "click":
-                rates[s] = rate
-            if 0 < rate < 1:
-                m = all_metrics(y[rows], p[rows], rate)
-            else:  # no positive (or only positives) in the training window: NE is undefined, the rest is not
-                m = all_metrics(y[rows], p[rows], 0.5) | {"ne": float("nan")}
-            metrics.setdefault(s, {}).update({prefix + k: v for k, v in m.items()})
+    metrics, rates = _head_metrics(table, data, "click", train_ctr)
+    if train_like_rate is not None:
+        like, _ = _head_metrics(table, data, "like", train_like_rate)
+        for s, m in like.items():
+            metrics[s] |= {f"like_{k}": v for k, v in m.items()}
+    return metrics, rates
+
+
+def _head_metrics(table: pa.Table, data: WindowData, task: str, train_rate: dict[str, float]) -> tuple[dict, dict]:
+    """progressive_metrics of one task's head: per surface metrics and base rate."""
+    p = 1 / (1 + np.exp(-table[f"fm_logit_{task}"].to_numpy().astype(np.float64)))
+    y = data.tensors[task].numpy()
+    overall = float(np.mean(list(train_rate.values())))  # a surface the FM never trained on
+    metrics, rates = {}, {}
+    for s in sorted(set(data.surface_names.tolist())):
+        rows = data.surface_names == s
+        rates[s] = train_rate.get(s, overall)
+        if 0 < rates[s] < 1:
+            metrics[s] = all_metrics(y[rows], p[rows], rates[s])
+        else:  # no positive (or only positives) in the training window: NE is undefined, the rest is not
+            metrics[s] = all_metrics(y[rows], p[rows], 0.5) | {"ne": float("nan")}
     return metrics, rates
 
 

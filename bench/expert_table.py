@@ -104,28 +104,26 @@ def main() -> None:
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     from experts.compare import compare_rows, format_table
+    from features.lake import Lake
     from fm.train import parse_overrides
 
     lake_uri = args.lake or os.path.join(args.home, "lake")
+    generated = []  # the built-in data's windows, when this run generates them
     if args.lake is None:
         from features.generate import GeneratorConfig, generate
-        from features.lake import Lake
 
-        generate(Lake(lake_uri), GeneratorConfig(scale="small", events_per_day=args.events_per_day), args.days)
+        generated = generate(Lake(lake_uri), GeneratorConfig(scale="small", events_per_day=args.events_per_day),
+                             args.days)
     start = time.time()
     presets = args.presets.split(",")
     fm_ne = _pipeline(lake_uri, presets, args.variants.split(","), args.max_windows,
                       only=[s for s in args.surfaces.split(",") if s], overrides=parse_overrides(args.set))
     rows = compare_rows()
     print(f"\npipeline {time.time() - start:.0f}s\n")
-    if args.lake is None:  # built-in data: the FMs' progressive NE beside the generator's Bayes NE
+    if generated:  # built-in data: the FMs' progressive NE beside the generator's Bayes NE
         from fm_ne_table import print_ne_table  # bench/ is on sys.path when run as a script
 
-        from features.lake import Lake
-        from features.stage import lake_windows
-
-        lake = Lake(lake_uri)
-        print_ne_table(lake, [lake.window(ds) for ds in lake_windows(lake_uri)[: args.max_windows]], presets, fm_ne)
+        print_ne_table(Lake(lake_uri), generated[: args.max_windows], presets, fm_ne)
         print()
     print(format_table(rows))
     _verdict(rows)

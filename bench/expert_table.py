@@ -112,8 +112,8 @@ def main() -> None:
     if args.lake is None:
         from features.generate import GeneratorConfig, generate
 
-        generated = generate(Lake(lake_uri), GeneratorConfig(scale="small", events_per_day=args.events_per_day),
-                             args.days)
+        gen = GeneratorConfig(scale="small", events_per_day=args.events_per_day)
+        generated = generate(Lake(lake_uri), gen, args.days)
     start = time.time()
     presets = args.presets.split(",")
     fm_ne = _pipeline(lake_uri, presets, args.variants.split(","), args.max_windows,
@@ -123,7 +123,7 @@ def main() -> None:
     if generated:  # built-in data: the FMs' progressive NE beside the generator's Bayes NE
         from fm_ne_table import print_ne_table  # bench/ is on sys.path when run as a script
 
-        print_ne_table(Lake(lake_uri), generated[: args.max_windows], presets, fm_ne)
+        print_ne_table(Lake(lake_uri), generated[: args.max_windows], presets, fm_ne, gen)
         print()
     print(format_table(rows))
     _verdict(rows)

@@ -23,25 +23,21 @@ import tempfile
 import time
 
 import numpy as np
+import polars as pl
 import torch
 
-from features.generate import GeneratorConfig, bayes_metrics_by_surface, generate
+from features.generate import GeneratorConfig, bayes_metrics_by_surface, explain_window, generate
 from features.history import build_user_history
 from features.lake import Lake
 from features.metrics import entropy
-from fm.config import FMConfig, lake_config
+from fm.config import lake_config
 from fm.export import export_fm
-from fm.train import run_training
+from fm.train import parse_overrides, run_training
 
 
 def _overrides(items: list[str], preset: str) -> dict:
-    over = {}
-    for item in items:
-        name, _, kv = item.partition(":")
-        if name == preset:
-            key, _, value = kv.partition("=")
-            over[key] = type(getattr(FMConfig(), key))(value)
-    return over
+    """['large:lr=0.001', 'small:emb_lr=0.01'] -> the overrides of `preset` (JSON values, as fm.train's --set)."""
+    return parse_overrides([kv for name, _, kv in (item.partition(":") for item in items) if name == preset])
 
 
 def main() -> None:
@@ -54,11 +50,12 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="preset:key=value override")
     args = p.parse_args()
     lake = Lake(tempfile.mkdtemp(prefix="fm-ne-") + "/lake")
-    windows = generate(lake, GeneratorConfig(scale=args.scale, events_per_day=args.events_per_day), args.days,
+    gen = GeneratorConfig(scale=args.scale, events_per_day=args.events_per_day)
+    windows = generate(lake, gen, args.days,
                        progress=None)
     for w in windows:
         build_user_history(lake, w)
-    presets = args.presets.split(",")
+    presets = [q for q in args.presets.split(",") if q]  # "": the oracle columns only
     ne: dict[tuple[str, str, str], float] = {}
     for preset in presets:
         cfg = lake_config(preset, lake.meta(), log_every=10**9, threads=args.threads,
@@ -70,41 +67,83 @@ def main() -> None:
             run_training(cfg, w, lake)
         print(f"{preset}: {len(windows)} days in {time.perf_counter() - t0:.0f}s", flush=True)
     torch.set_num_threads(args.threads)
-    print_ne_table(lake, windows, presets, ne)
+    print_ne_table(lake, windows, presets, ne, gen)
 
 
-def print_ne_table(lake: Lake, windows: list, presets: list[str], ne: dict[tuple[str, str, str], float]) -> None:
+ORACLES = {  # name -> the logit terms it knows (features.generate.explain_window), as a function of the frame
+    # per-user taste unknown: the affinity term with the user's taste replaced by their segment's centre,
+    # no user-surface click bias; everything else (items, intent, context) known
+    "Seg": lambda f: _logit(f) - f["term_affinity"] - f["term_user_surface_bias"] + f["segment_affinity"],
+    # ... and the user's current intent unknown as well
+    "Seg-int": lambda f: _logit(f) - f["term_affinity"] - f["term_user_surface_bias"] + f["segment_affinity"]
+    - f["term_intent"],
+    # ... and the item's own vector unknown too (its category's centre): only population-level structure
+    # (segment x category, brand, region, surface, position, device, item age), all of it in the FM's inputs
+    "Cat-int": lambda f: _logit(f) - f["term_affinity"] - f["term_user_surface_bias"] + f["category_affinity"]
+    - f["term_intent"],
+}
+
+
+def _logit(f: pl.DataFrame) -> np.ndarray:
+    return np.sum([f[c].to_numpy() for c in f.columns if c.startswith("term_")], axis=0)
+
+
+def oracle_logloss(z: np.ndarray, y: np.ndarray) -> float:
+    """Log loss of sigmoid(a z + b) with (a, b) fit on (z, y) by Newton's method: an oracle knowing z."""
+    X, beta = np.column_stack([z, np.ones_like(z)]), np.array([1.0, 0.0])
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(X @ beta)))
+        step = np.linalg.solve((X * (p * (1 - p))[:, None]).T @ X + 1e-9 * np.eye(2), X.T @ (p - y))
+        beta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    p = np.clip(1 / (1 + np.exp(-(X @ beta))), 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def print_ne_table(lake: Lake, windows: list, presets: list[str], ne: dict[tuple[str, str, str], float],
+                   gen: GeneratorConfig | None = None) -> None:
     """The per (surface, day) table of progressive NE by FM preset beside Bayes, and the summary lines.
 
     `ne` maps (preset, surface, ds) -> the FM's progressive NE (fm_export's metrics); `windows` in order.
+    With `gen` (the lake's generator config) it adds the ORACLES columns: the NE of the best calibrated
+    model that knows only part of the generator's click logit, with the same base rate.
     """
-    head = f"{'surface':8}{'day':>12}" + "".join(f"{'NE ' + q:>12}" for q in presets)
-    print(head + f"{'Bayes':>9}{'Bayes(D)':>10}")
+    cols = [f"NE {q}" for q in presets] + (list(ORACLES) if gen else []) + ["Bayes"]
+    print(f"{'surface':8}{'day':>12}" + "".join(f"{c:>12}" for c in cols) + f"{'Bayes(D)':>10}")
     gaps: dict[tuple[str, str], list[float]] = {}
     for prev, w in zip(windows, windows[1:], strict=False):
         events = lake.scan_many("events", lake.partitions("events", ds=w.ds)).collect()
         before = lake.scan_many("events", lake.partitions("events", ds=prev.ds)).collect()
         ctr = {str(s[0]): float(g["click"].mean()) for s, g in before.group_by("surface")}  # type: ignore[arg-type]
+        explained = explain_window(lake, gen, w) if gen else None
         rows = []
         for s, b in sorted(bayes_metrics_by_surface(events).items()):
             rate = ctr.get(s, 0.0)
-            same = b["logloss"] / entropy(rate) if 0 < rate < 1 else float("nan")  # as fm_export: nan
-            rows.append([ne.get((q, s, w.ds), float("nan")) for q in presets] + [same, b["ne"]])
-            for q in presets:
-                gaps.setdefault((q, w.ds), []).append(ne.get((q, s, w.ds), float("nan")) - same)
-            print(f"{s:8}{w.ds:>12}" + "".join(f"{v:>12.4f}" for v in rows[-1][:-2]) +
-                  f"{same:>9.4f}{b['ne']:>10.4f}")
+            h = entropy(rate) if 0 < rate < 1 else float("nan")  # as fm_export: nan
+            row = {f"NE {q}": ne.get((q, s, w.ds), float("nan")) for q in presets}
+            if explained is not None:
+                f = explained.filter(pl.col("surface") == s)
+                y = f["click"].to_numpy().astype(np.float64)
+                row |= {name: oracle_logloss(known(f), y) / h for name, known in ORACLES.items()}
+            row["Bayes"] = b["logloss"] / h
+            rows.append([row[c] for c in cols] + [b["ne"]])
+            for c in cols[:-1]:
+                gaps.setdefault((c, w.ds), []).append(row[c] - row["Bayes"])
+            print(f"{s:8}{w.ds:>12}" + "".join(f"{v:>12.4f}" for v in rows[-1][:-1]) + f"{b['ne']:>10.4f}")
         mean = np.nanmean(np.array(rows), axis=0)
-        print(f"{'mean':8}{w.ds:>12}" + "".join(f"{v:>12.4f}" for v in mean[:-2]) + f"{mean[-2]:>9.4f}{mean[-1]:>10.4f}")
+        print(f"{'mean':8}{w.ds:>12}" + "".join(f"{v:>12.4f}" for v in mean[:-1]) + f"{mean[-1]:>10.4f}")
     days = [w.ds for w in windows[1:]]
     for q in presets:
         vals = np.array([v for (pp, _, _), v in ne.items() if pp == q])
         last3 = [v for (pp, _, d), v in ne.items() if pp == q and d in days[-3:]]
         print(f"{q}: mean NE {np.nanmean(vals):.4f}, last 3 days {np.nanmean(last3):.4f}; mean gap to Bayes (same base "
-              f"rate) day {days[0]} {np.nanmean(gaps[(q, days[0])]):+.4f} -> day {days[-1]} "
-              f"{np.nanmean(gaps[(q, days[-1])]):+.4f}, last 3 days "
-              f"{np.nanmean([g for d in days[-3:] for g in gaps[(q, d)]]):+.4f}")
-
+              f"rate) day {days[0]} {np.nanmean(gaps[(f'NE {q}', days[0])]):+.4f} -> day {days[-1]} "
+              f"{np.nanmean(gaps[(f'NE {q}', days[-1])]):+.4f}, last 3 days "
+              f"{np.nanmean([g for d in days[-3:] for g in gaps[(f'NE {q}', d)]]):+.4f}")
+    for name in ORACLES if gen else ():
+        print(f"oracle {name}: mean gap to Bayes (same base rate), last 3 days "
+              f"{np.nanmean([g for d in days[-3:] for g in gaps[(name, d)]]):+.4f}")
 
 if __name__ == "__main__":
     main()

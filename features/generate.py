@@ -272,50 +272,101 @@ def _impressions(rng: np.random.Generator, cfg: GeneratorConfig, users: Arrays, 
     return {"user": user, "t": t, "surface": surface, "position": position, "device": device}
 
 
-def _click_logit(world: Arrays, users: Arrays, items: Arrays, ev: Arrays, affinity: np.ndarray) -> np.ndarray:
-    """The true click logit of each impression (see the module docstring)."""
+def _click_terms(world: Arrays, users: Arrays, items: Arrays, ev: Arrays, affinity: np.ndarray) -> Arrays:
+    """The additive terms of each impression's true click logit (see the module docstring), by name."""
     user, item, surface, cat = ev["user"], ev["item"], ev["surface"], items["category"][ev["item"]]
     params = list(SURFACES.values())
-    return (
-        np.array([p.base for p in params])[surface]
-        + users["surface_bias"][user, surface]
-        + world["brand_quality"][items["brand"][item]]
-        + 0.4 * np.exp(-items["age"][item] / 2.0)  # novelty of today's and yesterday's items
-        + 0.8 * affinity
-        + 1.0 * (cat == ev["intent"])
-        + world["region_category"][users["region"][user], cat]
-        + world["surface_category"][surface, cat]
-        - 0.3 * np.log1p(ev["position"])
-        + np.array([p.device for p in params])[surface, ev["device"]]
-    )
+    return {
+        "surface_base": np.array([p.base for p in params])[surface],
+        "user_surface_bias": users["surface_bias"][user, surface],
+        "brand_quality": world["brand_quality"][items["brand"][item]],
+        "novelty": 0.4 * np.exp(-items["age"][item] / 2.0),  # today's and yesterday's items
+        "affinity": 0.8 * affinity,
+        "intent": 1.0 * (cat == ev["intent"]),
+        "region_category": world["region_category"][users["region"][user], cat],
+        "surface_category": world["surface_category"][surface, cat],
+        "position": -0.3 * np.log1p(ev["position"]),
+        "device": np.array([p.device for p in params])[surface, ev["device"]],
+    }
 
 
-def _day_events(cfg: GeneratorConfig, world: Arrays, users: Arrays, items: Arrays, carry: np.ndarray,
-                day: int, window: Window) -> pl.DataFrame:
-    """All of one day's impressions (every surface), sorted by ts, with event_id assigned."""
+def _simulate_day(cfg: GeneratorConfig, world: Arrays, users: Arrays, items: Arrays, carry: np.ndarray,
+                  day: int) -> tuple[Arrays, Arrays, Arrays]:
+    """One day's impressions (sorted by user, time), the logit terms of each, and the day's item view.
+
+    Returns (ev, terms, items): ev has user, t, surface, position, device, intent, item (rows), u_s
+    (the user's interest on that surface that day), p_click, click, like; items gains today's "age".
+    """
     rng, dim = _rng(cfg, 3, day), cfg.preset.dim
     ev = _impressions(rng, cfg, users, int(rng.poisson(cfg.daily_events)))
     ev["intent"] = _intents(rng, cfg, world, users, ev["user"], carry)
     phase = 2 * np.pi * day / 60.0  # slow drift of every user's interests, one turn in 60 days
     u_day = users["u"] + 0.35 * (np.cos(phase) * users["drift_a"] + np.sin(phase) * users["drift_b"])
-    u_s = u_day[ev["user"]] + users["surface_offset"][ev["user"], ev["surface"]]  # (n, dim)
+    ev["u_s"] = u_day[ev["user"]] + users["surface_offset"][ev["user"], ev["surface"]]  # (n, dim)
     items = {**items, "age": day - items["first_day"] + items["age0"]}
-    ev["item"] = _pick_items(rng, items, np.flatnonzero(items["first_day"] <= day), ev["intent"], u_s, dim)
-    affinity = (u_s * items["v"][ev["item"]]).sum(1) / np.sqrt(dim)
-    p_click = 1.0 / (1.0 + np.exp(-_click_logit(world, users, items, ev, affinity)))
-    click = rng.random(len(p_click)) < p_click
-    quality = world["brand_quality"][items["brand"][ev["item"]]]
-    like = click & (rng.random(len(p_click)) < 1.0 / (1.0 + np.exp(2.0 - 0.8 * affinity - 2.0 * quality)))
+    ev["item"] = _pick_items(rng, items, np.flatnonzero(items["first_day"] <= day), ev["intent"], ev["u_s"], dim)
+    affinity = (ev["u_s"] * items["v"][ev["item"]]).sum(1) / np.sqrt(dim)
+    terms = _click_terms(world, users, items, ev, affinity)
+    ev["p_click"] = 1.0 / (1.0 + np.exp(-sum(terms.values())))
+    ev["click"] = rng.random(len(ev["p_click"])) < ev["p_click"]
+    quality = terms["brand_quality"]
+    ev["like"] = ev["click"] & (rng.random(len(ev["click"])) < 1.0 / (1.0 + np.exp(2.0 - 0.8 * affinity - 2.0 * quality)))
+    return ev, terms, items
+
+
+def _day_events(cfg: GeneratorConfig, world: Arrays, users: Arrays, items: Arrays, carry: np.ndarray,
+                day: int, window: Window) -> pl.DataFrame:
+    """All of one day's impressions (every surface), sorted by ts, with event_id assigned."""
+    ev, _, _ = _simulate_day(cfg, world, users, items, carry, day)
+    return _events_frame(ev, window)
+
+
+def _events_frame(ev: Arrays, window: Window, extra: dict[str, np.ndarray] | None = None) -> pl.DataFrame:
+    """The EVENTS rows of one simulated day (plus `extra` columns), sorted by ts, with event_id assigned."""
     frame = pl.DataFrame({
         TS: (window.start_ts.timestamp() * 1e6 + ev["t"]).astype(np.int64),
         USER_ID: ev["user"] + 1, ITEM_ID: ev["item"] + 1, SURFACE: np.array(list(SURFACES))[ev["surface"]],
-        CLICK: click.astype(np.int8), LIKE: like.astype(np.int8), "position": ev["position"].astype(np.int16),
-        "device": ev["device"].astype(np.int8), P_CLICK: p_click.astype(np.float32),
+        CLICK: ev["click"].astype(np.int8), LIKE: ev["like"].astype(np.int8), "position": ev["position"].astype(np.int16),
+        "device": ev["device"].astype(np.int8), P_CLICK: ev["p_click"].astype(np.float32), **(extra or {}),
     }).sort(TS, USER_ID, maintain_order=True)
     return frame.with_columns(
         (pl.int_range(pl.len(), dtype=pl.Int64) | (window.start.toordinal() << 32)).alias("event_id"),
         pl.col(TS).cast(pl.Datetime("us", "UTC")),
     )
+
+
+def explain_window(lake: Lake, cfg: GeneratorConfig, window: Window) -> pl.DataFrame:
+    """Every event of a generated `window` with the terms of its true click logit (for bench/fm_ne_table.py).
+
+    Re-simulates the day (deterministic from cfg, the day index and the previous window's events) and
+    checks that it reproduces the lake's p_click. Columns: event_id, surface, click, p_click, one
+    ``term_<name>`` per additive logit term (they sum to logit(p_click)), and two population-level
+    stand-ins for the personal affinity term: ``segment_affinity`` (the user's taste replaced by their
+    segment's centre: what no per-user data is needed to know) and ``category_affinity`` (the item's
+    vector replaced by its category's centre as well).
+    """
+    meta = lake.meta()
+    if meta.get("source") != "generator" or (meta.get("scale"), meta.get("seed")) != (cfg.scale, cfg.seed):
+        raise ValueError(f"lake {lake.uri} was not generated with scale={cfg.scale!r}, seed={cfg.seed} "
+                         f"(its meta: source={meta.get('source')!r}, scale={meta.get('scale')!r}, seed={meta.get('seed')})")
+    origin = date.fromisoformat(meta["origin"])
+    day, world = (window.start - origin).days, _world(cfg)
+    users, items = _population(_user_block, cfg, world, day), _population(_item_block, cfg, world, day)
+    carry = _carry_intent(lake, window.prev(), items, len(users["u"])) if day else np.full(len(users["u"]), -1)
+    ev, terms, _ = _simulate_day(cfg, world, users, items, carry, day)
+    seg_u = 0.9 * world["segment_centre"][users["segment"][ev["user"]]]
+    v, centre = items["v"][ev["item"]], world["category_centre"][items["category"][ev["item"]]]
+    extra = {f"term_{k}": t for k, t in terms.items()} | {
+        "segment_affinity": 0.8 * (seg_u * v).sum(1) / np.sqrt(cfg.preset.dim),
+        "category_affinity": 0.8 * (seg_u * centre).sum(1) / np.sqrt(cfg.preset.dim),
+    }
+    frame = _events_frame(ev, window, extra).select("event_id", SURFACE, CLICK, P_CLICK, *extra)
+    stored = lake.scan_many(EVENTS.name, lake.partitions(EVENTS.name, ds=window.ds)).select("event_id", P_CLICK)
+    check = frame.lazy().join(stored, on="event_id", how="full").collect()
+    if check.height != frame.height or not check[P_CLICK].equals(check[P_CLICK + "_right"], check_names=False):
+        raise ValueError(f"re-simulating {window} does not reproduce lake {lake.uri}'s events: it was written by "
+                         "another generator version or edited")
+    return frame
 
 
 # ---- lake I/O ------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class FMConfig:
     repr_width: int = 32  # LoopFM autoencoder bottleneck (tanh) -> int8 fm_repr
     # ---- training -------------------------------------------------------------------------------
     lr: float = 3e-3
+    emb_lr: float | None = None  # learning rate of the embedding tables (None: lr)
     ae_lr: float = 3e-3
     weight_decay: float = 0.0
     batch_size: int = 256  # global batch (split evenly across DDP ranks)

@@ -97,9 +97,18 @@ def permutation(seed: int, ds: str, n: int) -> Tensor:
 
 
 def make_optimizers(bundle: FMBundle, cfg: FMConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    fm = torch.optim.AdamW(bundle.fm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over the FM in two groups, embedding tables (cfg.emb_lr) then the rest (cfg.lr); Adam for the AE."""
+    tables = {id(m.weight) for m in bundle.fm.modules() if isinstance(m, nn.Embedding)}
+    groups = [[p for p in bundle.fm.parameters() if (id(p) in tables) == is_table] for is_table in (True, False)]
+    fm = torch.optim.AdamW([{"params": g, "lr": lr} for g, lr in zip(groups, _fm_lrs(cfg), strict=True)],
+                           weight_decay=cfg.weight_decay)
     ae = torch.optim.Adam(bundle.ae.parameters(), lr=cfg.ae_lr)
     return fm, ae
+
+
+def _fm_lrs(cfg: FMConfig) -> tuple[float, float]:
+    """(embedding tables, everything else) learning rates of the FM optimizer's two groups."""
+    return (cfg.lr if cfg.emb_lr is None else cfg.emb_lr), cfg.lr
 
 
 def load_parent(lake: Lake, cfg: FMConfig, window: Window, cold_start: bool) -> dict[str, Any] | None:
@@ -122,9 +131,13 @@ def load_parent(lake: Lake, cfg: FMConfig, window: Window, cold_start: bool) -> 
 
 def restore(bundle: FMBundle, opts: tuple[torch.optim.Optimizer, ...], state: dict[str, Any], cfg: FMConfig) -> None:
     bundle.load_state_dict(state["model"])
-    for opt, key, lr in zip(opts, ("opt_fm", "opt_ae"), (cfg.lr, cfg.ae_lr), strict=True):
+    for opt, key, lrs in zip(opts, ("opt_fm", "opt_ae"), (_fm_lrs(cfg), (cfg.ae_lr,)), strict=True):
+        if len(state[key]["param_groups"]) != len(opt.param_groups):
+            raise ValueError(f"checkpoint {state.get('fm_version', state['ds'])} was written by an older fmx (optimizer "
+                             f"groups {len(state[key]['param_groups'])}, now {len(opt.param_groups)}); train this FM "
+                             "again from its first window (--cold-start)")
         opt.load_state_dict(state[key])
-        for group in opt.param_groups:  # today's config decides the learning rate, not the checkpoint's
+        for group, lr in zip(opt.param_groups, lrs, strict=True):  # today's config decides the rates
             group["lr"] = lr
 
 

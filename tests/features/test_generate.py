@@ -13,6 +13,7 @@ from features.generate import (
     GeneratorConfig,
     bayes_metrics,
     bayes_metrics_by_surface,
+    explain_window,
     generate,
     generate_window,
 )
@@ -170,3 +171,22 @@ def test_surface_subset_and_progress_lines(tmp_path: Path, capsys: pytest.Captur
     assert len(lines) == 2 and "events" in lines[0] and lines[0].endswith("s")
     assert {p["surface"] for p in lake.partitions("events")} == {"feed", "live"}
     assert 350 < _table(lake, "events").height / 2 < 650
+
+
+def test_explain_window_terms_sum_to_the_true_logit(small_lake: Lake) -> None:
+    w = Window(date(2026, 1, 2))
+    f = explain_window(small_lake, GeneratorConfig(scale="small", seed=3), w)
+    events = small_lake.scan_many("events", small_lake.partitions("events", ds=w.ds)).collect().sort("event_id")
+    assert f["event_id"].to_list() == events["event_id"].to_list()
+    logit = np.sum([f[c].to_numpy() for c in f.columns if c.startswith("term_")], axis=0)
+    assert np.abs(1 / (1 + np.exp(-logit)) - events["p_click"].to_numpy()).max() < 1e-6  # p_click is float32
+    assert (f["term_intent"] > 0).mean() > 0.5  # most impressions are of the user's current intent
+    # the population-level stand-in keeps the user's segment: it still tracks the true affinity
+    assert np.corrcoef(f["segment_affinity"], f["term_affinity"])[0, 1] > 0.5
+
+
+def test_explain_window_refuses_another_config(tiny_lake: str) -> None:
+    with pytest.raises(ValueError, match="not generated with scale='tiny', seed=1"):
+        explain_window(Lake(tiny_lake), GeneratorConfig(scale="tiny", seed=1), Window(date(2026, 1, 2)))
+    with pytest.raises(ValueError, match="does not reproduce"):  # same scale and seed, other events per day
+        explain_window(Lake(tiny_lake), GeneratorConfig(scale="tiny", events_per_day=500), Window(date(2026, 1, 2)))

@@ -44,6 +44,19 @@ def test_warm_start_and_version_chain(lake_uri: str) -> None:
     assert train_fm(cfg, w3, lake) == v3  # deterministic re-run
 
 
+
+def test_emb_lr_moves_only_the_embedding_tables(lake_uri: str) -> None:
+    w1, w2 = make_lake(lake_uri, 2, events_per_day=300)
+    lake = Lake(lake_uri)
+    train_fm(tiny_cfg(ema_decay=0.0), w1, lake)
+    run_training(tiny_cfg(ema_decay=0.0, emb_lr=0.0), w2, lake)  # today's rates apply to a warm start
+    day1, day2 = (checkpoint.load(lake, "small", w.ds, "final")["model"] for w in (w1, w2))
+    tables = {f"fm.{name}.weight" for name, m in FMBundle(tiny_cfg()).fm.named_modules()
+              if isinstance(m, torch.nn.Embedding)}
+    assert tables and tables <= set(day1)
+    assert all(torch.equal(day1[k], day2[k]) for k in tables)
+    assert not all(torch.equal(day1[k], day2[k]) for k in set(day1) - tables)  # the rest trained at lr
+
 def _train_cmd(lake_uri: str, ds: str, overrides: dict) -> list[str]:
     return [PYTHON, "-m", "fm.train", "--ds", ds, "--lake", lake_uri, "--threads", "1", *overrides_args(overrides)]
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from features.lake import Lake
+from fm.model import ARCH
 
 ROOT = ("models", "fm")
 
@@ -33,7 +34,7 @@ def relpath(preset: str, ds: str, kind: str) -> str:
 
 def save(lake: Lake, preset: str, ds: str, kind: str, state: dict[str, Any]) -> str:
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({**state, "arch": ARCH}, buf)
     return lake.write_bytes(relpath(preset, ds, kind), buf.getvalue())
 
 
@@ -42,7 +43,11 @@ def load(lake: Lake, preset: str, ds: str, kind: str) -> dict[str, Any] | None:
     path = relpath(preset, ds, kind)
     if not lake.file_exists(path):
         return None
-    return torch.load(io.BytesIO(lake.read_bytes(path)), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(lake.read_bytes(path)), map_location="cpu", weights_only=True)
+    if state.get("arch", 1) != ARCH:
+        raise ValueError(f"FM checkpoint {lake.path(path)} has parameter layout {state.get('arch', 1)}, this fmx "
+                         f"builds layout {ARCH}: train the {preset!r} FM again from its first window (--cold-start)")
+    return state
 
 
 def remove(lake: Lake, preset: str, ds: str, kind: str) -> None:

@@ -132,10 +132,6 @@ def load_parent(lake: Lake, cfg: FMConfig, window: Window, cold_start: bool) -> 
 def restore(bundle: FMBundle, opts: tuple[torch.optim.Optimizer, ...], state: dict[str, Any], cfg: FMConfig) -> None:
     bundle.load_state_dict(state["model"])
     for opt, key, lrs in zip(opts, ("opt_fm", "opt_ae"), (_fm_lrs(cfg), (cfg.ae_lr,)), strict=True):
-        if len(state[key]["param_groups"]) != len(opt.param_groups):
-            raise ValueError(f"checkpoint {state.get('fm_version', state['ds'])} was written by an older fmx (optimizer "
-                             f"groups {len(state[key]['param_groups'])}, now {len(opt.param_groups)}); train this FM "
-                             "again from its first window (--cold-start)")
         opt.load_state_dict(state[key])
         for group, lr in zip(opt.param_groups, lrs, strict=True):  # today's config decides the rates
             group["lr"] = lr

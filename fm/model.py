@@ -169,6 +169,7 @@ class FMOutput(NamedTuple):
 class FoundationModel(nn.Module):
     FIELDS = ("user", "segment", "region", "item", "category", "brand", "position", "device", "surface",
               "interest", "hist_mean", "match_recency", "match_count")
+    pairs: Tensor  # (2, F(F-1)/2) buffer: the field index pairs whose dot products the MLP reads
 
     def __init__(self, cfg: FMConfig) -> None:
         super().__init__()
@@ -187,7 +188,7 @@ class FoundationModel(nn.Module):
         self.match_recency = nn.Embedding(cfg.hist_len + 1, d)
         self.match_count = nn.Embedding(_MATCH_COUNTS + 1, d)
         n = len(self.FIELDS)
-        self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)  # (2, F(F-1)/2)
+        self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)
         layers: list[nn.Module] = []
         width = n * d + n * (n - 1) // 2
         for h in cfg.mlp:

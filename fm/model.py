@@ -9,8 +9,7 @@ Design choices (and why):
   grow, checkpoint, ship to the exporter or keep consistent across DDP ranks, and the model takes raw
   lake ids. The trade-off is collisions: with n distinct ids in m rows a given id shares its row with
   about n/m others, so rare ids share (noisy) embeddings. Presets size m (2^15 .. 2^17 rows) above the
-  synthetic data's active id counts, where collisions cost little; larger presets collide less, which
-  is part of why they win. Surfaces are few and named, so they use a plain index (cfg.surfaces).
+  synthetic data's active id counts, where collisions cost little. Surfaces are few and named, so they use a plain index (cfg.surfaces).
 - **History encoder = DIN target attention, plus self-attention blocks in larger presets.** Each
   history token is item + category + brand + surface + click + recency embeddings. DIN-style attention
   with the candidate item as query pools the last L cross-surface interactions into a candidate-aware
@@ -20,14 +19,16 @@ Design choices (and why):
   is always present so users with no history attend to something (no NaN from a fully masked
   softmax). A log2-bucketed time-gap embedding per token was tried and dropped (mean progressive NE
   0.9586 with it, 0.9577 without; small FM, 2 seeds, bench/fm_ne_table.py).
-- **Every feature its own field, DLRM-style pairwise dot products.** The MLP reads the 13 field
-  embeddings (user id, segment, region, item id, category, brand, position, device, surface, the DIN
-  interest, the history mean, and the two category-match fields below) plus the dot product of every
-  pair of fields. Measured (7 days, 50k events/day, small FM, the FM's logit plus one true term of the
-  generator's logit in a logistic regression on day 7; bench/fm_ne_table.py's oracle columns): when
-  side features were summed into the user and item embeddings, adding the true segment x category
-  affinity improved the FM by 0.012 NE and region x category by 0.005, population-level crosses the
-  FM had not learned; separate fields with pairwise dots cut mean progressive NE by 0.008-0.010.
+- **Every feature its own field, DLRM-style pairwise dot products, three hashed crosses.** The MLP
+  reads the field embeddings (user id, segment, region, item id, category, brand, position, device,
+  surface, the DIN interest, the history mean, the two category-match fields below, and the hashed
+  crosses segment x category, region x category, surface x category) plus the dot product of every
+  pair of fields. Measured (7 days, 50k events/day, small FM; the FM's logit plus one true term of the
+  generator's logit in a logistic regression on day 7, /tmp scripts described in the issue 3 note):
+  when side features were summed into the user and item embeddings, adding the true segment x category
+  affinity improved the FM by 0.012 NE and region x category by 0.005, population-level crosses it had
+  not learned. Separate fields with pairwise dots cut mean progressive NE by 0.008-0.010 (2 seeds);
+  the explicit crosses by another 0.004 (0.006 over the last 3 days).
 - **Category match (SIM-style hard search).** How recent and how many of the history's items share the
   candidate's category, as two small embeddings. The user's current intent is a category that persists
   along their day; adding "the previous impression had the candidate's category" to the FM's logit
@@ -60,6 +61,8 @@ from fm.config import FMConfig
 
 ARCH = 2  # parameter layout version, stored in every checkpoint (fm.checkpoint refuses another one)
 _MATCH_COUNTS = 8  # category-match counts above this share one row
+_CROSSED = ("segment", "region", "surface")  # each crossed with the candidate's category as one more field
+_CROSS_BASE = 1_000_003  # cross id = id * _CROSS_BASE + category (then hashed): distinct for categories < 1M
 _M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (splitmix64 constants)
 _M2 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _M3 = -7723592293110705685  # 0x94D049BB133111EB
@@ -168,7 +171,8 @@ class FMOutput(NamedTuple):
 
 class FoundationModel(nn.Module):
     FIELDS = ("user", "segment", "region", "item", "category", "brand", "position", "device", "surface",
-              "interest", "hist_mean", "match_recency", "match_count")
+              "interest", "hist_mean", "match_recency", "match_count", "segment_x_category", "region_x_category",
+              "surface_x_category")
     pairs: Tensor  # (2, F(F-1)/2) buffer: the field index pairs whose dot products the MLP reads
 
     def __init__(self, cfg: FMConfig) -> None:
@@ -187,6 +191,8 @@ class FoundationModel(nn.Module):
         # share the candidate's category
         self.match_recency = nn.Embedding(cfg.hist_len + 1, d)
         self.match_count = nn.Embedding(_MATCH_COUNTS + 1, d)
+        # crossed ids (segment, region, surface) x candidate category: hashed, one table each
+        self.crosses = nn.ModuleList(HashEmbedding(4 * cfg.side_buckets, d, salt=20 + i) for i in range(len(_CROSSED)))
         n = len(self.FIELDS)
         self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)
         layers: list[nn.Module] = []
@@ -227,6 +233,7 @@ class FoundationModel(nn.Module):
             self.items(b["item_id"]), side["category"](b["category"]), side["brand"](b["brand"]),
             side["position"](b["position"]), side["device"](b["device"]), self.surface(b["surface"]),
             interest, hist_mean, self.match_recency(recency), self.match_count(count),
+            *(table(b[key] * _CROSS_BASE + b["category"]) for table, key in zip(self.crosses, _CROSSED, strict=True)),
         ], dim=1)
         dots = torch.bmm(fields, fields.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]  # (B, F(F-1)/2)
         hidden = self.mlp(torch.cat([fields.flatten(1), dots], dim=1))  # (B, H)

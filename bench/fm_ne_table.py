@@ -89,11 +89,13 @@ def _logit(f: pl.DataFrame) -> np.ndarray:
 
 
 def oracle_logloss(z: np.ndarray, y: np.ndarray) -> float:
-    """Log loss of sigmoid(a z + b) with (a, b) fit on (z, y) by Newton's method: an oracle knowing z."""
-    X, beta = np.column_stack([z, np.ones_like(z)]), np.array([1.0, 0.0])
+    """Log loss of sigmoid(X beta) with beta (one weight per column of z, plus a bias) fit on (z, y) by
+    Newton's method: the best calibrated model that knows z, (n,) or (n, k)."""
+    X = np.column_stack([z, np.ones(len(y))])
+    beta = np.zeros(X.shape[1])
     for _ in range(50):
         p = 1 / (1 + np.exp(-(X @ beta)))
-        step = np.linalg.solve((X * (p * (1 - p))[:, None]).T @ X + 1e-9 * np.eye(2), X.T @ (p - y))
+        step = np.linalg.solve((X * (p * (1 - p))[:, None]).T @ X + 1e-9 * np.eye(len(beta)), X.T @ (p - y))
         beta -= step
         if np.abs(step).max() < 1e-10:
             break

@@ -6,11 +6,11 @@ FLOPs; batch 256, history length 32), measured with `bench/bench_fm.py`:
 
 | preset | dim | hash rows (user/item) | history blocks | mlp      | parameters | fwd FLOPs/example |
 |--------|-----|-----------------------|----------------|----------|-----------:|------------------:|
-| small  | 16  | 2^15 / 2^15           | 0 (DIN only)   | 64, 32   |  1,171,096 |           184,960 |
-| base   | 32  | 2^16 / 2^16           | 1              | 128, 64  |  4,486,856 |         1,512,704 |
-| large  | 64  | 2^17 / 2^17           | 2              | 256, 128 | 17,576,136 |         9,218,560 |
+| small  | 16  | 2^15 / 2^15           | 0 (DIN only)   | 64, 32   |  1,373,464 |           199,264 |
+| base   | 32  | 2^16 / 2^16           | 1              | 128, 64  |  4,897,736 |         1,553,600 |
+| large  | 64  | 2^17 / 2^17           | 2              | 256, 128 | 18,422,472 |         9,349,504 |
 
-large has 15x the parameters of small and 50x its FLOPs; all fit easily in memory (large: ~70 MB of
+large has 13x the parameters of small and 47x its FLOPs; all fit easily in memory (large: ~70 MB of
 fp32 weights, ~210 MB with AdamW state). Parameters are dominated by the hashed ID tables; FLOPs by
 the history encoder (DIN scoring MLP over L tokens, self-attention blocks) and the interaction MLP.
 

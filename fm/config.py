@@ -10,8 +10,8 @@ FLOPs; batch 256, history length 32), measured with `bench/bench_fm.py`:
 | base   | 32  | 2^16 / 2^16           | 1              | 128, 64  |  4,897,736 |         1,553,600 |
 | large  | 64  | 2^17 / 2^17           | 2              | 256, 128 | 18,422,472 |         9,349,504 |
 
-large has 13x the parameters of small and 47x its FLOPs; all fit easily in memory (large: ~70 MB of
-fp32 weights, ~210 MB with AdamW state). Parameters are dominated by the hashed ID tables; FLOPs by
+large has 13x the parameters of small and 47x its FLOPs; all fit easily in memory (large: ~74 MB of
+fp32 weights, ~220 MB with AdamW state). Parameters are dominated by the hashed ID tables; FLOPs by
 the history encoder (DIN scoring MLP over L tokens, self-attention blocks) and the interaction MLP.
 
 Surfaces: the stages build the config with `lake_config(preset, lake.meta())`, so the heads are the lake's

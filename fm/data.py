@@ -87,13 +87,26 @@ def load_window(lake: Lake, window: Window, cfg: FMConfig) -> WindowData:
     return to_window_data(frame.collect(), cfg, item_side)
 
 
-def _lookup(ids: np.ndarray, side: pl.DataFrame | None, col: str) -> np.ndarray:
-    """side[col] for each id (side sorted by its first column, the id); -1 where absent."""
+def _lookup(ids: np.ndarray, side: pl.DataFrame | None, cols: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """side[col] for each id and col (side sorted by its first column, the id); -1 where absent.
+
+    Dense ids (the usual case: 1..n) index a lookup array directly; others take one binary search."""
     if side is None or side.height == 0:
-        return np.full(len(ids), -1, dtype=np.int64)
-    keys = side[side.columns[0]].to_numpy()
+        return {c: np.full(len(ids), -1, dtype=np.int64) for c in cols}
+    keys = side[side.columns[0]].cast(pl.Int64).to_numpy()
+    values = {c: side[c].cast(pl.Int64).to_numpy() for c in cols}
+    if keys[0] >= 0 and keys[-1] < 4 * len(keys) + 2**16:
+        inside = (ids >= 0) & (ids <= keys[-1])
+        at = np.where(inside, ids, 0)
+        out = {}
+        for c, v in values.items():
+            table = np.full(keys[-1] + 1, -1, dtype=np.int64)
+            table[keys] = v
+            out[c] = np.where(inside, table[at], -1)
+        return out
     pos = np.clip(np.searchsorted(keys, ids), 0, len(keys) - 1)
-    return np.where(keys[pos] == ids, side[col].cast(pl.Int64).to_numpy()[pos], -1)
+    found = keys[pos] == ids
+    return {c: np.where(found, v[pos], -1) for c, v in values.items()}
 
 
 def _surface_index(names: pl.Series, surfaces: tuple[str, ...], what: str) -> np.ndarray:
@@ -155,8 +168,11 @@ def to_window_data(df: pl.DataFrame, cfg: FMConfig, item_side: pl.DataFrame | No
     t[SURFACE] = torch.from_numpy(_surface_index(df[SURFACE], cfg.surfaces, "events").copy())
     item_values = items.values.to_numpy(zero_copy_only=False)
     t["hist_item"] = _scatter(item_values, plan, L, 0)
-    for col in ("category", "brand"):
-        t[f"hist_{col}"] = _scatter(_lookup(item_values, item_side, col), plan, L, -1)
+    rows, cols, src, mask = plan
+    for col, found in _lookup(item_values[src], item_side, ("category", "brand")).items():  # only the used slots
+        out = np.full(mask.shape, -1, dtype=np.int64)
+        out[rows, cols] = found
+        t[f"hist_{col}"] = torch.from_numpy(out)
     t["hist_surface"] = _scatter(surf_values, plan, L, S)
     t["hist_click"] = _scatter(_flat(df["hist_click"]).values.to_numpy(zero_copy_only=False), plan, L, 0).clamp(0, 1)
     t["hist_mask"] = torch.from_numpy(plan[3])

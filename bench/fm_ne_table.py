@@ -70,17 +70,21 @@ def main() -> None:
     print_ne_table(lake, windows, presets, ne, gen)
 
 
-ORACLES = {  # name -> the logit terms it knows (features.generate.explain_window), as a function of the frame
-    # per-user taste unknown: the affinity term with the user's taste replaced by their segment's centre,
-    # no user-surface click bias; everything else (items, intent, context) known
-    "Seg": lambda f: _logit(f) - f["term_affinity"] - f["term_user_surface_bias"] + f["segment_affinity"],
+def _population(f: pl.DataFrame, affinity: str, intent: bool) -> np.ndarray:
+    """The true logit with the user's own taste replaced by `affinity` (a population-level stand-in) and
+    no user-surface click bias; without the intent term unless `intent`."""
+    known = _logit(f) - f["term_affinity"] - f["term_user_surface_bias"] + f[affinity]
+    return known if intent else known - f["term_intent"]
+
+
+ORACLES = {  # name -> the part of the true logit it knows (features.generate.explain_window's terms)
+    # per-user taste unknown (the user's segment's centre instead); items, intent and context known
+    "Seg": lambda f: _population(f, "segment_affinity", intent=True),
     # ... and the user's current intent unknown as well
-    "Seg-int": lambda f: _logit(f) - f["term_affinity"] - f["term_user_surface_bias"] + f["segment_affinity"]
-    - f["term_intent"],
+    "Seg-int": lambda f: _population(f, "segment_affinity", intent=False),
     # ... and the item's own vector unknown too (its category's centre): only population-level structure
     # (segment x category, brand, region, surface, position, device, item age), all of it in the FM's inputs
-    "Cat-int": lambda f: _logit(f) - f["term_affinity"] - f["term_user_surface_bias"] + f["category_affinity"]
-    - f["term_intent"],
+    "Cat-int": lambda f: _population(f, "category_affinity", intent=False),
 }
 
 
@@ -146,6 +150,7 @@ def print_ne_table(lake: Lake, windows: list, presets: list[str], ne: dict[tuple
     for name in ORACLES if gen else ():
         print(f"oracle {name}: mean gap to Bayes (same base rate), last 3 days "
               f"{np.nanmean([g for d in days[-3:] for g in gaps[(name, d)]]):+.4f}")
+
 
 if __name__ == "__main__":
     main()

@@ -143,9 +143,14 @@ def _layout(lists: pa.Array, length: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _scatter(values: np.ndarray, plan: tuple, length: int, fill: int) -> Tensor:
-    rows, cols, src, mask = plan
+    return _place(values[plan[2]], plan, fill)
+
+
+def _place(used: np.ndarray, plan: tuple, fill: int) -> Tensor:
+    """(N, L) tensor with the plan's used slot values (values[src], in plan order) in place, `fill` elsewhere."""
+    rows, cols, _, mask = plan
     out = np.full(mask.shape, fill, dtype=np.int64)
-    out[rows, cols] = values[src]
+    out[rows, cols] = used
     return torch.from_numpy(out)
 
 
@@ -168,11 +173,8 @@ def to_window_data(df: pl.DataFrame, cfg: FMConfig, item_side: pl.DataFrame | No
     t[SURFACE] = torch.from_numpy(_surface_index(df[SURFACE], cfg.surfaces, "events").copy())
     item_values = items.values.to_numpy(zero_copy_only=False)
     t["hist_item"] = _scatter(item_values, plan, L, 0)
-    rows, cols, src, mask = plan
-    for col, found in _lookup(item_values[src], item_side, ("category", "brand")).items():  # only the used slots
-        out = np.full(mask.shape, -1, dtype=np.int64)
-        out[rows, cols] = found
-        t[f"hist_{col}"] = torch.from_numpy(out)
+    for col, found in _lookup(item_values[plan[2]], item_side, ("category", "brand")).items():  # used slots only
+        t[f"hist_{col}"] = _place(found, plan, -1)
     t["hist_surface"] = _scatter(surf_values, plan, L, S)
     t["hist_click"] = _scatter(_flat(df["hist_click"]).values.to_numpy(zero_copy_only=False), plan, L, 0).clamp(0, 1)
     t["hist_mask"] = torch.from_numpy(plan[3])

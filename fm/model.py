@@ -51,6 +51,8 @@ Batch keys are documented in fm.data.BATCH_KEYS.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import NamedTuple
 
 import torch
@@ -206,11 +208,19 @@ class FoundationModel(nn.Module):
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=cfg.emb_std)
 
+    def user_parts(self, b: dict[str, Tensor]) -> list[Tensor]:
+        """The user's fields: id, segment, region embeddings, (B, D) each."""
+        return [self.users(b["user_id"]), self.side["segment"](b["segment"]), self.side["region"](b["region"])]
+
+    def item_parts(self, b: dict[str, Tensor]) -> list[Tensor]:
+        """The candidate item's fields: id, category, brand embeddings, (B, D) each."""
+        return [self.items(b["item_id"]), self.side["category"](b["category"]), self.side["brand"](b["brand"])]
+
     def user_embedding(self, b: dict[str, Tensor]) -> Tensor:
-        return self.users(b["user_id"]) + self.side["segment"](b["segment"]) + self.side["region"](b["region"])
+        return _total(self.user_parts(b))
 
     def item_embedding(self, b: dict[str, Tensor]) -> Tensor:
-        return self.items(b["item_id"]) + self.side["category"](b["category"]) + self.side["brand"](b["brand"])
+        return _total(self.item_parts(b))
 
     def category_match(self, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(B,) recency of the newest history item in the candidate's category (0 = the last one, L = none)
@@ -224,13 +234,13 @@ class FoundationModel(nn.Module):
         return recency, match.sum(dim=1).clamp(max=_MATCH_COUNTS)
 
     def forward(self, b: dict[str, Tensor]) -> FMOutput:
-        user, item = self.user_embedding(b), self.item_embedding(b)  # (B, D) each
+        user_parts, item_parts = self.user_parts(b), self.item_parts(b)  # each table looked up once
+        user, item = _total(user_parts), _total(item_parts)  # (B, D) each
         interest, hist_mean = self.history(b, item)  # (B, D) each
         recency, count = self.category_match(b)
         side = self.side
         fields = torch.stack([  # (B, F, D), in FIELDS order: each feature its own field (DLRM)
-            self.users(b["user_id"]), side["segment"](b["segment"]), side["region"](b["region"]),
-            self.items(b["item_id"]), side["category"](b["category"]), side["brand"](b["brand"]),
+            *user_parts, *item_parts,
             side["position"](b["position"]), side["device"](b["device"]), self.surface(b["surface"]),
             interest, hist_mean, self.match_recency(recency), self.match_count(count),
             *(table(b[key] * _CROSS_BASE + b["category"]) for table, key in zip(self.crosses, _CROSSED, strict=True)),
@@ -242,6 +252,11 @@ class FoundationModel(nn.Module):
         surface = b["surface"].clamp(max=S - 1)  # unknown surfaces (index S) are rejected by fm.data
         logits = all_logits[torch.arange(len(surface), device=surface.device), surface]  # (B, T)
         return FMOutput(logits, hidden, interest, user, item)
+
+
+def _total(parts: list[Tensor]) -> Tensor:
+    """parts[0] + parts[1] + ... (left to right, as one would write it)."""
+    return functools.reduce(operator.add, parts)
 
 
 class ReprAutoencoder(nn.Module):

@@ -22,18 +22,11 @@ from fmx import dagkit
 def fmx_experts() -> None:
     @task
     def plan(params=None, logical_date=None, run_id=None) -> dict:
-        """The run's references; no surfaces given: every surface with events on ds."""
-        from features.lake import Lake
+        """The run's references; surfaces checked against the lake (none given: every surface of ds)."""
+        from features.stage import plan_surfaces
 
         run = dagkit.resolve_run(params, logical_date, run_id)
-        run["surfaces"] = run["surfaces"] or [
-            p["surface"] for p in Lake(run["lake"]).partitions("events", ds=run["ds"])
-        ]
-        if not run["surfaces"]:
-            raise ValueError(
-                f"no events for ds={run['ds']} in lake {run['lake']}: run fmx_fm for that day first"
-            )
-        return run
+        return {**run, "surfaces": plan_surfaces(run["ds"], run["lake"], run["surfaces"])}
 
     @task
     def grid(day: dict, axes: list[str]) -> list[dict]:

@@ -7,27 +7,31 @@ Tasks call stage wrappers with references only; XCom carries ds, URIs, versions,
 the Param ds or the run's logical date (== data_interval_start for scheduled and backfill runs).
 Runs stay in day order (max_active_runs=1, depends_on_past, wait_for_downstream — backfill ignores
 max_active_runs, so fm_export(D) also waits for fm_train(D-1)): each FM day warm-starts from the one
-before. Past days: catchup, or `airflow backfill create --dag-id fmx_fm --from-date .. --to-date ..`.
+before. Past days: `airflow backfill create --dag-id fmx_fm --from-date .. --to-date ..`, any dates.
+
+The schedule is the lake's: one run per window of $FMX_WINDOW_DAYS days (default 1) from
+$FMX_START_DATE, catching up. Without FMX_START_DATE the DAG has no start date and no catch-up (an
+unpaused DAG runs only the latest interval), while manual triggers, `fmx run` and backfills run any
+window of any date (see dagkit).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Asset, CronDataIntervalTimetable, dag, task, task_group
+from airflow.sdk import Asset, dag, task, task_group
 
 from fmx import dagkit
 
+START = dagkit.schedule_start()  # $FMX_START_DATE, or None: no start date, no catch-up
 FM_OUTPUTS = Asset(
     "fmx://lake/fm_outputs", extra={"table": "fm_outputs"}
 )  # lineage of the exported FM knowledge
 
 
 @dag(
-    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
-    start_date=datetime(2026, 1, 1, tzinfo=UTC),
-    catchup=True,
+    schedule=dagkit.schedule(),
+    start_date=START,
+    catchup=START is not None,  # catch up from the chosen first window; without one, only the latest
     max_active_runs=1,
     params=dagkit.params(),
     default_args={**dagkit.DEFAULT_ARGS, "depends_on_past": True, "wait_for_downstream": True},
@@ -41,7 +45,8 @@ def fmx_fm() -> None:
 
         run = dagkit.resolve_run(params, logical_date, run_id)
         out = dagkit.timed(
-            stage, ds=run["ds"], lake_uri=run["lake"], source=run["source"], scale=run["scale"]
+            stage, ds=run["ds"], lake_uri=run["lake"], source=run["source"], scale=run["scale"],
+            surfaces=run["surfaces"],
         )
         return {**out, **run}  # the run's references win over the stage's own keys (e.g. surfaces)
 

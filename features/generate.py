@@ -51,6 +51,8 @@ Arrays = dict[str, np.ndarray]
 _CANDIDATES = 3
 _DEVICE_MIX = np.array([0.05, 0.6, 0.27, 0.08])  # unknown, mobile, desktop, tv
 
+DEFAULT_START = date(2026, 1, 1)  # the built-in stream's first day when a new lake names none
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -428,7 +430,7 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def generate(lake: Lake, cfg: GeneratorConfig, days: int, start: date = date(2026, 1, 1),
+def generate(lake: Lake, cfg: GeneratorConfig, days: int, start: date = DEFAULT_START,
              progress: Callable[[str], None] | None = _stderr) -> list[Window]:
     """Generate `days` consecutive 1-day windows from `start`, in order (same data as window by window)."""
     if days < 1:

@@ -22,7 +22,36 @@ def lake_windows(lake_uri: str) -> list[str]:
     return sorted({p["ds"] for p in Lake(lake_uri).partitions(EVENTS.name)})
 
 
-def ingest(ds: str, lake_uri: str, source: str = "generator", scale: str = "small", seed: int = 0) -> dict[str, Any]:
+def plan_surfaces(ds: str, lake_uri: str, requested: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The surfaces a run of window `ds` trains experts for: `requested`, or every surface with events.
+
+    A requested name the lake has never held fails with the valid ones listed; one the lake holds but
+    window ds has no events for is left out (a sparse surface skips a window); none left fails.
+    """
+    lake = Lake(lake_uri)
+    present = [p["surface"] for p in lake.partitions(EVENTS.name, ds=ds)]
+    if not present:
+        raise PartitionNotFound(f"no events for window ds={ds} in lake {lake.uri}: run fmx_fm for that window first")
+    if not requested:
+        return present
+    known = sorted(set(lake.meta().get("surfaces") or []) | {p["surface"] for p in lake.partitions(EVENTS.name)})
+    unknown = [s for s in requested if s not in known]
+    if unknown:
+        raise ValueError(f"unknown surfaces {unknown} for lake {lake.uri}; valid surfaces: {known}")
+    chosen = [s for s in requested if s in present]
+    if not chosen:
+        raise ValueError(f"window ds={ds} has no events for surfaces {list(requested)}; it has {present}")
+    return chosen
+
+
+def ingest(
+    ds: str,
+    lake_uri: str,
+    source: str = "generator",
+    scale: str = "small",
+    seed: int = 0,
+    surfaces: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Land and validate window `ds`, then write its user_history(ds) state.
 
     source="generator": (re)generate window ds with `GeneratorConfig(scale, seed)` (deterministic,
@@ -32,7 +61,9 @@ def ingest(ds: str, lake_uri: str, source: str = "generator", scale: str = "smal
     source="lake": the window was imported earlier (e.g. `fmx import`); its events(ds, *) must exist
     and pass the schema check (PartitionNotFound / SchemaError otherwise).
     Both: user_history of earlier windows is built first where missing, then user_history(ds) via
-    `features.history.build_user_history`. Returns {"ds", "surfaces", "rows", "source"}.
+    `features.history.build_user_history`. Requested `surfaces` are checked against the lake
+    (`plan_surfaces`) so that a bad name fails here, before any model trains.
+    Returns {"ds", "surfaces" (every surface of the window), "rows", "source"}.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown ingest source {source!r}; expected one of {SOURCES}")
@@ -44,6 +75,7 @@ def ingest(ds: str, lake_uri: str, source: str = "generator", scale: str = "smal
         window = lake.window(ds)
     surfaces, rows = _validate_events(lake, window)
     _build_history_through(lake, window)
+    plan_surfaces(window.ds, lake_uri, surfaces)
     return {"ds": window.ds, "surfaces": surfaces, "rows": rows, "source": source}
 
 

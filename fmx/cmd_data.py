@@ -26,7 +26,7 @@ SCALE_NAMES = ("tiny", "small", "default")
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
-    "--start", default=None, help="First day YYYY-MM-DD [default: the lake's origin, else 2026-01-01]."
+    "--start", default=None, help="First day YYYY-MM-DD [default: the lake's origin, else the built-in stream's first day]."
 )
 @lake_option
 def generate(
@@ -55,7 +55,9 @@ def generate(
 
 
 def _start_day(start: str | None, origin: str | None) -> date:
-    text = start or origin or "2026-01-01"
+    from features.generate import DEFAULT_START
+
+    text = start or origin or DEFAULT_START.isoformat()
     try:
         return date.fromisoformat(text)
     except ValueError:

@@ -13,16 +13,16 @@ def _choices(values: tuple[str, ...]) -> click.Choice:
 
 
 @cli.command("run")
-@click.option("--days", default=4, show_default=True, help="Number of daily windows to run.")
+@click.option("--days", default=4, show_default=True, type=click.IntRange(min=1), help="Number of windows to run.")
 @click.option(
     "--scale", type=_choices(dagkit.SCALES), default="small", show_default=True, help="Generator scale."
 )
-@click.option("--source", type=_choices(dagkit.SOURCES), default="generator", show_default=True,
+@click.option("--source", type=_choices(dagkit.SOURCES), default=None, show_default="what the lake holds",
               help="generator: synthesize each day; lake: the windows already imported into --lake.")  # fmt: skip
 @lake_option
 @click.option("--fm-presets", multiple=True, type=_choices(dagkit.FM_PRESETS), default=("small",),
               show_default=True, help="FM sizes (repeat for several: enables the transfer ratio).")  # fmt: skip
-@click.option("--surfaces", multiple=True, type=_choices(dagkit.SURFACES), help="Surfaces (default: all).")
+@click.option("--surfaces", multiple=True, help="Surfaces of the lake, repeat for several (default: all).")
 @click.option(
     "--variants", multiple=True, type=_choices(dagkit.VARIANTS), help="Expert variants (default: all)."
 )
@@ -35,7 +35,7 @@ def _choices(values: tuple[str, ...]) -> click.Choice:
 def run_cmd(
     days: int,
     scale: str,
-    source: str,
+    source: str | None,
     lake_uri: str | None,
     fm_presets: tuple[str, ...],
     surfaces: tuple[str, ...],
@@ -58,7 +58,7 @@ def run_cmd(
     cfg = runner.JobConfig(
         days=days,
         scale=scale,
-        source=source,
+        source=source or "",
         lake=resolve_lake(lake_uri),
         fm_presets=fm_presets,
         surfaces=surfaces,

@@ -5,18 +5,28 @@ only inside functions the DAG files call anyway). Library code lives in features
 this module only turns an Airflow run (params, logical date) into the plain references the stage
 wrappers take (ds string, lake URI string, preset names, pipeline_run id).
 
-The enums below repeat constants of heavy modules (experts.stage.VARIANTS, the generator's surfaces,
-the FM presets) so that parsing a DAG stays cheap; tests/dags asserts they agree.
+The enums below repeat constants of heavy modules (experts.stage.VARIANTS, the FM presets) so that
+parsing a DAG stays cheap; tests/dags asserts they agree. Surfaces are data, not an enum: any name
+that is a safe partition value (SURFACE_PATTERN) passes the Param; the run checks it against the
+lake's surfaces when it plans (`check_surfaces`).
+
+The schedule comes from the deployment, never from a date in the code: $FMX_START_DATE (YYYY-MM-DD,
+the first window to schedule, e.g. the lake's first window) and $FMX_WINDOW_DAYS (the lake's window
+length, default 1). Without FMX_START_DATE the DAG has no start date and no catch-up: unpaused, it runs
+the latest interval only; triggers, `fmx run` and backfills run any window of any date.
+`fmx up --start-date` sets both variables for the scheduler from a date or from the lake.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-SURFACES = ("feed", "search", "video", "live")
+START_DATE_ENV, WINDOW_DAYS_ENV = "FMX_START_DATE", "FMX_WINDOW_DAYS"
+
+SURFACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a partition value: no '/', no '..', no '='
 VARIANTS = ("base", "loopfm", "kd", "fe", "loopfm_kd")
 FM_PRESETS = ("small", "base", "large")
 SOURCES = ("generator", "lake")
@@ -36,6 +46,39 @@ DEFAULT_ARGS: dict[str, Any] = {
 TRAIN_TIMEOUT = timedelta(hours=3)
 
 
+def schedule_start() -> datetime | None:
+    """The first window fmx_fm schedules: $FMX_START_DATE at 00:00 UTC, or None (no schedule of its own)."""
+    import os
+
+    text = os.environ.get(START_DATE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f"{START_DATE_ENV}={text!r} is not a date YYYY-MM-DD") from None
+
+
+def window_days() -> int:
+    """$FMX_WINDOW_DAYS: the lake's window length in days (default 1); one scheduled run per window."""
+    import os
+
+    text = os.environ.get(WINDOW_DAYS_ENV, "1").strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{WINDOW_DAYS_ENV}={text!r} is not a whole number of days >= 1")
+    return int(text)
+
+
+def schedule() -> Any:
+    """One data interval per window: @daily (UTC) for 1-day windows, else every N days from the start date."""
+    from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable
+
+    days = window_days()
+    if days == 1:
+        return CronDataIntervalTimetable("@daily", timezone="UTC")
+    return DeltaDataIntervalTimetable(timedelta(days=days))
+
+
 def params() -> dict[str, Any]:
     """The Params every fmx DAG accepts; Airflow validates a trigger's conf against them before any task runs."""
     from airflow.sdk import Param
@@ -53,8 +96,13 @@ def params() -> dict[str, Any]:
             format="date",
             description="Window to process (YYYY-MM-DD). Empty: the run's logical date.",
         ),
-        "surfaces": enum_list(
-            [], SURFACES, 0, "Surfaces to train experts for. Empty: every surface of the window."
+        "surfaces": Param(
+            [],
+            type="array",
+            items={"type": "string", "pattern": SURFACE_PATTERN},
+            uniqueItems=True,
+            description="Surfaces to train experts for, any of the lake's (checked when the run plans). "
+            "Empty: every surface of the window.",
         ),
         "variants": enum_list(list(VARIANTS), VARIANTS, 1, "Expert variants to train."),
         "fm_presets": enum_list(

@@ -26,7 +26,6 @@ from fmx import dagkit
 
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 FM_DAG, EXPERTS_DAG = "fmx_fm", "fmx_experts"
-GENERATOR_START = date(2026, 1, 1)  # the generator's default first day (features.generate.generate)
 
 
 class JobFailed(RuntimeError):
@@ -35,11 +34,14 @@ class JobFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class JobConfig:
-    """What `fmx run` runs: `days` windows from `start` (generator) or the lake's first windows (lake)."""
+    """What `fmx run` runs: `days` windows from `start` (generator) or the lake's first windows (lake).
+
+    source "" = what the lake holds (`resolve_source`): its imported windows, else the generator.
+    """
 
     days: int = 4
     scale: str = "small"
-    source: str = "generator"
+    source: str = ""
     lake: str = ""
     fm_presets: tuple[str, ...] = ("small",)
     surfaces: tuple[str, ...] = ()
@@ -114,18 +116,42 @@ def ensure_pool(name: str = dagkit.TRAINING_POOL, slots: int = dagkit.TRAINING_P
         Pool.create_or_update_pool(name, slots, "heavy training tasks of fmx", include_deferred=False)
 
 
+def resolve_source(cfg: JobConfig) -> JobConfig:
+    """`cfg` with its source decided by the lake: an imported lake runs its own windows ("lake").
+
+    An explicit source is checked: the generator cannot write into a lake that holds an import.
+    """
+    from dataclasses import replace
+
+    from features.lake import Lake
+
+    held = Lake(cfg.lake).meta().get("source")
+    imported = held is not None and held != "generator"
+    if cfg.source == "generator" and imported:
+        raise JobFailed(
+            f"lake {cfg.lake} holds imported {held!r} windows, which the generator cannot extend: "
+            "run them with --source lake (or leave --source out), or generate into another --lake"
+        )
+    return replace(cfg, source=cfg.source or ("lake" if imported else "generator"))
+
+
 def job_days(cfg: JobConfig) -> list[str]:
     """The windows to run: consecutive days for the generator, the lake's first windows for source=lake."""
     if cfg.days < 1:
-        raise ValueError(f"--days must be >= 1, got {cfg.days}")
+        raise JobFailed(f"--days must be >= 1, got {cfg.days}")
     if cfg.source == "generator":
-        start = cfg.start or GENERATOR_START
+        from features.generate import DEFAULT_START
+        from features.lake import Lake
+
+        origin = Lake(cfg.lake).meta().get("origin")
+        start = cfg.start or (date.fromisoformat(origin) if origin else DEFAULT_START)
         return [(start + timedelta(days=i)).isoformat() for i in range(cfg.days)]
     from features.stage import lake_windows
 
     windows = [w for w in lake_windows(cfg.lake) if cfg.start is None or w >= cfg.start.isoformat()]
     if not windows:
-        raise ValueError(f"lake {cfg.lake} holds no windows with events: import data first (fmx import)")
+        since = f" from {cfg.start}" if cfg.start else ""
+        raise JobFailed(f"lake {cfg.lake} holds no windows with events{since}: import data first (fmx import)")
     return windows[: cfg.days]
 
 
@@ -141,6 +167,7 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
     if not cfg.retries:
         for task in [*fm_dag.tasks, *experts_dag.tasks]:
             task.retries = 0
+    cfg = resolve_source(cfg)
     days = job_days(cfg)
     report = JobReport(days=days, pipeline_run=f"fmx-run-{datetime.now(UTC):%Y%m%dT%H%M%S}")
     for ds in days:
@@ -178,12 +205,42 @@ def _run_dag(
         stage = f" (stage {t.stage_s:.1f} s)" if t.stage_s else ""
         echo(f"  {dag.dag_id}.{t.task:<40} {t.state:<8} done in {t.task_s:6.1f} s{stage}")
     failed = [t.task for t in timings if t.state == "failed"]
-    if str(run.state) != "success" or failed:
+    if str(run.state) != "success" or failed or not timings or any(t.state in NOT_RUN for t in timings):
+        if not failed:
+            raise JobFailed(_why_not_run(dag, run, ds))
         log_dir = os.environ.get("AIRFLOW__LOGGING__BASE_LOG_FOLDER", "$AIRFLOW_HOME/logs")
         raise JobFailed(
             f"{dag.dag_id} run for ds={ds} ended {run.state}; failed tasks: {failed} (see {log_dir})"
         )
     return run
+
+
+NOT_RUN = ("None", "scheduled", "queued", "up_for_reschedule", "deferred")
+
+
+def _why_not_run(dag: Any, run: Any, ds: str) -> str:
+    """Why a run ended without running (all of) its tasks: Airflow's own failed dependency reasons."""
+    from airflow.ti_deps.dep_context import DepContext
+    from airflow.utils.session import create_session
+
+    reasons: dict[str, str] = {}
+    with create_session() as session:
+        for ti in run.get_task_instances(session=session):
+            if str(ti.state) not in NOT_RUN:
+                continue
+            ti.task = dag.get_task(ti.task_id)
+            for dep in ti.get_failed_dep_statuses(dep_context=DepContext(), session=session):
+                reasons.setdefault(dep.reason, ti.task_id)
+    logical = datetime.fromisoformat(ds).replace(tzinfo=UTC)
+    late = sorted({t.start_date for t in dag.tasks if t.start_date and t.start_date > logical})
+    if late:  # Airflow creates no task instance for a date before the start date
+        reasons.setdefault(
+            f"the window {ds} is before the DAG's start date {late[0].date()} "
+            f"(${dagkit.START_DATE_ENV}; unset it or set it to the lake's first window)",
+            "every task",
+        )
+    why = "; ".join(f"{task}: {reason}" for reason, task in reasons.items()) or "no reason recorded by Airflow"
+    return f"{dag.dag_id} run for ds={ds} ended {run.state} without running its tasks: {why}"
 
 
 def _timings(run: Any, dag: Any, ds: str) -> list[TaskTiming]:
@@ -226,6 +283,6 @@ def _xcoms(run_id: str, dag_id: str, task_ids: Sequence[str] | None = None) -> l
 
 def _xcom(run: Any, task_id: str) -> Any:
     found = _xcoms(run.run_id, run.dag_id, [task_id])
-    if not found:
-        raise JobFailed(f"{run.dag_id}.{task_id} left no XCom in run {run.run_id}")
+    if not found:  # _run_dag has already explained runs whose tasks did not run
+        raise JobFailed(f"{run.dag_id}.{task_id} succeeded but returned nothing in run {run.run_id}")
     return found[0].value

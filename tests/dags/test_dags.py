@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,8 @@ def test_fmx_fm_structure(dags: dict) -> None:
     assert (
         type(dag.task_group_dict["fm_preset"]).__name__ == "MappedTaskGroup"
     )  # one export->train per preset
-    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable" and dag.catchup
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # 1-day windows unless FMX_WINDOW_DAYS
+    assert dag.start_date is None and not dag.catchup  # no date is assumed: FMX_START_DATE sets the schedule
     assert dag.max_active_runs == 1 and all(t.depends_on_past for t in dag.tasks)
     assert dag.task_dict["fm_preset.fm_train"].pool == dagkit.TRAINING_POOL
     assert dag.task_dict["trigger_experts"].trigger_dag_id == "fmx_experts"
@@ -104,7 +106,9 @@ def test_retries_back_off_exponentially_with_timeouts(dags: dict) -> None:
     [
         {"ds": "2026-02-30"},
         {"ds": "yesterday"},
-        {"surfaces": ["feed", "tiktok"]},
+        {"surfaces": ["feed", "../etc"]},
+        {"surfaces": ["a/b"]},
+        {"surfaces": ["feed", "feed"]},
         {"variants": ["base", "nope"]},
         {"variants": []},
         {"fm_presets": ["huge"]},
@@ -155,7 +159,43 @@ def test_enums_agree_with_the_libraries() -> None:
     experts_stage = pytest.importorskip("experts.stage")
     generate = pytest.importorskip("features.generate")
     assert tuple(experts_stage.VARIANTS) == dagkit.VARIANTS
-    assert tuple(generate.GeneratorConfig().surfaces) == dagkit.SURFACES
+    assert all(re.fullmatch(dagkit.SURFACE_PATTERN, s) for s in generate.GeneratorConfig().surfaces)
+
+
+def test_surfaces_are_data_any_safe_name_passes_the_param(dags: dict) -> None:
+    for dag in dags.values():
+        params = copy.deepcopy(dag.params)
+        params.update({"surfaces": ["comedy", "tab_3", "Live.v2"]})
+        assert params.validate()["surfaces"] == ["comedy", "tab_3", "Live.v2"]
+
+
+def test_schedule_follows_the_deployment_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    monkeypatch.setenv("FMX_START_DATE", "1997-09-20")
+    monkeypatch.setenv("FMX_WINDOW_DAYS", "7")
+    assert dagkit.schedule_start() == datetime(1997, 9, 20, tzinfo=UTC)
+    assert type(dagkit.schedule()).__name__ == "DeltaDataIntervalTimetable"
+    assert dagkit.schedule().delta == timedelta(days=7)
+    monkeypatch.setenv("FMX_START_DATE", "the 20th")
+    with pytest.raises(ValueError, match="FMX_START_DATE='the 20th' is not a date"):
+        dagkit.schedule_start()
+    monkeypatch.setenv("FMX_WINDOW_DAYS", "0")
+    with pytest.raises(ValueError, match="FMX_WINDOW_DAYS='0'"):
+        dagkit.window_days()
+
+
+def test_dag_parses_with_a_start_date_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FMX_START_DATE the DAG catches up from that window, at the lake's window length."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("FMX_START_DATE", "1997-09-20")
+    monkeypatch.setenv("FMX_WINDOW_DAYS", "7")
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    dag = bag.dags["fmx_fm"]
+    assert dag.start_date.date().isoformat() == "1997-09-20" and dag.catchup
+    assert type(dag.timetable).__name__ == "DeltaDataIntervalTimetable"
 
 
 def test_resolve_run_gives_the_childs_conf_with_an_absolute_lake(monkeypatch: pytest.MonkeyPatch) -> None:

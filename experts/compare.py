@@ -3,7 +3,10 @@
 Reads the expert_train runs (tag ``fmx.stage = expert_train``) of the tracking store, keeps those
 whose ``ds`` lies in [ds_from, ds_to] and that were evaluated (cold starts have no metrics), and
 averages each metric per (fm_preset, surface, variant) over the days that have it. The FM itself
-appears as variant ``fm`` (its fm_export per-surface runs: the same rows, the same base rate). The champion
+appears as variant ``fm`` (its fm_export per-surface runs: the same rows, the same base rate), and the counting
+reference as variant ``ref`` (experts.reference runs, tag variant=ref, evaluated=true: every event of the
+surface's window, the same base rate), after it: variants..., fm, ref. The reference does not depend on the FM;
+its runs carry the fm_preset they were called with, so each preset's block shows it. The champion
 (registry alias ``champion`` of ``fmx-expert-<surface>-<preset>``) is marked with ``*``.
 """
 
@@ -14,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 from experts.config import VARIANTS
+from experts.reference import VARIANT as REF
 from experts.registry import STAGE_TAG, TRAIN_STAGE, champion
 
 COLUMNS = ("auc", "ne", "calibration", "gap_closure", "transfer_ratio")
@@ -34,6 +38,9 @@ def compare_rows(surface: str | None = None, ds_from: str | None = None, ds_to: 
     fm_flt = "tags.variant = 'fm' and tags.surface != 'all'" + (f" and tags.surface = '{surface}'" if surface else "")
     runs += [r for r in mlflow.search_runs([exp_id], filter_string=fm_flt, output_format="list", max_results=50_000)
              if "ne" in r.data.metrics]
+    # the counting reference per surface (experts.reference; a run not evaluated has no metrics)
+    ref_flt = f"tags.variant = '{REF}' and tags.evaluated = 'true'" + (f" and tags.surface = '{surface}'" if surface else "")
+    runs += mlflow.search_runs([exp_id], filter_string=ref_flt, output_format="list", max_results=50_000)
     groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     days: dict[tuple[str, str, str], set[str]] = defaultdict(set)
     for run in runs:
@@ -46,7 +53,7 @@ def compare_rows(surface: str | None = None, ds_from: str | None = None, ds_to: 
             if col in run.data.metrics:
                 groups[key][col].append(run.data.metrics[col])
     rows = []
-    order = {v: i for i, v in enumerate((*VARIANTS, "fm"))}
+    order = {v: i for i, v in enumerate((*VARIANTS, "fm", REF))}
     for key in sorted(groups, key=lambda k: (k[1], k[0], order.get(k[2], 99))):
         preset, surf, variant = key
         champ = champion(surf, preset)
@@ -70,5 +77,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         name = r["variant"] + (" *" if r["champion"] else "")
         vals = " ".join(f"{r[c]:>14.4f}" if math.isfinite(r[c]) else f"{'-':>14}" for c in COLUMNS)
         lines.append(f"{r['surface']:<8} {r['fm_preset']:<6} {name:<10} {r['days']:>4} {vals}")
-    lines.append("* = champion (registry alias). NE base rate: CTR of the training window (ds-1).")
+    lines.append(f"* = champion (registry alias). {REF} = counting reference (item/user CTR + log counts, LR "
+                 "fitted on ds-1). NE base rate: CTR of the training window (ds-1).")
     return "\n".join(lines)

@@ -26,7 +26,8 @@ def fmx_experts() -> None:
         from features.stage import plan_surfaces
 
         run = dagkit.resolve_run(params, logical_date, run_id)
-        return {**run, "surfaces": plan_surfaces(run["ds"], run["lake"], run["surfaces"])}
+        with dagkit.bad_input_fails_at_once():
+            return {**run, "surfaces": plan_surfaces(run["ds"], run["lake"], run["surfaces"])}
 
     @task
     def grid(day: dict, axes: list[str]) -> list[dict]:

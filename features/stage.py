@@ -22,6 +22,12 @@ def lake_windows(lake_uri: str) -> list[str]:
     return sorted({p["ds"] for p in Lake(lake_uri).partitions(EVENTS.name)})
 
 
+def known_surfaces(lake_uri: str) -> list[str]:
+    """Every surface the lake has held: its meta's list and every events partition's."""
+    lake = Lake(lake_uri)
+    return sorted(set(lake.meta().get("surfaces") or []) | {p["surface"] for p in lake.partitions(EVENTS.name)})
+
+
 def plan_surfaces(ds: str, lake_uri: str, requested: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The surfaces a run of window `ds` trains experts for: `requested`, or every surface with events.
 
@@ -34,7 +40,7 @@ def plan_surfaces(ds: str, lake_uri: str, requested: list[str] | tuple[str, ...]
         raise PartitionNotFound(f"no events for window ds={ds} in lake {lake.uri}: run fmx_fm for that window first")
     if not requested:
         return present
-    known = sorted(set(lake.meta().get("surfaces") or []) | {p["surface"] for p in lake.partitions(EVENTS.name)})
+    known = known_surfaces(lake_uri)
     unknown = [s for s in requested if s not in known]
     if unknown:
         raise ValueError(f"unknown surfaces {unknown} for lake {lake.uri}; valid surfaces: {known}")
@@ -73,10 +79,10 @@ def ingest(
         _generate_through(lake, window, scale, seed)
     else:
         window = lake.window(ds)
-    surfaces, rows = _validate_events(lake, window)
+    present, rows = _validate_events(lake, window)
     _build_history_through(lake, window)
     plan_surfaces(window.ds, lake_uri, surfaces)
-    return {"ds": window.ds, "surfaces": surfaces, "rows": rows, "source": source}
+    return {"ds": window.ds, "surfaces": present, "rows": rows, "source": source}
 
 
 def _generate_through(lake: Lake, window: Window, scale: str, seed: int) -> None:

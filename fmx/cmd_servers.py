@@ -30,6 +30,13 @@ from fmx.cli import cli
     show_default=True,
     help="--no-schedule: no scheduled or catch-up runs; triggered runs and backfills still run.",
 )
+@click.option("--lake", "lake_uri", default=None, help="Lake of every task (FMX_LAKE). Default $FMX_LAKE, else $FMX_HOME/lake.")
+@click.option(
+    "--start-date",
+    default=None,
+    help="First window fmx_fm schedules (YYYY-MM-DD, or 'lake' for the lake's first window); it catches up "
+    "from there. Default $FMX_START_DATE, else none: no catch-up, triggers and backfills only run what you ask.",
+)
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for health.")
 def up(
     airflow_port: int | None,
@@ -37,19 +44,25 @@ def up(
     db: str | None,
     dags_folder: str | None,
     schedule: bool,
+    lake_uri: str | None,
+    start_date: str | None,
     timeout: float,
 ) -> None:
     """Start Airflow (api-server, scheduler, dag-processor) and an MLflow server; wait until healthy."""
     from fmx import servers
 
     try:
-        cfg = servers.resolve_config(None, dags_folder, airflow_port, mlflow_port, db, schedule)
+        cfg = servers.resolve_config(
+            None, dags_folder, airflow_port, mlflow_port, db, schedule, lake_uri, start_date
+        )
         click.echo(f"starting servers under {cfg.home} (logs in {cfg.state_dir / 'logs'}) ...", err=True)
         state = servers.up(cfg, timeout=timeout)
     except servers.ServerError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Airflow  {state.airflow_url}   user admin, password in {state.password_file}")
     click.echo(f"MLflow   {state.mlflow_url}")
+    first = cfg.start_date or "none (no catch-up; trigger or backfill the windows you want)"
+    click.echo(f"schedule fmx_fm every {cfg.window_days} day(s) from {first}")
     click.echo(f"logs     {sorted(state.logs.values())[0].rsplit('/', 1)[0]}/")
     click.echo("stop with `fmx down`")
 

@@ -20,7 +20,8 @@ the latest interval only; triggers, `fmx run` and backfills run any window of an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -173,10 +174,25 @@ def pipeline_run(params: Mapping[str, Any], run_id: str) -> str:
     return str(params.get("pipeline_run") or run_id)
 
 
+@contextmanager
+def bad_input_fails_at_once() -> Iterator[None]:
+    """A ValueError (bad Param, lake or data: a user's error) fails the task without retries.
+
+    Retrying cannot fix it, and three attempts with back-off would hide the message for minutes.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
 def timed(stage: Callable[..., dict], **kwargs: Any) -> dict:
     """Call a stage wrapper; return its dict plus `stage_s`, its own wall time (for the overhead split)."""
     start = time.perf_counter()
-    out = json_safe(dict(stage(**kwargs) or {}))
+    with bad_input_fails_at_once():
+        out = json_safe(dict(stage(**kwargs) or {}))
     out["stage_s"] = round(time.perf_counter() - start, 3)
     return out
 

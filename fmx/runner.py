@@ -135,6 +135,23 @@ def resolve_source(cfg: JobConfig) -> JobConfig:
     return replace(cfg, source=cfg.source or ("lake" if imported else "generator"))
 
 
+def check_surfaces(cfg: JobConfig) -> None:
+    """Fail before the first run when a requested surface is not the lake's (or the generator's)."""
+    if not cfg.surfaces:
+        return
+    if cfg.source == "generator":
+        from features.generate import GeneratorConfig
+
+        known = list(GeneratorConfig(scale=cfg.scale).surfaces)
+    else:
+        from features.stage import known_surfaces
+
+        known = known_surfaces(cfg.lake)
+    unknown = [s for s in cfg.surfaces if s not in known]
+    if unknown:
+        raise JobFailed(f"unknown surfaces {unknown} for lake {cfg.lake} ({cfg.source}); valid surfaces: {known}")
+
+
 def job_days(cfg: JobConfig) -> list[str]:
     """The windows to run: consecutive days for the generator, the lake's first windows for source=lake."""
     if cfg.days < 1:
@@ -169,6 +186,7 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
             task.retries = 0
     cfg = resolve_source(cfg)
     days = job_days(cfg)
+    check_surfaces(cfg)
     report = JobReport(days=days, pipeline_run=f"fmx-run-{datetime.now(UTC):%Y%m%dT%H%M%S}")
     for ds in days:
         echo(f"== day {ds}")

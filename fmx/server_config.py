@@ -42,6 +42,9 @@ class ServerConfig:
     schedule: bool = (
         True  # False: the scheduler creates no scheduled/catch-up runs; triggers and backfills run
     )
+    lake: str = ""  # FMX_LAKE of every task ("" = $FMX_HOME/lake)
+    start_date: str = ""  # FMX_START_DATE: the first window fmx_fm schedules ("" = none, no catch-up)
+    window_days: int = 1  # FMX_WINDOW_DAYS: one scheduled run per window
 
     @property
     def state_dir(self) -> Path:
@@ -96,9 +99,12 @@ def resolve_config(
     mlflow_port: int | None = None,
     db: str | None = None,
     schedule: bool = True,
+    lake: str | None = None,
+    start_date: str | None = None,
 ) -> ServerConfig:
     """Defaults: home $FMX_HOME (./.fmx); dags the repo's dags/; ports $FMX_AIRFLOW_PORT / $FMX_MLFLOW_PORT,
-    else 8080 / 5000 when free, else any free port; db $FMX_DB, else SQLite."""
+    else 8080 / 5000 when free, else any free port; db $FMX_DB, else SQLite; lake $FMX_LAKE, else
+    $FMX_HOME/lake; start_date $FMX_START_DATE, else none ("lake": the lake's first window)."""
     home_path = Path(home).absolute() if home else resolve_home()
     dags = Path(dags_folder or Path(__file__).resolve().parents[1] / "dags").absolute()
     if not dags.is_dir():
@@ -113,7 +119,32 @@ def resolve_config(
         mlflow_port=_port("mlflow", mlflow_port),
         db=db,
         schedule=schedule,
+        lake=lake or os.environ.get("FMX_LAKE", ""),
+        **schedule_from(lake or os.environ.get("FMX_LAKE") or str(home_path / "lake"), start_date),
     )
+
+
+def schedule_from(lake_uri: str, start_date: str | None) -> dict[str, Any]:
+    """start_date and window_days for fmx_fm's schedule: a date, "lake" (its first window), or $FMX_START_DATE.
+
+    The window length is always the lake's (1 for a new lake), so scheduled runs land on its windows.
+    """
+    from datetime import date
+
+    from features.lake import Lake
+
+    meta = Lake(lake_uri).meta()
+    text = start_date or os.environ.get("FMX_START_DATE", "")
+    if text == "lake":
+        if not meta.get("origin"):
+            raise ServerError(f"--start-date lake: lake {lake_uri} holds no windows yet (import or generate first)")
+        text = meta["origin"]
+    if text:
+        try:
+            date.fromisoformat(text)
+        except ValueError:
+            raise ServerError(f"--start-date {text!r} is not a date YYYY-MM-DD (or 'lake')") from None
+    return {"start_date": text, "window_days": int(meta.get("window_days", 1))}
 
 
 def _port(name: str, requested: int | None) -> int:
@@ -187,6 +218,7 @@ def running_config(home: str | Path) -> ServerConfig:
     return ServerConfig(
         home=Path(c["home"]), dags_folder=Path(c["dags_folder"]), airflow_port=c["airflow_port"],
         mlflow_port=c["mlflow_port"], db=c["db"], parallelism=c["parallelism"], schedule=c["schedule"],
+        lake=c.get("lake", ""), start_date=c.get("start_date", ""), window_days=c.get("window_days", 1),
     )  # fmt: skip
 
 
@@ -258,7 +290,13 @@ def server_env(cfg: ServerConfig) -> dict[str, str]:
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=cfg.airflow_db_url(),
         AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES="1",
         AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="30",  # new DAG files show up within 30 s
+        FMX_WINDOW_DAYS=str(cfg.window_days),
     )
+    env.pop("FMX_START_DATE", None)
+    if cfg.start_date:
+        env["FMX_START_DATE"] = cfg.start_date
+    if cfg.lake:
+        env["FMX_LAKE"] = cfg.lake
     return env
 
 

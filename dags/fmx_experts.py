@@ -1,7 +1,8 @@
 """fmx_experts: the surface experts of window D, on the FM outputs fmx_fm exported for D.
 
 plan -> expert_examples per (surface, FM preset) -> expert_train per (surface, variant, FM preset)
--> compare_and_promote per (surface, FM preset): dynamic task mapping over the lists `plan` resolves.
+-> compare_and_promote per (surface, FM preset), with `reference` per (surface, FM preset) beside them
+(the counting baseline, variant `ref`): dynamic task mapping over the lists `plan` resolves.
 
 Decoupled from the FM by an explicit trigger, not an Asset schedule: fmx_fm's last task starts one
 fmx_experts run per FM day with conf {ds, lake, surfaces, variants, fm_presets, pipeline_run}. An
@@ -49,6 +50,14 @@ def fmx_experts() -> None:
         return {**out, "ds": day["ds"], "surface": surface, "variant": variant, "preset": preset}
 
     @task
+    def reference(day: dict, surface: str, preset: str) -> dict:
+        """The counting reference (variant `ref`) scored on the same rows: the bar every model must clear."""
+        from experts.reference import reference_eval as stage
+
+        out = dagkit.timed(stage, surface=surface, preset=preset, **dagkit.refs(day))
+        return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
+
+    @task
     def compare_and_promote(day: dict, surface: str, preset: str) -> dict:
         from experts.stage import compare_and_promote as stage
 
@@ -60,7 +69,8 @@ def fmx_experts() -> None:
     per_model = grid.override(task_id="per_model")(day, ["surface", "variant", "preset"])
     examples = expert_examples.partial(day=day).expand_kwargs(per_surface)
     trained = expert_train.partial(day=day).expand_kwargs(per_model)
-    examples >> trained >> compare_and_promote.partial(day=day).expand_kwargs(per_surface)
+    refs = reference.partial(day=day).expand_kwargs(per_surface)
+    [examples >> trained, refs] >> compare_and_promote.partial(day=day).expand_kwargs(per_surface)
 
 
 fmx_experts()

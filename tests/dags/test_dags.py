@@ -88,9 +88,10 @@ def test_fmx_experts_structure(dags: dict) -> None:
     up = {t.task_id: t.upstream_task_ids for t in dag.tasks}
     assert up["expert_examples"] == {"plan", "per_surface"}
     assert up["expert_train"] == {"plan", "per_model", "expert_examples"}
-    assert up["compare_and_promote"] == {"plan", "per_surface", "expert_train"}
+    assert up["reference"] == {"plan", "per_surface"}  # the counting baseline, beside the experts
+    assert up["compare_and_promote"] == {"plan", "per_surface", "expert_train", "reference"}
     mapped = {t.task_id for t in dag.tasks if type(t).__name__ == "DecoratedMappedOperator"}
-    assert mapped == {"expert_examples", "expert_train", "compare_and_promote"}
+    assert mapped == {"expert_examples", "expert_train", "reference", "compare_and_promote"}
     assert dag.timetable.can_be_scheduled is False and dag.max_active_runs == 1  # started by fmx_fm's trigger
     assert dag.task_dict["expert_train"].pool == dagkit.TRAINING_POOL
 

@@ -60,7 +60,7 @@ def test_movielens_runs_through_the_dags_with_every_variant(
     found = {(r["surface"], r["variant"]): r for r in rows if r["fm_preset"] == "small"}
     # window 1: no FM yet; window 2: first experts (cold); windows 3..6 scored progressively
     for surface in GENRES:
-        for variant in (*VARIANTS, "fm"):
+        for variant in (*VARIANTS, "fm", "ref"):
             row = found.get((surface, variant))
             assert row is not None, f"no MLflow result for {surface}/{variant}: {sorted(found)}"
             assert row["days"] >= ML_DAYS - 2 - (variant != "fm"), row
@@ -118,4 +118,4 @@ def test_tab_separated_2022_log_with_own_mapping_runs_through_fmx_run(
     assert "== day 2022-03-04" in run.stdout
     rows = _compare(home, monkeypatch, ds_from="2022-03-01", ds_to="2022-03-04")
     found = {(r["surface"], r["variant"]) for r in rows}
-    assert found >= {(s, v) for s in ("home", "search", "shorts") for v in ("base", "kd", "fm")}, found
+    assert found >= {(s, v) for s in ("home", "search", "shorts") for v in ("base", "kd", "fm", "ref")}, found

@@ -13,8 +13,19 @@ Contracts (pinned in the project brief):
 - `advance_state(events, state, length, payload)`: the state at the end of this window (every user
   of state or events; each list the user's last `length` interactions).
 - `build_user_history(lake, window)`: writes ``user_history(ds=window.ds)`` (schemas.USER_HISTORY)
-  from ``events(ds=window.ds, every surface)`` and ``user_history(window.prev())`` only.
-- `read_user_history(lake, window)`: the state at the END of ``window.prev()``, or None.
+  from ``events(ds=window.ds, every surface)`` and the state at the end of ``window.prev()``
+  (`read_user_history`).
+- `read_user_history(lake, window)`: the state at the END of ``window.prev()``. None ONLY when no
+  window of the lake's events starts before `window` (the lake's first window has no history).
+  Otherwise a missing state is never read as "no history": the missing states from the lake's first
+  events window through ``window.prev()`` are built first, in order (`ensure_user_history`; this
+  writes them to the lake, the same partitions ingest writes), so a window gives the same history
+  whether or not user_history was written beforehand.
+- `ensure_user_history(lake, window)`: user_history for every window from the lake's first events
+  window through `window` (gaps included) that lacks it, built in order; existing states are kept.
+- `build_history_through(lake, window)`: `ensure_user_history` up to ``window.prev()``, then
+  user_history(window) (re)built — what ingest runs after landing a window.
+  All three raise ValueError when `window` is not aligned with the lake's first events window.
 - `asof_snapshot(lake, table, window)`: the snapshot partition with the newest ``ds <= window.prev().ds``.
 
 Ordering among interactions with the same ts: state rows first (in their list order), then events by
@@ -38,11 +49,12 @@ import polars as pl
 import pyarrow as pa
 
 from features.lake import Lake
-from features.schemas import TS, USER_HISTORY, USER_ID
-from features.windows import Window
+from features.schemas import EVENTS, TS, USER_HISTORY, USER_ID
+from features.windows import Window, window_series
 
 EVENT_ID = "event_id"
 HISTORY_PAYLOAD = ("item_id", "surface", "click")  # the columns of schemas.USER_HISTORY
+HISTORY_LENGTH = 50  # interactions kept per user in user_history
 _SRC, _ORD, _ROW = "__src", "__ord", "__row"
 
 
@@ -162,22 +174,59 @@ def advance_state(
     return rows.group_by(USER_ID).agg(pl.col(c).tail(length).alias(hist_col(c)) for c in cols).sort(USER_ID)
 
 
-def read_user_history(lake: Lake, window: Window) -> pl.LazyFrame | None:
-    """user_history at the END of window.prev() (partition ds=window.prev().ds), or None if absent."""
-    prev = window.prev().ds
-    return lake.scan(USER_HISTORY.name, ds=prev) if lake.exists(USER_HISTORY.name, ds=prev) else None
+def first_events_window(lake: Lake, days: int) -> Window | None:
+    """The lake's first window holding an events partition (length `days`), or None for a lake without events."""
+    days_with_events = {p["ds"] for p in lake.partitions(EVENTS.name)}
+    return Window.parse(min(days_with_events), days) if days_with_events else None
 
 
-def build_user_history(lake: Lake, window: Window, length: int = 50) -> str:
+def _chain(lake: Lake, window: Window) -> list[Window]:
+    """Windows from the lake's first events window through `window` ([] when `window` is before it)."""
+    first = first_events_window(lake, window.days)
+    if first is None or window.start < first.start:
+        return []
+    steps, rest = divmod((window.start - first.start).days, window.days)
+    if rest:
+        raise ValueError(f"window {window} is not aligned with the lake's first window {first} ({lake.uri})")
+    return window_series(first.start, steps + 1, window.days)
+
+
+def ensure_user_history(lake: Lake, window: Window, length: int = HISTORY_LENGTH) -> None:
+    """Build, in order, user_history of every window of `_chain(lake, window)` that lacks it."""
+    for w in _chain(lake, window):
+        if not lake.exists(USER_HISTORY.name, ds=w.ds):
+            build_user_history(lake, w, length)
+
+
+def build_history_through(lake: Lake, window: Window, length: int = HISTORY_LENGTH) -> str:
+    """Missing states before `window` first (in order), then user_history(window) rebuilt; returns its path."""
+    ensure_user_history(lake, window.prev(), length)
+    return build_user_history(lake, window, length)
+
+
+def read_user_history(lake: Lake, window: Window, length: int = HISTORY_LENGTH) -> pl.LazyFrame | None:
+    """user_history at the END of window.prev() (partition ds=window.prev().ds); see module docstring.
+
+    `length` is the state length used when missing states have to be built.
+    """
+    prev = window.prev()
+    if not lake.exists(USER_HISTORY.name, ds=prev.ds):
+        if not _chain(lake, prev):
+            return None  # no events window starts before `window`: the lake's first window
+        ensure_user_history(lake, prev, length)
+    return lake.scan(USER_HISTORY.name, ds=prev.ds)
+
+
+def build_user_history(lake: Lake, window: Window, length: int = HISTORY_LENGTH) -> str:
     """Write user_history(ds=window.ds) from events(ds=window.ds, every surface) + the previous state.
 
     Reads only this window's events and the previous window's state. A window without any events
     partition (a gap in an imported log) carries the previous state forward unchanged. Returns the path.
     """
-    parts = lake.partitions("events", ds=window.ds)
-    state = read_user_history(lake, window)
+    parts = lake.partitions(EVENTS.name, ds=window.ds)
+    state = read_user_history(lake, window, length)
     if parts:
-        events = lake.scan_many("events", parts).select(EVENT_ID, USER_ID, TS, *HISTORY_PAYLOAD)
+        events = lake.scan_many(EVENTS.name, parts).select(EVENT_ID, USER_ID, TS, *HISTORY_PAYLOAD)
     else:
         events = _empty_events()
     new_state = advance_state(events, state, length, HISTORY_PAYLOAD).collect()

@@ -6,18 +6,26 @@ Mapping files are TOML (layout in `mapping.py`); the built-in ones live in featu
 a --mapping file is laid over the preset's.
 
 `import_source` contract:
-- reads every source row, validates it (`read.validate`) and writes the rejected rows, with reason,
-  source file, 1-based data line (header excluded) and raw text to ``quarantine(import_id=...)``.
-  import_id = ``<mapping name>-<first 16 hex of sha256 over the mapping and each source file's name
-  and bytes>``: deterministic, so a re-import of the same data replaces the same partition.
-- fails with `ImportFailed` (count, share, threshold, top reasons, quarantine location) when the
-  bad share exceeds `max_bad_share`; then nothing is written to events/users/items/user_history.
-- otherwise writes, per window (aligned to the first event's day, `write.py`): events(ds, surface),
-  users(ds) and items(ds) snapshots (ids seen up to and including the window, first_ds, side
-  features or 0), and user_history(ds) via features.history.build_user_history, in window order;
-  then lake meta window_days, surfaces, source (= mapping name), origin, import_id.
+- reads every source record (`read.py`: a CSV reader with quoting; file, line and raw text kept),
+  validates it (`validate.py`) and writes the rejected rows, with reason, source file, line (see
+  `read.py`: the record's first data line, header excluded) and raw text to
+  ``quarantine(import_id=...)``. import_id = ``<mapping name>-<first 16 hex of sha256 over the mapping
+  and each source file's name and bytes>``: deterministic, so a re-import of the same data replaces
+  the same partition.
+- fails with `ImportFailed`, one line, when no file has a row, a file cannot be read (names it), or
+  the bad share exceeds `max_bad_share` (count, share, threshold, top reasons, quarantine location);
+  then nothing is written to events/users/items/user_history and the lake meta is unchanged.
+- refuses (ImportFailed) a lake whose meta holds another source, window length or origin.
+- otherwise marks the lake meta ``import_state = "running"`` (`state.py`), removes what the import
+  replaces (`replace.py`: when the import_id differs from the lake's last one, or that one did not
+  complete, every derived table and ``models/``), writes per window (aligned to the first event's
+  day, `write.py`) events(ds, surface), users(ds) and items(ds) snapshots (ids seen up to and
+  including the window, first_ds, side features or 0) and user_history(ds), in window order; removes
+  the windowed partitions of the older import that this one did not write; and last writes meta
+  ``import_state = "complete"``, window_days, surfaces, source (= mapping name), origin, first_ds,
+  last_ds, import_id. Until then `require_complete_import` refuses the lake.
 Returns {"import_id", "rows", "events", "quarantined", "windows", "first_ds", "last_ds", "surfaces",
-"window_days", "seconds"}.
+"window_days", "replaced" ({table or "models": partitions or files removed}), "seconds"}.
 """
 
 from __future__ import annotations
@@ -27,23 +35,30 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from features.importers.errors import ImportFailed
 from features.importers.mapping import Mapping, resolve_mapping
-from features.importers.read import read_side_table, read_strings, source_files, validate
+from features.importers.read import read_side_table, read_strings, source_files
+from features.importers.replace import drop_derived, drop_stale_windows
 from features.importers.side import side_features
+from features.importers.state import (
+    RUNNING,
+    import_command,
+    mark_complete,
+    mark_running,
+    require_complete_import,
+)
+from features.importers.validate import validate
 from features.importers.write import assign_windows, write_windows
 from features.lake import Lake
-from features.windows import parse_window_length
+from features.windows import Window, parse_window_length
 
-__all__ = ["ImportFailed", "import_source", "resolve_mapping", "Mapping"]
-
-
-class ImportFailed(ValueError):
-    """The import was refused (too many bad rows, or a lake that holds another source)."""
+__all__ = ["ImportFailed", "Mapping", "import_source", "require_complete_import", "resolve_mapping"]
 
 
 def import_id(m: Mapping, files: list[Path]) -> str:
@@ -106,8 +121,9 @@ def _failure(bad: pl.DataFrame, total: int, share: float, threshold: float, wher
 
 
 def _check_lake(lake: Lake, m: Mapping, days: int, origin: str) -> None:
+    """Refuse a lake holding another source, window length or origin (a killed first import holds none)."""
     meta = lake.meta()
-    if not meta:
+    if "source" not in meta:
         return
     theirs = (meta.get("source"), meta.get("window_days"), meta.get("origin"))
     if theirs != (m.name, days, origin):
@@ -115,6 +131,19 @@ def _check_lake(lake: Lake, m: Mapping, days: int, origin: str) -> None:
             f"lake {lake.uri} already holds source={theirs[0]!r} window_days={theirs[1]} origin={theirs[2]}; "
             f"this import is source={m.name!r} window_days={days} origin={origin}. Use a fresh --lake."
         )
+
+
+def _write(
+    lake: Lake, iid: str, command: str, events: pl.DataFrame, origin: date, days: int, side: tuple[Any, Any]
+) -> tuple[list[Window], dict[str, int]]:
+    """Mark the import running, drop what it replaces, write every window, then mark it complete."""
+    meta = lake.meta()
+    mark_running(lake, iid, command)
+    fresh = meta.get("import_id") != iid or meta.get("import_state") == RUNNING
+    replaced = drop_derived(lake) if fresh else {}
+    windows, written = write_windows(lake, events, origin, days, *side)
+    replaced.update(drop_stale_windows(lake, {w.ds for w in windows}, written))
+    return windows, replaced
 
 
 def import_source(
@@ -134,22 +163,28 @@ def import_source(
     days = parse_window_length(window if window is not None else m.window)
     files = source_files(m.events, root)
     names, rows = read_strings(m.events, files)
-    if rows.height == 0:
-        raise ImportFailed(f"import source {path}: no rows in {[f.name for f in files]}")
     users, items = _side(m, root, "users"), _side(m, root, "items")
     rows, surface = _surface(m, rows, items)
     good, bad = validate(m, names, rows, surface)
     lake, iid = Lake(lake_uri), import_id(m, files)
     where = lake.write("quarantine", bad, import_id=iid)
     share = bad.height / rows.height
-    if share > max_bad_share:
+    if share > max_bad_share or good.height == 0:
         raise _failure(bad, rows.height, share, max_bad_share, where)
     origin, events = assign_windows(good, days)
     _check_lake(lake, m, days, origin.isoformat())
-    windows = write_windows(lake, events, origin, days, users, items)
+    command = import_command(preset, path, lake_uri, mapping_file, window)
+    windows, replaced = _write(lake, iid, command, events, origin, days, (users, items))
     surfaces = sorted(events["surface"].unique().to_list())
-    lake.update_meta(
-        window_days=days, surfaces=surfaces, source=m.name, origin=origin.isoformat(), import_id=iid
+    mark_complete(
+        lake,
+        window_days=days,
+        surfaces=surfaces,
+        source=m.name,
+        origin=origin.isoformat(),
+        first_ds=windows[0].ds,
+        last_ds=windows[-1].ds,
+        import_id=iid,
     )
     return {
         "import_id": iid,
@@ -161,5 +196,6 @@ def import_source(
         "last_ds": windows[-1].ds,
         "surfaces": surfaces,
         "window_days": days,
+        "replaced": replaced,
         "seconds": round(time.perf_counter() - started, 2),
     }

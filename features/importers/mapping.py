@@ -6,11 +6,13 @@ A mapping file (stdlib tomllib) looks like::
     window = "1d"                  # default window length (the CLI's --window overrides it)
     ts_min = "1990-01-01"          # timestamps outside [ts_min, ts_max) are quarantined
     ts_max = "2100-01-01"
+    max_gap_days = 60              # rows cut off from the log's bulk by a longer gap are quarantined (0: off)
 
     [events]                       # the interaction log
     files = ["*.csv"]              # glob patterns relative to PATH (a folder), or PATH itself (a file)
     format = "csv"                 # csv | parquet
-    delimiter = ","                # any string ("::" works); quoted delimiters are not supported
+    delimiter = ","                # any string ("::" works, see read.py)
+    quote = '"'                    # RFC 4180 quoting: "a,b" and "two\nlines" are one field; "" = no quoting
     header = true                  # first line holds column names
     columns = []                   # names when header = false
     encoding = "utf-8"
@@ -21,7 +23,7 @@ A mapping file (stdlib tomllib) looks like::
     ts = "time"
     ts_unit = "s"                  # s | ms | us (numbers since the epoch) ...
     ts_format = ""                 # ... or a strptime format for text timestamps (UTC)
-    click = "rating >= 4"          # a SQL expression over source columns (polars.sql_expr)
+    click = "rating >= 4"          # a SQL expression over source columns (polars.sql_expr), see Labels
     like = "rating == 5"           # optional; null when absent
     position = ""                  # optional columns, 0 when absent
     device = ""
@@ -38,6 +40,21 @@ A mapping file (stdlib tomllib) looks like::
     features = { segment = "age_bucket", region = "country" }
     [items]                        # likewise, with features category / brand (and a `surface` column
                                    # when [surface] item_column names it)
+
+Labels (`click`, `like`): each is a SQL expression whose value must be 0 or 1 (true or false); any other
+value, or null, quarantines the row ("bad label"). The columns an expression uses are typed from their
+non-empty values, per import:
+- numeric when more than half parse as numbers: compared as numbers (``rating >= 4``, ``is_click``);
+  a value that does not parse quarantines the row;
+- boolean when more than half are ``true`` / ``false`` (any case; a Parquet boolean column reads as
+  those words): a Boolean, so ``clicked``, ``clicked = true``, ``NOT skipped`` all work; any other
+  value quarantines the row;
+- text otherwise: compared as strings (``action = 'clicked'``).
+
+Far-off rows: the log's distinct event days are cut wherever two consecutive days lie more than
+`max_gap_days` apart; the run of days holding the most rows (the earliest on a tie) is the log's bulk
+and every row outside it is quarantined ("timestamp ... lies N days after the log's bulk ..."), so one
+mistyped year never makes the import write years of empty windows. `max_gap_days = 0` turns it off.
 """
 
 from __future__ import annotations
@@ -60,8 +77,14 @@ class SourceTable:
     header: bool = True
     columns: tuple[str, ...] = ()
     encoding: str = "utf-8"
+    quote: str = '"'
 
     def __post_init__(self) -> None:
+        if not self.delimiter or len(self.quote) > 1 or (self.quote and self.quote in self.delimiter):
+            raise ValueError(
+                f"mapping: delimiter must be non-empty and quote one character not in it "
+                f"(got delimiter={self.delimiter!r}, quote={self.quote!r})"
+            )
         if self.format not in ("csv", "parquet"):
             raise ValueError(f"mapping: format must be 'csv' or 'parquet', got {self.format!r}")
         if self.format == "csv" and not self.header and not self.columns:
@@ -113,8 +136,11 @@ class Mapping:
     window: str = "1d"
     ts_min: str = "1990-01-01"
     ts_max: str = "2100-01-01"
+    max_gap_days: int = 60
 
     def __post_init__(self) -> None:
+        if self.max_gap_days < 0:
+            raise ValueError(f"mapping: max_gap_days must be >= 0 (0 = off), got {self.max_gap_days}")
         if not self.ts_format and self.ts_unit not in ("s", "ms", "us"):
             raise ValueError(f"mapping: ts_unit must be s, ms or us (or set ts_format), got {self.ts_unit!r}")
 

@@ -1,22 +1,48 @@
-"""Reading source files into string columns (with file, line and raw text), and validating them.
+"""Reading source files into string columns, one row per record, with file, line, raw text and field count.
 
-Every source value starts as a string so that one vectorised pass can say, per row, the first thing
-wrong with it. `validate` returns the good rows typed for the lake and the bad rows in the
-QUARANTINE layout: source (file name), source_line (1-based data row, header excluded), reason, raw.
+Delimited text goes through pyarrow's CSV reader (RFC 4180: fields quoted with `quote` may hold the
+delimiter, doubled quotes and line breaks; `quote = ""` turns quoting off); Parquet through polars.
+Every value is read as a string, stripped of surrounding white space, so that `validate` can say per
+row what is wrong with it.
+
+Frame contract of `read_strings` (one String column per source column, plus):
+- SRC: the file name.
+- LINE: the 1-based line of the file's DATA on which the record STARTS (line 1 is the first line
+  after the header). Line breaks are ``\\n``, ``\\r\\n`` and ``\\r`` only: U+2028, form feed etc.
+  inside a field are data. A record whose quoted field holds line breaks spans several lines and the
+  next record's LINE counts them all, so LINE + header lines is what an editor shows. Blank lines
+  count as lines but are not records. Parquet: the 1-based row number.
+- RAW: the record's exact source text without its line break (Parquet: the values joined by ',').
+- FIELDS: how many fields the record has. A record whose count differs from the header's (or from
+  `columns` without a header) is kept with null values, for the quarantine.
+
+Decoding: `encoding`, undecodable bytes replaced by U+FFFD; a UTF-8 byte-order mark is dropped.
+Multi-character delimiters (MovieLens-1M's "::"): in the decoded text the delimiter is replaced by a
+control character that the file does not contain (U+001F, else U+001E, U+001D, U+001C), parsed, and
+mapped back in values and raw text — so a quoted "::" stays data.
+Empty and header-only files have no records; `read_strings` raises ImportFailed "no rows in ..." when
+no file has any. An unreadable Parquet file raises ImportFailed naming it.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
-import os
-from datetime import UTC, datetime
+import io
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
-from features.importers.mapping import Mapping, SourceTable
+from features.importers.errors import ImportFailed
+from features.importers.mapping import SourceTable
 
-SRC, LINE, RAW, REASON = "__source", "__line", "__raw", "__reason"
+SRC, LINE, RAW, FIELDS = "__source", "__line", "__raw", "__fields"
+_NUM, _SPAN = "__record", "__span"  # record number (1-based, header included), lines the record spans
+STAND_INS = "\x1f\x1e\x1d\x1c"
+BREAK = r"\r\n|\r|\n"
 
 
 def source_files(table: SourceTable, root: Path, required: bool = True) -> list[Path]:
@@ -29,28 +55,148 @@ def source_files(table: SourceTable, root: Path, required: bool = True) -> list[
     return found
 
 
-def _split_lines(path: Path, table: SourceTable) -> tuple[list[str], pl.DataFrame]:
-    """(column names, frame of SRC, LINE, RAW and one string column per name) for a delimited file."""
-    lines = path.read_bytes().decode(table.encoding, errors="replace").splitlines()
+def _decode(path: Path, table: SourceTable) -> tuple[str, str]:
+    """(the file as text with a single-character delimiter, that delimiter)."""
+    try:
+        utf8 = codecs.lookup(table.encoding).name == "utf-8"
+    except LookupError:
+        raise ValueError(f"mapping: unknown encoding {table.encoding!r}") from None
+    text = path.read_bytes().decode("utf-8-sig" if utf8 else table.encoding, errors="replace")
+    if len(table.delimiter) == 1:
+        return text, table.delimiter
+    free = next((c for c in STAND_INS if c not in text), None)
+    if free is None:
+        raise ImportFailed(
+            f"{path}: holds U+001C..U+001F, so none can stand in for delimiter {table.delimiter!r}"
+        )
+    return text.replace(table.delimiter, free), free
+
+
+def _parse_options(sep: str, quote: str, bad: list[tuple[int, int, str]] | None) -> pacsv.ParseOptions:
+    def keep(row: pacsv.InvalidRow) -> str:
+        if bad is not None:
+            bad.append((row.number, row.actual_columns, row.text))
+        return "skip"
+
+    return pacsv.ParseOptions(
+        delimiter=sep,
+        quote_char=quote or False,
+        newlines_in_values=bool(quote),
+        ignore_empty_lines=False,  # blank lines stay records, so that record numbers map to lines
+        invalid_row_handler=keep,
+    )
+
+
+def _parse(payload: bytes, sep: str, quote: str, count: int | None) -> tuple[pl.DataFrame, int]:
+    """(every record in file order: f0..f<n-1>, FIELDS, _NUM, _SPAN; n) — n from the first record if not given."""
+    if count is None:
+        first = pacsv.open_csv(
+            io.BytesIO(payload),
+            read_options=pacsv.ReadOptions(autogenerate_column_names=True, use_threads=False),
+            parse_options=_parse_options(sep, quote, None),
+        )
+        count = len(first.schema)
+    cols = [f"f{i}" for i in range(count)]
+    bad: list[tuple[int, int, str]] = []
+    table = pacsv.read_csv(
+        io.BytesIO(payload),
+        read_options=pacsv.ReadOptions(column_names=cols, use_threads=False),  # serial: rows keep numbers
+        parse_options=_parse_options(sep, quote, bad),
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(cols, pa.string()),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+    good = pl.from_arrow(table)
+    assert isinstance(good, pl.DataFrame)
+    if any(n is None for n, _, _ in bad):
+        raise ImportFailed("the CSV reader gave no record number for a malformed row")
+    numbers = np.ones(good.height + len(bad), dtype=bool)
+    numbers[[n - 1 for n, _, _ in bad]] = False
+    breaks = (
+        pl.sum_horizontal(pl.col(c).str.count_matches(BREAK) for c in cols)
+        if quote and quote.encode() in payload
+        else 0
+    )
+    good = good.with_columns(
+        pl.lit(count, pl.Int64).alias(FIELDS),
+        pl.Series(_NUM, np.flatnonzero(numbers) + 1, pl.Int64),
+        (pl.lit(1) + breaks).cast(pl.Int64).alias(_SPAN),
+    )
+    ragged = pl.DataFrame(
+        {
+            FIELDS: [n for _, n, _ in bad],
+            _NUM: [n for n, _, _ in bad],
+            _SPAN: [1 + text.count("\n") + text.count("\r") - text.count("\r\n") for _, _, text in bad],
+        },
+        schema={FIELDS: pl.Int64, _NUM: pl.Int64, _SPAN: pl.Int64},
+    )
+    return pl.concat([good, ragged], how="diagonal").sort(_NUM), count
+
+
+def _raw(payload: bytes, spans: pl.Series, path: Path) -> pl.Series:
+    """Each record's exact text: the payload between its first line's start and the next record's."""
+    data = np.frombuffer(payload, dtype=np.uint8)
+    cr_alone = data == 13
+    cr_alone[:-1] &= data[1:] != 10
+    starts = np.concatenate([[0], np.flatnonzero((data == 10) | cr_alone) + 1])
+    first_line = np.concatenate([[0], np.cumsum(spans.to_numpy())])  # 0-based first line of each record
+    if len(spans) and first_line[-2] >= len(starts):
+        raise ImportFailed(f"{path}: the CSV reader's records do not line up with the file's lines")
+    offsets = np.append(starts[first_line[:-1]], len(payload)).astype(np.int64)
+    raw = pa.LargeStringArray.from_buffers(len(spans), pa.py_buffer(offsets), pa.py_buffer(payload))
+    return pl.Series(RAW, raw).str.strip_chars_end("\r\n")
+
+
+def _delimited(path: Path, table: SourceTable) -> tuple[list[str], pl.DataFrame]:
+    """(column names, frame in the `read_strings` layout) for one delimited text file."""
+    text, sep = _decode(path, table)
+    if not text.strip():
+        return list(table.columns), pl.DataFrame()
+    payload = text.encode()
+    count = None if table.header else len(table.columns)
+    records, count = _parse(payload, sep, table.quote, count)
+    records = records.with_columns(_raw(payload, records[_SPAN], path))
+    line = pl.col(_SPAN).cum_sum() - pl.col(_SPAN) + 1
     names = list(table.columns)
     if table.header:
-        head = lines[0].split(table.delimiter) if lines else []
-        names = names or [h.strip() for h in head]
-        lines = lines[1:]
-    frame = pl.DataFrame({RAW: lines}).with_columns(
-        pl.lit(path.name).alias(SRC), pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(LINE)
+        head = records.row(0, named=True)
+        names = names or [str(head[f"f{i}"]).strip() for i in range(count)]
+        line = line - head[_SPAN]
+        if len(names) != count or len(set(names)) != count:
+            raise ImportFailed(
+                f"{path}: header has {count} fields {names[:count]}; `columns` or duplicate names clash"
+            )
+    records = records.with_columns(line.alias(LINE)).slice(1 if table.header else 0)
+    return names, records.filter(pl.col(RAW).str.strip_chars() != "").select(  # blank lines are not rows
+        pl.lit(path.name).alias(SRC),
+        LINE,
+        _restore(pl.col(RAW), sep, table.delimiter),
+        FIELDS,
+        *[
+            _restore(pl.col(f"f{i}").str.strip_chars(), sep, table.delimiter).alias(n)
+            for i, n in enumerate(names)
+        ],
     )
-    frame = frame.filter(pl.col(RAW).str.strip_chars() != "")  # blank lines are not rows
-    parts = pl.col(RAW).str.split(table.delimiter)
-    frame = frame.with_columns(
-        parts.list.len().alias("__fields"),
-        *[parts.list.get(i, null_on_oob=True).str.strip_chars().alias(n) for i, n in enumerate(names)],
-    )
-    return names, frame
+
+
+def _restore(text: pl.Expr, stand_in: str, delimiter: str) -> pl.Expr:
+    """Map a multi-character delimiter's stand-in back (see module docstring)."""
+    return text if stand_in == delimiter else text.str.replace_all(stand_in, delimiter, literal=True)
 
 
 def _parquet(path: Path) -> tuple[list[str], pl.DataFrame]:
-    frame = pl.read_parquet(path)
+    try:
+        frame = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImportFailed(f"{path}: not a readable Parquet file ({reason})") from None
+    nested = [n for n, t in frame.schema.items() if t.is_nested()]
+    if nested:
+        raise ImportFailed(
+            f"{path}: columns {nested} are nested (list/struct); the importer reads scalar columns"
+        )
     names = frame.columns
     frame = frame.with_columns(pl.col(n).cast(pl.String) for n in names)
     raw = pl.concat_str([pl.col(n).fill_null("") for n in names], separator=",")
@@ -58,166 +204,37 @@ def _parquet(path: Path) -> tuple[list[str], pl.DataFrame]:
         raw.alias(RAW),
         pl.lit(path.name).alias(SRC),
         pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias(LINE),
-        pl.lit(len(names), pl.UInt32).alias("__fields"),
+        pl.lit(len(names), pl.Int64).alias(FIELDS),
     )
 
 
-def read_strings(table: SourceTable, files: list[Path]) -> tuple[list[str], pl.DataFrame]:
-    """All rows of `files` as string columns plus SRC, LINE, RAW and `__fields` (fields found on the line)."""
+def _read_all(table: SourceTable, files: list[Path]) -> tuple[list[str], pl.DataFrame]:
+    """Names and rows of every file that has rows (files without any are skipped)."""
     frames, names = [], None
     for path in files:
-        cols, frame = _parquet(path) if table.format == "parquet" else _split_lines(path, table)
+        cols, frame = _parquet(path) if table.format == "parquet" else _delimited(path, table)
+        if frame.height == 0:
+            continue
         if names is not None and cols != names:
-            raise ValueError(f"{path.name}: columns {cols} differ from the first file's {names}")
+            raise ImportFailed(f"{path.name}: columns {cols} differ from the first file's {names}")
         names = cols
         frames.append(frame)
-    assert names is not None
+    if names is None:
+        return list(table.columns), pl.DataFrame()
     return names, pl.concat(frames, how="vertical_relaxed")
 
 
+def read_strings(table: SourceTable, files: list[Path]) -> tuple[list[str], pl.DataFrame]:
+    """All rows of `files` in the layout above; ImportFailed when no file has a row."""
+    names, rows = _read_all(table, files)
+    if rows.height == 0:
+        raise ImportFailed(f"no rows in {', '.join(str(f) for f in files)} (empty, or a header only)")
+    return names, rows
+
+
 def read_side_table(table: SourceTable, files: list[Path]) -> pl.DataFrame:
-    """A side table as string columns; single-character delimiters go through the quote-aware CSV reader."""
-    if table.format == "parquet" or len(table.delimiter) > 1:
-        return read_strings(table, files)[1].drop(SRC, LINE, RAW, "__fields")
-    frames = []
-    for path in files:
-        text = path.read_bytes().decode(table.encoding, errors="replace").encode()
-        frames.append(
-            pl.read_csv(
-                text,
-                separator=table.delimiter,
-                has_header=table.header,
-                infer_schema=False,
-                new_columns=list(table.columns) or None,
-                truncate_ragged_lines=True,
-            )
-        )
-    return pl.concat(frames, how="diagonal_relaxed").with_columns(pl.all().str.strip_chars())
-
-
-def _ts_expr(m: Mapping) -> pl.Expr:
-    """Source timestamp -> Datetime(us, UTC); null when it does not parse."""
-    col = pl.col(m.ts)
-    if m.ts_format:
-        parsed = col.str.strptime(pl.Datetime("us"), m.ts_format, strict=False)
-        return parsed.dt.replace_time_zone("UTC")
-    scale = {"s": 1_000_000, "ms": 1_000, "us": 1}[m.ts_unit]
-    micros = (col.cast(pl.Float64, strict=False) * scale).round(0).cast(pl.Int64, strict=False)
-    return micros.cast(pl.Datetime("us", "UTC"))
-
-
-def _label_exprs(m: Mapping) -> dict[str, pl.Expr]:
-    labels = {"click": m.click, **({"like": m.like} if m.like else {})}
-    return {name: pl.sql_expr(text) for name, text in labels.items()}
-
-
-def _numeric_columns(m: Mapping, names: list[str], rows: pl.DataFrame) -> list[str]:
-    """Columns the label expressions use that hold numbers (most non-empty values parse as numbers).
-
-    Those are compared as numbers and a value that does not parse is a bad row; the others (e.g.
-    ``action = 'clicked'``) are compared as text.
-    """
-    used = {c for e in _label_exprs(m).values() for c in e.meta.root_names()}
-    missing = sorted(used - set(names))
-    if missing:
-        raise ValueError(f"mapping: label expressions use columns {missing} that the source lacks ({names})")
-    numeric = []
-    for col in sorted(used):
-        filled = rows[col].filter(rows[col].fill_null("") != "")
-        if filled.cast(pl.Float64, strict=False).null_count() * 2 < max(filled.len(), 1):
-            numeric.append(col)
-    return numeric
-
-
-def _check(cond: pl.Expr, reason: str | pl.Expr) -> tuple[pl.Expr, pl.Expr]:
-    return cond, reason if isinstance(reason, pl.Expr) else pl.lit(reason)
-
-
-def _reasons(m: Mapping, names: list[str], numeric: list[str]) -> list[tuple[pl.Expr, pl.Expr]]:
-    """Ordered checks (condition that is True when bad, reason); the first failing one is reported."""
-    lo, hi = (datetime.fromisoformat(t).replace(tzinfo=UTC) for t in (m.ts_min, m.ts_max))
-    checks = [
-        _check(
-            pl.col("__fields") != len(names),
-            pl.format("wrong number of fields: {} (expected {})", pl.col("__fields"), pl.lit(len(names))),
-        )
-    ]
-    for key, col in (("user_id", m.user_id), ("item_id", m.item_id), ("ts", m.ts)):
-        checks.append(_check(pl.col(col).fill_null("") == "", f"missing {key} (column {col})"))
-    for key, col in (("user_id", m.user_id), ("item_id", m.item_id)):
-        checks.append(
-            _check(pl.col(col).cast(pl.Int64, strict=False).is_null(), f"bad type: {key} is not an integer")
-        )
-    checks.append(_check(_ts_expr(m).is_null(), f"bad type: timestamp {m.ts} does not parse"))
-    checks.append(
-        _check((_ts_expr(m) < lo) | (_ts_expr(m) >= hi), f"timestamp out of range [{m.ts_min}, {m.ts_max})")
-    )
-    for col in numeric:
-        checks.append(_check(pl.col(f"__nan_{col}"), f"bad type: {col} is not a number"))
-    for name, expr in _label_exprs(m).items():
-        value = expr.cast(pl.Float64)
-        checks.append(_check(~value.is_in([0.0, 1.0]), f"bad label: {name} must be 0 or 1"))
-    for key, col in (("position", m.position), ("device", m.device)):
-        if col:
-            bad = (pl.col(col).fill_null("") != "") & pl.col(col).cast(pl.Int64, strict=False).is_null()
-            checks.append(_check(bad, f"bad type: {key} is not an integer"))
-    return checks
-
-
-def validate(
-    m: Mapping, names: list[str], rows: pl.DataFrame, surface: pl.Expr
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(good events typed for the lake, bad rows in the QUARANTINE layout). `surface` may be null = bad."""
-    for col in (m.user_id, m.item_id, m.ts, m.position, m.device, m.surface.column):
-        if col and col not in names:
-            raise ValueError(f"mapping: column {col!r} is not in the source columns {names}")
-    numeric = _numeric_columns(m, names, rows)
-    reason = pl.lit(None, pl.String)
-    for cond, why in reversed(_reasons(m, names, numeric)):
-        reason = pl.when(cond.fill_null(True)).then(why).otherwise(reason)
-    # label expressions see numbers; whether a value failed to parse is kept for the reason
-    rows = rows.with_columns(
-        pl.col(n).cast(pl.Float64, strict=False).is_null().alias(f"__nan_{n}") for n in numeric
-    )
-    rows = rows.with_columns(pl.col(n).cast(pl.Float64, strict=False) for n in numeric)
-    typed = rows.with_columns(reason.alias(REASON)).with_columns(
-        pl.col(m.user_id).cast(pl.Int64, strict=False).alias("user_id"),
-        pl.col(m.item_id).cast(pl.Int64, strict=False).alias("item_id"),
-        _ts_expr(m).alias("ts"),
-        *[e.cast(pl.Int8, strict=False).alias(n) for n, e in _label_exprs(m).items()],
-        *[
-            (pl.col(c).cast(pl.Int64, strict=False).fill_null(0) if c else pl.lit(0)).alias(k)
-            for k, c in (("position", m.position), ("device", m.device))
-        ],
-        surface.alias("surface"),
-    )
-    if not m.like:
-        typed = typed.with_columns(pl.lit(None, pl.Int8).alias("like"))
-    typed = typed.with_columns(
-        pl.when(pl.col(REASON).is_null() & pl.col("surface").is_null())
-        .then(pl.format("unknown surface for value {}", pl.col(m.surface.column or m.item_id)))
-        .otherwise(pl.col(REASON))
-        .alias(REASON)
-    )
-    key = pl.struct("user_id", "item_id", "ts")
-    dup = pl.col(REASON).is_null() & ~key.is_first_distinct().over(pl.col(REASON).is_null())
-    typed = typed.with_columns(
-        pl.when(dup)
-        .then(pl.lit("duplicate event (same user_id, item_id, ts)"))
-        .otherwise(pl.col(REASON))
-        .alias(REASON)
-    )
-    bad = typed.filter(pl.col(REASON).is_not_null()).select(
-        pl.col(SRC).alias("source"),
-        pl.col(LINE).alias("source_line"),
-        pl.col(REASON).alias("reason"),
-        pl.col(RAW).alias("raw"),
-    )
-    good = typed.filter(pl.col(REASON).is_null()).select(
-        "user_id", "item_id", "ts", "surface", "click", "like", "position", "device"
-    )
-    return good, bad
-
-
-def describe_files(files: list[Path], root: Path) -> list[str]:
-    return [os.path.relpath(f, root) if root.is_dir() else f.name for f in files]
+    """A side table as string columns; its records with another field count than the header's are left out."""
+    names, rows = _read_all(table, files)
+    if rows.height == 0:
+        return pl.DataFrame(schema=dict.fromkeys(names, pl.String))
+    return rows.filter(pl.col(FIELDS) == len(names)).select(names)

@@ -5,6 +5,7 @@ origin + k * days. event_id = (k << 32) | rank of the event within its window af
 (ts, user_id, item_id), so ids are deterministic and unique across windows.
 Every window from the first to the last gets its users/items snapshots and its user_history state,
 including windows without events (gaps), so that the day-to-day chain of states is never broken.
+Partitions of an earlier import that this one does not write are removed afterwards (`replace.py`).
 """
 
 from __future__ import annotations
@@ -63,25 +64,25 @@ def write_windows(
     users: pl.DataFrame | None,
     items: pl.DataFrame | None,
     history_length: int = 50,
-) -> list[Window]:
-    """Write events(ds, surface), users(ds), items(ds) and user_history(ds) for every window, in order."""
+) -> tuple[list[Window], set[tuple[str, str]]]:
+    """Write events(ds, surface), users(ds), items(ds) and user_history(ds) for every window, in order.
+
+    Returns the windows and the (ds, surface) of every events partition written (`replace.py` removes
+    the others).
+    """
     last = int(events["__w"].max())  # type: ignore[arg-type]
     first_user = events.group_by("user_id").agg(pl.col("__w").min().alias("__first_w"))
     first_item = events.group_by("item_id").agg(pl.col("__w").min().alias("__first_w"))
     by_window = events.partition_by("__w", as_dict=True)
-    windows = []
+    windows, written = [], set()
     for k in range(last + 1):
         window = window_of(origin, days, k)
         chunk = by_window.get((k,), events.clear())
-        written = set()
         for (surface,), part in chunk.partition_by("surface", as_dict=True).items():
             # a log has no true click probability (the generator's ceiling): null
             part = part.drop("__w").with_columns(pl.lit(None, pl.Float32).alias("p_click"))
             lake.write("events", part, ds=window.ds, surface=str(surface))
-            written.add(str(surface))
-        for stale in lake.partitions("events", ds=window.ds):  # a re-import replaces the window exactly
-            if stale["surface"] not in written:
-                lake.delete("events", **stale)
+            written.add((window.ds, str(surface)))
         lake.write(
             "users",
             snapshot(first_user, users, "user_id", ("segment", "region"), origin, days, k),
@@ -94,4 +95,4 @@ def write_windows(
         )
         build_user_history(lake, window, length=history_length)
         windows.append(window)
-    return windows
+    return windows, written

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.history import (
+    HISTORY_PAYLOAD,
     advance_state,
     asof_snapshot,
     build_user_history,
@@ -18,6 +22,7 @@ from features.history import (
     read_user_history,
 )
 from features.lake import Lake
+from features.stage import ingest
 from features.windows import Window
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -173,3 +178,43 @@ def test_build_user_history_chains_windows_and_carries_gaps(lake_uri: str) -> No
     s3 = read_user_history(lake, Window(date(2026, 1, 4))).collect().sort("user_id")
     assert s3["hist_item_id"].to_list() == [[11, 13], [12]]
     assert s3["hist_surface"].to_list() == [["feed", "feed"], ["feed"]]
+
+
+def _window3_history(uri: str) -> pl.DataFrame:
+    lake, w3 = Lake(uri), Window(date(2026, 1, 3))
+    events = lake.scan_many("events", lake.partitions("events", ds=w3.ds)).sort("event_id")
+    state = read_user_history(lake, w3)
+    return history_features(
+        events.select("event_id", "user_id", "ts", *HISTORY_PAYLOAD), state, 8, HISTORY_PAYLOAD
+    ).collect()
+
+
+def test_missing_user_history_is_rebuilt_never_read_as_no_history(tiny_lake: str, tmp_path: Path) -> None:
+    generated, ingested = str(tmp_path / "generated"), str(tmp_path / "ingested")
+    shutil.copytree(tiny_lake, generated)  # `fmx generate` writes no user_history
+    shutil.copytree(tiny_lake, ingested)
+    ingest("2026-01-03", ingested, source="lake")  # writes user_history for 01-01 .. 01-03
+    assert Lake(generated).partitions("user_history") == []
+    built = _window3_history(generated)
+    assert built.equals(_window3_history(ingested)) and built["hist_item_id"].list.len().sum() > built.height
+    assert [p["ds"] for p in Lake(generated).partitions("user_history")] == ["2026-01-01", "2026-01-02"]
+
+    Lake(ingested).delete("user_history", ds="2026-01-02")  # a hole in the chain is rebuilt too
+    assert _window3_history(ingested).equals(built)
+    assert read_user_history(Lake(ingested), Window(date(2026, 1, 1))) is None  # the lake's first window
+    with pytest.raises(ValueError, match="not aligned"):
+        read_user_history(Lake(generated), Window(date(2026, 1, 6), days=2))
+
+
+def test_fm_window_data_is_the_same_with_or_without_stored_history(tiny_lake: str, tmp_path: Path) -> None:
+    from fm.config import FMConfig
+    from fm.data import load_window
+
+    generated, ingested = str(tmp_path / "generated"), str(tmp_path / "ingested")
+    shutil.copytree(tiny_lake, generated)
+    shutil.copytree(tiny_lake, ingested)
+    ingest("2026-01-03", ingested, source="lake")
+    cfg, w3 = FMConfig.from_preset("small", hist_len=8), Window(date(2026, 1, 3))
+    a, b = load_window(Lake(generated), w3, cfg), load_window(Lake(ingested), w3, cfg)
+    assert a.tensors.keys() == b.tensors.keys() and int(a.tensors["hist_mask"].sum()) > 0
+    assert all(bool((a.tensors[k] == b.tensors[k]).all()) for k in a.tensors)

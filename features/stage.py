@@ -14,7 +14,24 @@ from features.lake import Lake, PartitionNotFound
 from features.schemas import EVENTS, USER_HISTORY
 from features.windows import Window, window_series
 
-SOURCES = ("generator", "lake")
+SOURCES = ("auto", "generator", "lake")
+
+
+def resolve_source(lake_uri: str, source: str = "auto") -> str:
+    """The source of a lake's windows: "auto" = what the lake holds ("lake" for an import, else "generator").
+
+    An explicit "generator" on a lake that holds an import fails: the generator cannot extend it.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    held = Lake(lake_uri).meta().get("source")
+    imported = held is not None and held != "generator"
+    if source == "generator" and imported:
+        raise ValueError(
+            f"lake {lake_uri} holds imported {held!r} windows, which the generator cannot extend: run them "
+            "with source lake (or auto), or generate into another lake"
+        )
+    return source if source != "auto" else ("lake" if imported else "generator")
 
 
 def lake_windows(lake_uri: str) -> list[str]:
@@ -53,13 +70,14 @@ def plan_surfaces(ds: str, lake_uri: str, requested: list[str] | tuple[str, ...]
 def ingest(
     ds: str,
     lake_uri: str,
-    source: str = "generator",
+    source: str = "auto",
     scale: str = "small",
     seed: int = 0,
     surfaces: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Land and validate window `ds`, then write its user_history(ds) state.
 
+    source="auto": what the lake holds (`resolve_source`).
     source="generator": (re)generate window ds with `GeneratorConfig(scale, seed)` (deterministic,
     so a re-run writes the same data). A new lake takes ds as its origin; windows between the lake's
     origin and ds that hold no events yet are generated (and their history built) first, in order,
@@ -71,8 +89,7 @@ def ingest(
     (`plan_surfaces`) so that a bad name fails here, before any model trains.
     Returns {"ds", "surfaces" (every surface of the window), "rows", "source"}.
     """
-    if source not in SOURCES:
-        raise ValueError(f"unknown ingest source {source!r}; expected one of {SOURCES}")
+    source = resolve_source(lake_uri, source)
     lake = Lake(lake_uri)
     if source == "generator":
         window = Window.parse(ds)

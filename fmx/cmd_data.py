@@ -68,10 +68,10 @@ def _start_day(start: str | None, origin: str | None) -> date:
 @click.option("--ds", required=True, help="Window to ingest (YYYY-MM-DD).")
 @click.option(
     "--source",
-    type=click.Choice(("generator", "lake")),
-    default="generator",
+    type=click.Choice(("auto", "generator", "lake")),
+    default="auto",
     show_default=True,
-    help="generator: generate the window; lake: validate a window imported before.",
+    help="auto: what the lake holds; generator: generate the window; lake: validate a window imported before.",
 )
 @click.option("--scale", type=click.Choice(SCALE_NAMES), default="small", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

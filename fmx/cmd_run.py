@@ -17,8 +17,9 @@ def _choices(values: tuple[str, ...]) -> click.Choice:
 @click.option(
     "--scale", type=_choices(dagkit.SCALES), default="small", show_default=True, help="Generator scale."
 )
-@click.option("--source", type=_choices(dagkit.SOURCES), default=None, show_default="what the lake holds",
-              help="generator: synthesize each day; lake: the windows already imported into --lake.")  # fmt: skip
+@click.option("--source", type=_choices(dagkit.SOURCES), default="auto", show_default=True,
+              help="auto: what the lake holds; generator: synthesize each day; lake: the windows imported "
+                   "into --lake.")  # fmt: skip
 @lake_option
 @click.option("--fm-presets", multiple=True, type=_choices(dagkit.FM_PRESETS), default=("small",),
               show_default=True, help="FM sizes (repeat for several: enables the transfer ratio).")  # fmt: skip
@@ -35,7 +36,7 @@ def _choices(values: tuple[str, ...]) -> click.Choice:
 def run_cmd(
     days: int,
     scale: str,
-    source: str | None,
+    source: str,
     lake_uri: str | None,
     fm_presets: tuple[str, ...],
     surfaces: tuple[str, ...],
@@ -58,7 +59,7 @@ def run_cmd(
     cfg = runner.JobConfig(
         days=days,
         scale=scale,
-        source=source or "",
+        source=source,
         lake=resolve_lake(lake_uri),
         fm_presets=fm_presets,
         surfaces=surfaces,

@@ -30,7 +30,7 @@ START_DATE_ENV, WINDOW_DAYS_ENV = "FMX_START_DATE", "FMX_WINDOW_DAYS"
 SURFACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a partition value: no '/', no '..', no '='
 VARIANTS = ("base", "loopfm", "kd", "fe", "loopfm_kd")
 FM_PRESETS = ("small", "base", "large")
-SOURCES = ("generator", "lake")
+SOURCES = ("auto", "generator", "lake")
 SCALES = ("tiny", "small", "default")
 TRAINING_POOL = "fmx_training"
 TRAINING_POOL_SLOTS = 1  # one heavy training task at a time: they each use every core they get
@@ -110,7 +110,9 @@ def params() -> dict[str, Any]:
             ["small"], FM_PRESETS, 1, "FM sizes to export and train (several: transfer ratio)."
         ),
         "source": Param(
-            "generator", enum=list(SOURCES), description="generator: synthesize the window; lake: imported."
+            "auto",
+            enum=list(SOURCES),
+            description="auto: what the lake holds; generator: synthesize the window; lake: imported windows.",
         ),
         "scale": Param("small", enum=list(SCALES), description="Generator scale (source=generator only)."),
         "lake": Param("", type="string", description="Lake root URI. Empty: $FMX_HOME/lake on the worker."),

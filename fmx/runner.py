@@ -36,12 +36,12 @@ class JobFailed(RuntimeError):
 class JobConfig:
     """What `fmx run` runs: `days` windows from `start` (generator) or the lake's first windows (lake).
 
-    source "" = what the lake holds (`resolve_source`): its imported windows, else the generator.
+    source "auto" = what the lake holds (`resolve_source`): its imported windows, else the generator.
     """
 
     days: int = 4
     scale: str = "small"
-    source: str = ""
+    source: str = "auto"
     lake: str = ""
     fm_presets: tuple[str, ...] = ("small",)
     surfaces: tuple[str, ...] = ()
@@ -117,22 +117,15 @@ def ensure_pool(name: str = dagkit.TRAINING_POOL, slots: int = dagkit.TRAINING_P
 
 
 def resolve_source(cfg: JobConfig) -> JobConfig:
-    """`cfg` with its source decided by the lake: an imported lake runs its own windows ("lake").
-
-    An explicit source is checked: the generator cannot write into a lake that holds an import.
-    """
+    """`cfg` with its source decided by the lake (features.stage.resolve_source): an import runs its windows."""
     from dataclasses import replace
 
-    from features.lake import Lake
+    from features.stage import resolve_source as source_of
 
-    held = Lake(cfg.lake).meta().get("source")
-    imported = held is not None and held != "generator"
-    if cfg.source == "generator" and imported:
-        raise JobFailed(
-            f"lake {cfg.lake} holds imported {held!r} windows, which the generator cannot extend: "
-            "run them with --source lake (or leave --source out), or generate into another --lake"
-        )
-    return replace(cfg, source=cfg.source or ("lake" if imported else "generator"))
+    try:
+        return replace(cfg, source=source_of(cfg.lake, cfg.source or "auto"))
+    except ValueError as exc:
+        raise JobFailed(str(exc)) from None
 
 
 def check_surfaces(cfg: JobConfig) -> None:

@@ -86,10 +86,22 @@ def test_ingest_lake_source_rejects_bad_schema(tiny_lake: str, tmp_path: Path) -
 
 
 def test_ingest_rejects_bad_source_and_day(lake_uri: str) -> None:
-    with pytest.raises(ValueError, match="unknown ingest source 'kafka'"):
+    with pytest.raises(ValueError, match="unknown source 'kafka'"):
         ingest(DAYS[0], lake_uri, source="kafka")
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         ingest("01/02/2026", lake_uri)
+
+
+def test_source_auto_is_what_the_lake_holds(tiny_lake: str, lake_uri: str) -> None:
+    from features.lake import Lake
+    from features.stage import resolve_source
+
+    assert resolve_source(lake_uri) == "generator"  # a new lake
+    assert resolve_source(tiny_lake) == "generator" and resolve_source(tiny_lake, "lake") == "lake"
+    Lake(lake_uri).update_meta(source="movielens", window_days=7, origin="1997-09-20")
+    assert resolve_source(lake_uri) == "lake"
+    with pytest.raises(ValueError, match="holds imported 'movielens' windows"):
+        resolve_source(lake_uri, "generator")
 
 
 def test_lake_windows(tiny_lake: str, lake_uri: str) -> None:

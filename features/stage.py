@@ -22,8 +22,11 @@ def resolve_source(lake_uri: str, source: str = "auto") -> str:
 
     An explicit "generator" on a lake that holds an import fails: the generator cannot extend it.
     """
+    from features.importers.state import require_complete_import
+
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    require_complete_import(Lake(lake_uri))  # a killed import leaves a lake no stage accepts
     held = Lake(lake_uri).meta().get("source")
     imported = held is not None and held != "generator"
     if source == "generator" and imported:
@@ -51,7 +54,10 @@ def plan_surfaces(ds: str, lake_uri: str, requested: list[str] | tuple[str, ...]
     A requested name the lake has never held fails with the valid ones listed; one the lake holds but
     window ds has no events for is left out (a sparse surface skips a window); none left fails.
     """
+    from features.importers.state import require_complete_import
+
     lake = Lake(lake_uri)
+    require_complete_import(lake)
     present = [p["surface"] for p in lake.partitions(EVENTS.name, ds=ds)]
     if not present:
         raise PartitionNotFound(f"no events for window ds={ds} in lake {lake.uri}: run fmx_fm for that window first")

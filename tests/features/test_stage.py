@@ -104,6 +104,20 @@ def test_source_auto_is_what_the_lake_holds(tiny_lake: str, lake_uri: str) -> No
         resolve_source(lake_uri, "generator")
 
 
+def test_no_stage_accepts_a_lake_whose_import_did_not_complete(tiny_lake: str, tmp_path: Path) -> None:
+    import shutil
+
+    from features.lake import Lake
+    from features.stage import plan_surfaces
+
+    uri = str(tmp_path / "killed")
+    shutil.copytree(tiny_lake, uri)
+    Lake(uri).update_meta(import_state="running", import_id="log-0123", import_command="fmx import custom x")
+    for stage in (lambda: ingest(DAYS[0], uri, source="lake"), lambda: plan_surfaces(DAYS[0], uri)):
+        with pytest.raises(ValueError, match="the import log-0123 started .* did not complete; re-run `fmx import"):
+            stage()
+
+
 def test_lake_windows(tiny_lake: str, lake_uri: str) -> None:
     assert lake_windows(tiny_lake) == DAYS
     assert lake_windows(lake_uri) == []

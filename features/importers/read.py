@@ -110,9 +110,9 @@ def _parse(payload: bytes, sep: str, quote: str, count: int | None) -> tuple[pl.
     )
     good = pl.from_arrow(table)
     assert isinstance(good, pl.DataFrame)
-    if any(n is None for n, _, _ in bad):
-        raise ImportFailed("the CSV reader gave no record number for a malformed row")
     numbers = np.ones(good.height + len(bad), dtype=bool)
+    if any(n is None or not 0 < n <= len(numbers) for n, _, _ in bad):
+        raise ImportFailed("the CSV reader's record numbers of malformed rows are out of order")
     numbers[[n - 1 for n, _, _ in bad]] = False
     breaks = (
         pl.sum_horizontal(pl.col(c).str.count_matches(BREAK) for c in cols)
@@ -141,10 +141,10 @@ def _raw(payload: bytes, spans: pl.Series, path: Path) -> pl.Series:
     cr_alone = data == 13
     cr_alone[:-1] &= data[1:] != 10
     starts = np.concatenate([[0], np.flatnonzero((data == 10) | cr_alone) + 1])
-    first_line = np.concatenate([[0], np.cumsum(spans.to_numpy())])  # 0-based first line of each record
-    if len(spans) and first_line[-2] >= len(starts):
+    line_of = np.cumsum(spans.to_numpy()) - spans.to_numpy()  # 0-based first line of each record
+    if len(spans) and line_of[-1] >= len(starts):
         raise ImportFailed(f"{path}: the CSV reader's records do not line up with the file's lines")
-    offsets = np.append(starts[first_line[:-1]], len(payload)).astype(np.int64)
+    offsets = np.append(starts[line_of], len(payload)).astype(np.int64)
     raw = pa.LargeStringArray.from_buffers(len(spans), pa.py_buffer(offsets), pa.py_buffer(payload))
     return pl.Series(RAW, raw).str.strip_chars_end("\r\n")
 
@@ -156,7 +156,13 @@ def _delimited(path: Path, table: SourceTable) -> tuple[list[str], pl.DataFrame]
         return list(table.columns), pl.DataFrame()
     payload = text.encode()
     count = None if table.header else len(table.columns)
-    records, count = _parse(payload, sep, table.quote, count)
+    try:
+        records, count = _parse(payload, sep, table.quote, count)
+    except pa.ArrowInvalid as exc:
+        raise ImportFailed(
+            f"{path}: the CSV reader failed ({first_line(exc)}); a quote that never closes makes the rest "
+            f'of the file one field: fix the quoting, or set quote = "" in the mapping'
+        ) from None
     records = records.with_columns(_raw(payload, records[_SPAN], path))
     line = pl.col(_SPAN).cum_sum() - pl.col(_SPAN) + 1
     names = list(table.columns)
@@ -186,12 +192,15 @@ def _restore(text: pl.Expr, stand_in: str, delimiter: str) -> pl.Expr:
     return text if stand_in == delimiter else text.str.replace_all(stand_in, delimiter, literal=True)
 
 
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _parquet(path: Path) -> tuple[list[str], pl.DataFrame]:
     try:
         frame = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError, pa.ArrowException) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ImportFailed(f"{path}: not a readable Parquet file ({reason})") from None
+        raise ImportFailed(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     nested = [n for n, t in frame.schema.items() if t.is_nested()]
     if nested:
         raise ImportFailed(

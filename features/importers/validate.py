@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime
 import polars as pl
 
 from features.importers.mapping import Mapping
-from features.importers.read import FIELDS, LINE, RAW, SRC
+from features.importers.read import FIELDS, LINE, RAW, SRC, first_line
 
 REASON = "__reason"
 
@@ -36,12 +36,8 @@ def _label_exprs(m: Mapping) -> dict[str, pl.Expr]:
         return {name: pl.sql_expr(text) for name, text in labels.items()}
     except pl.exceptions.PolarsError as exc:
         raise ValueError(
-            f"mapping: label expression in {labels} is not valid SQL: {_first_line(exc)}"
+            f"mapping: label expression in {labels} is not valid SQL: {first_line(exc)}"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _as_number(col: str) -> pl.Expr:
@@ -189,7 +185,7 @@ def validate(
         typed = _typed(m, names, rows, surface)
     except pl.exceptions.PolarsError as exc:
         raise ValueError(
-            f"mapping: labels click={m.click!r} like={m.like!r} fail on the source: {_first_line(exc)}"
+            f"mapping: labels click={m.click!r} like={m.like!r} fail on the source: {first_line(exc)}"
         ) from None
     unknown = pl.format("unknown surface for value {}", pl.col(m.surface.column or m.item_id))
     typed = _mark(typed, pl.col("surface").is_null(), unknown)

@@ -104,6 +104,16 @@ def test_empty_or_header_only_file_is_one_clear_line(tmp_path: Path, lake_uri: s
     assert "no rows in" in output and "log.csv" in output and len(output.strip().splitlines()) == 1
 
 
+def test_a_quote_that_never_closes_is_one_clear_line(tmp_path: Path, lake_uri: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = "".join(f"{i},{i},{i},true,false\n" for i in range(120_000))  # > the reader's 1 MiB block
+    (src / "log.csv").write_text(f'uid,iid,ts,clicked,liked\n1,"2,3,true,false\n{rows}')
+    code, output = _cli(src, _mapping(tmp_path), lake_uri)
+    assert code != 0 and "Traceback" not in output and len(output.strip().splitlines()) == 1
+    assert "log.csv: the CSV reader failed" in output and 'set quote = ""' in output
+
+
 def test_corrupt_parquet_names_the_file(tmp_path: Path, lake_uri: str) -> None:
     src = tmp_path / "src"
     src.mkdir()

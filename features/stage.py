@@ -10,8 +10,9 @@ from typing import Any
 
 import polars as pl
 
+from features.history import build_history_through
 from features.lake import Lake, PartitionNotFound
-from features.schemas import EVENTS, USER_HISTORY
+from features.schemas import EVENTS
 from features.windows import Window, window_series
 
 SOURCES = ("auto", "generator", "lake")
@@ -103,7 +104,7 @@ def ingest(
     else:
         window = lake.window(ds)
     present, rows = _validate_events(lake, window)
-    _build_history_through(lake, window)
+    build_history_through(lake, window)  # missing earlier states first, in order; then window's
     plan_surfaces(window.ds, lake_uri, surfaces)
     return {"ds": window.ds, "surfaces": present, "rows": rows, "source": source}
 
@@ -134,20 +135,3 @@ def _validate_events(lake: Lake, window: Window) -> tuple[list[str], int]:
     for part in parts:
         rows += lake.scan(EVENTS.name, **part).select(pl.len()).collect().item()
     return [p["surface"] for p in parts], rows
-
-
-def _build_history_through(lake: Lake, window: Window) -> None:
-    """user_history for every earlier window lacking it (in order, gaps included), then for `window`.
-
-    Windows are stepped from the lake's first event window, so a window without events (a gap in an
-    imported log) still gets its carried-forward state and the chain of states is never broken.
-    """
-    from features.history import build_user_history
-
-    first = Window.parse(lake_windows(lake.uri)[0], window.days)
-    if (window.start - first.start).days % window.days:
-        raise ValueError(f"window {window} is not aligned with the lake's first window {first} ({lake.uri})")
-    for earlier in window_series(first.start, (window.start - first.start).days // window.days, window.days):
-        if earlier < window and not lake.exists(USER_HISTORY.name, ds=earlier.ds):
-            build_user_history(lake, earlier)
-    build_user_history(lake, window)

@@ -31,6 +31,7 @@ class ExpertConfig:
     emb_dim: int = 8
     hidden: tuple[int, ...] = (64, 32)
     history_length: int = 20
+    counters: bool = True  # point-in-time counters (features.counters) as own inputs, every variant
     fm_proj: int = 16  # width the FM inputs of loopfm / fe are projected to
     att_hidden: int = 4  # DIN scorer width: it runs once per history slot
     kd_alpha: float = 1.0

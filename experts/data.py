@@ -83,6 +83,7 @@ def to_tensors(table: pa.Table, history_length: int) -> ExpertData:
         "loop_click": torch.from_numpy(clicks),
         "tae": torch.from_numpy(tae),
         "fm_logit": torch.from_numpy(table["fm_logit_click"].to_numpy().astype(np.float32)),
+        "counters": torch.from_numpy(_vectors(table["counters"])),
     }
     label = torch.from_numpy(table[CLICK].to_numpy().astype(np.float32))
     versions = sorted(set(table[FM_VERSION].to_pylist()))

@@ -8,6 +8,9 @@ T = target-aware embedding width):
   loop_click (B, L) f32    the click label of each history entry (0 on padding)
   tae       (B, T) f32     FM target-aware embedding (fe), detached
   fm_logit  (B,) f32       FM click logit (kd: the adapter's input; never a serving-head input)
+  counters  (B, C) f32     point-in-time counters (features.counters.DENSE_NAMES): own features of every
+                           variant (cfg.counters), beside the embeddings into the trunk and as a wide linear
+                           term on the logit (zero-initialised), so that base is the counting baseline and more
 Output: {"logit": (B,)} plus "aux_logit", "adapter_logit" for kd variants. The serving prediction is
 sigmoid(logit) for every variant.
 """
@@ -19,6 +22,7 @@ from torch import nn
 
 from experts.config import OWN_FEATURES, ExpertConfig
 from experts.distill import StudentAdapter, scale_grad
+from features.counters import DENSE_NAMES
 
 _HASH_MULT = 0x9E3779B1  # Fibonacci hashing; int64 overflow wraps, which is fine for bucketing
 
@@ -85,7 +89,11 @@ class Expert(nn.Module):
         self.cfg, self.repr_dim, self.tae_dim = cfg, repr_dim, tae_dim
         n = len(OWN_FEATURES)
         self.emb = HashedEmbeddings(cfg.buckets, cfg.emb_dim)
-        width = n * cfg.emb_dim
+        width = n * cfg.emb_dim + (len(DENSE_NAMES) if cfg.counters else 0)
+        if cfg.counters:
+            self.wide = nn.Linear(len(DENSE_NAMES), 1)
+            nn.init.zeros_(self.wide.weight)
+            nn.init.zeros_(self.wide.bias)
         # FM inputs are projected to fm_proj dims, so that a few hundred wide FM features do not swamp the
         # n * emb_dim own features in the first layer. They enter as the FM made them: LayerNorm-ing them
         # (per example) cost most of their value. Measured (7 days x 50k events, mean progressive NE gain
@@ -111,14 +119,15 @@ class Expert(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         e = self.emb(batch["cats"])  # (B, F, D)
-        parts = [e.flatten(1)]
+        parts = [e.flatten(1)] + ([batch["counters"]] if self.cfg.counters else [])  # (B, F*D), (B, C)
         if self.cfg.uses_loop:
             item = e[:, OWN_FEATURES.index("item_id")]
             parts.append(self.loop_proj(self.loop(item, batch["loop_repr"], batch["loop_mask"], batch["loop_click"])))
         if self.cfg.uses_tae:
             parts.append(self.tae_proj(batch["tae"].detach()))
         h = self.trunk(torch.cat(parts, dim=-1))  # (B, H)
-        out = {"logit": self.head(h).squeeze(-1)}
+        logit = self.head(h) + (self.wide(batch["counters"]) if self.cfg.counters else 0.0)  # (B, 1)
+        out = {"logit": logit.squeeze(-1)}
         if self.cfg.uses_kd:
             out["aux_logit"] = self.aux_head(scale_grad(h, self.cfg.kd_beta)).squeeze(-1)
             out["adapter_logit"] = self.adapter(batch["fm_logit"])

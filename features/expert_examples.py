@@ -6,6 +6,9 @@
 - ``fm_outputs(fm=preset, ds, surface)`` on event_id: fm_logit_click, fm_tae, fm_version — the FM that
   scored window ds was trained through the window before ds (FM contract), so these carry no leakage;
 - ``users`` / ``items`` snapshots as of the window before ds (`asof_snapshot`); unknown ids -> 0;
+- ``counters``: the event's point-in-time counters (features.counters.window_counters over every
+  surface's events of the window + the carried counter_state of window.prev(), built on demand) as the
+  dense inputs features.counters.DENSE_NAMES: float32 vector, only events strictly before the event's ts;
 - LoopFM history: the user's last L FM representations (``fm_repr * fm_repr_scale``, dequantised) with
   their click labels, from fm_outputs of ALL surfaces, with ts strictly before the event's ts. Day ds
   contributes its own earlier rows; older days come from the carried ``loop_state(fm=preset, ds)``.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from features.counters import dense_counters, window_counters
 from features.history import advance_state, asof_snapshot, history_features
 from features.lake import Lake, PartitionNotFound
 from features.schemas import (
@@ -160,6 +164,12 @@ def _with_side(frame: pl.LazyFrame, side: pl.LazyFrame | None, key: str, columns
     return frame.join(side, on=key, how="left").with_columns(pl.col(c).fill_null(0).cast(pl.Int32) for c in columns)
 
 
+def _counters(lake: Lake, window: Window) -> pl.LazyFrame:
+    """event_id + counters (Array(Float32, C)) of every event of the window (all surfaces)."""
+    counts = window_counters(lake, window)
+    return pl.DataFrame({EVENT_ID: counts[EVENT_ID], "counters": dense_counters(counts)}).lazy()
+
+
 def expert_frame(lake: Lake, window: Window, surface: str, preset: str, history_length: int = 20) -> pl.DataFrame:
     """The expert_examples rows for (window, surface) as a DataFrame (not written)."""
     events = _events(lake, window, surface).collect()
@@ -177,6 +187,7 @@ def expert_frame(lake: Lake, window: Window, surface: str, preset: str, history_
     hist = hist.select(EVENT_ID, pl.col("hist_repr").alias("loop_hist_repr"), pl.col("hist_click").alias("loop_hist_click"))
     out = _with_side(joined.lazy(), _side(lake, window, "users", USER_ID, USER_FEATURES), USER_ID, USER_FEATURES)
     out = _with_side(out, _side(lake, window, "items", ITEM_ID, ITEM_FEATURES), ITEM_ID, ITEM_FEATURES)
+    out = out.join(_counters(lake, window), on=EVENT_ID, how="left")
     out = out.join(hist, on=EVENT_ID, how="left").with_columns(
         pl.col("loop_hist_click").fill_null(pl.lit([], pl.List(pl.Int8))),
         pl.col("loop_hist_click").list.len().fill_null(0).cast(pl.Int16).alias("loop_hist_len"),

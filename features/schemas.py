@@ -120,6 +120,20 @@ USER_HISTORY = TableSpec(
     ),
 )
 
+# Per (kind, key, surface) impressions and clicks over every window up to and including ds (features.counters:
+# the counter state carried from day to day; surface "*" for kinds counted across surfaces).
+COUNTER_STATE = TableSpec(
+    "counter_state",
+    ("ds",),
+    (
+        ("kind", pa.string(), False),  # item, user, item_surface, user_surface, surface
+        ("key", pa.int64(), False),  # the item / user id (0 for kind surface)
+        (SURFACE, pa.string(), False),
+        ("imps", pa.int64(), False),
+        ("clicks", pa.int64(), False),
+    ),
+)
+
 # Rows an import rejected, with the reason and the source line (1-based, header excluded).
 QUARANTINE = TableSpec(
     "quarantine",
@@ -189,6 +203,7 @@ EXPERT_EXAMPLES = TableSpec(
         ("loop_hist_repr", _list(Vector(pa.float32())), False),  # last L FM reprs, ts < this ts
         ("loop_hist_click", _list(pa.int8()), False),
         ("loop_hist_len", pa.int16(), False),
+        ("counters", Vector(pa.float32()), False),  # features.counters.DENSE_NAMES, point in time
     ),
 )
 
@@ -199,6 +214,7 @@ TABLES: dict[str, TableSpec] = {
         USERS,
         ITEMS,
         USER_HISTORY,
+        COUNTER_STATE,
         QUARANTINE,
         FM_OUTPUTS,
         USER_EMBEDDINGS,

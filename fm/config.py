@@ -59,6 +59,7 @@ class FMConfig:
     surfaces: tuple[str, ...] = SURFACES  # one head per (surface, label); stages take them from the lake's meta
     tasks: tuple[str, ...] = ("click", "like")
     repr_width: int = 32  # LoopFM autoencoder bottleneck (tanh) -> int8 fm_repr
+    counters: bool = True  # point-in-time counter inputs (features.counters; fm.model docstring)
     # ---- training -------------------------------------------------------------------------------
     lr: float = 3e-3
     emb_lr: float | None = None  # learning rate of the embedding tables (None: lr)
@@ -99,7 +100,7 @@ class FMConfig:
 
     def model_key(self) -> dict[str, Any]:
         """The settings that fix the parameter shapes: a warm start requires them equal."""
-        keep = ("dim", "user_buckets", "item_buckets", "side_buckets", "n_blocks", "n_heads", "mlp")
+        keep = ("dim", "user_buckets", "item_buckets", "side_buckets", "n_blocks", "n_heads", "mlp", "counters")
         return {k: getattr(self, k) for k in keep} | {"surfaces": self.surfaces, "tasks": self.tasks,
                                                        "repr_width": self.repr_width}
 

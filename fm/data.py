@@ -8,7 +8,10 @@ event_id, and joins
 - user side features (segment, region) and item side features (category, brand) from the newest
   ``users`` / ``items`` snapshot with ds <= window.prev() (features.history.asof_snapshot): a snapshot
   written for day D may describe day D, so it is never used for day D itself. Ids absent from the
-  snapshot (new today) get -1, which hashes to its own "unknown" row.
+  snapshot (new today) get -1, which hashes to its own "unknown" row;
+- each event's point-in-time counters (features.counters.window_counters: item / user / per-surface
+  impressions and clicks over every earlier window, from the carried ``counter_state`` of window.prev(),
+  and over this window's events strictly before its ts), as the dense inputs features.counters.DENSE_NAMES.
 
 Batch tensors (`BATCH_KEYS`), N rows, L = cfg.hist_len:
   user_id, item_id, segment, region, category, brand, position, device: (N,) int64 raw values
@@ -16,6 +19,8 @@ Batch tensors (`BATCH_KEYS`), N rows, L = cfg.hist_len:
   hist_item (N, L) int64, hist_category / hist_brand (N, L) int64 (the history items' side features
   from the same items snapshot, -1 if unknown), hist_surface (N, L) int64, hist_click (N, L) int64 (0/1),
   hist_mask (N, L) bool — right-aligned (newest interaction in the last column), padding False
+  counters (N, C) float32, C = len(DENSE_NAMES) (all-zero counts where the frame has no counter columns:
+  the same inputs as an event with no earlier impressions at prior 1/2)
   click (N,) float32; like (N,) float32 with like_mask (N,) float32 (0 where the log has no like label)
 """
 
@@ -29,6 +34,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from features.counters import dense_counters, window_counters
 from features.history import asof_snapshot, history_features, read_user_history
 from features.lake import Lake, PartitionNotFound
 from features.schemas import CLICK, EVENT_ID, ITEM_ID, LIKE, SURFACE, TS, USER_ID
@@ -39,8 +45,8 @@ PAYLOAD = (ITEM_ID, SURFACE, CLICK)
 SIDE = {"users": (USER_ID, ("segment", "region")), "items": (ITEM_ID, ("category", "brand"))}
 BATCH_KEYS = (
     "user_id", "item_id", "segment", "region", "category", "brand", "position", "device", "surface",
-    "hist_item", "hist_category", "hist_brand", "hist_surface", "hist_click", "hist_mask", "click", "like",
-    "like_mask",
+    "hist_item", "hist_category", "hist_brand", "hist_surface", "hist_click", "hist_mask", "counters", "click",
+    "like", "like_mask",
 )
 
 
@@ -75,6 +81,7 @@ def load_window(lake: Lake, window: Window, cfg: FMConfig) -> WindowData:
         events.select(EVENT_ID, USER_ID, TS, *PAYLOAD), read_user_history(lake, window), cfg.hist_len, PAYLOAD
     )
     frame = events.join(hist.select(pl.exclude("hist_ts")), on=EVENT_ID, how="left", maintain_order="left")
+    frame = frame.join(window_counters(lake, window).lazy(), on=EVENT_ID, how="left", maintain_order="left")
     item_side = None
     for table, (key, cols) in SIDE.items():
         snap = asof_snapshot(lake, table, window)
@@ -178,6 +185,7 @@ def to_window_data(df: pl.DataFrame, cfg: FMConfig, item_side: pl.DataFrame | No
     t["hist_surface"] = _scatter(surf_values, plan, L, S)
     t["hist_click"] = _scatter(_flat(df["hist_click"]).values.to_numpy(zero_copy_only=False), plan, L, 0).clamp(0, 1)
     t["hist_mask"] = torch.from_numpy(plan[3])
+    t["counters"] = torch.from_numpy(dense_counters(df))  # (N, C); zero counts where df has no counter columns
     t["click"] = torch.from_numpy(df[CLICK].cast(pl.Float32).to_numpy().copy())
     t["like"] = torch.from_numpy(like.fill_null(0).cast(pl.Float32).to_numpy().copy())
     t["like_mask"] = torch.from_numpy(like.is_not_null().cast(pl.Float32).to_numpy().copy())

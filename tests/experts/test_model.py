@@ -12,6 +12,7 @@ from experts.distill import expert_loss, scale_grad
 from experts.evaluate import predict
 from experts.model import Expert, flops_per_example, param_count
 from experts.train import new_checkpoint, train_window
+from features.counters import DENSE_NAMES
 from features.expert_examples import build_expert_examples
 from features.metrics import all_metrics
 from tests.experts.synth import make_lake
@@ -56,7 +57,7 @@ def _trunk_grad(beta: float, kd_weight: float = 1.0) -> torch.Tensor:
     model = Expert(cfg, repr_dim=4, tae_dim=4)
     batch = {"cats": torch.randint(0, 100, (16, 8)), "loop_repr": torch.zeros(16, 20, 4),
              "loop_mask": torch.zeros(16, 20, dtype=torch.bool), "loop_click": torch.zeros(16, 20), "tae": torch.zeros(16, 4),
-             "fm_logit": torch.randn(16)}
+             "fm_logit": torch.randn(16), "counters": torch.randn(16, len(DENSE_NAMES))}
     out = model(batch)
     # aux loss only: isolate the distillation gradient reaching the shared trunk
     target = torch.sigmoid(batch["fm_logit"])
@@ -100,7 +101,8 @@ def test_expert_is_at_most_a_tenth_of_the_base_fm(variant: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = {"cats": torch.zeros(1, 8, dtype=torch.int64), "loop_repr": torch.zeros(1, 20, 32),
-             "loop_mask": torch.ones(1, 20, dtype=torch.bool), "loop_click": torch.ones(1, 20), "tae": torch.zeros(1, 32), "fm_logit": torch.zeros(1)}
+             "loop_mask": torch.ones(1, 20, dtype=torch.bool), "loop_click": torch.ones(1, 20), "tae": torch.zeros(1, 32), "fm_logit": torch.zeros(1),
+             "counters": torch.zeros(1, len(DENSE_NAMES))}
     with FlopCounterMode(display=False) as counter:
         expert(batch)
     assert counter.get_total_flops() <= FM_BASE_FLOPS / 10

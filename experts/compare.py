@@ -80,3 +80,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines.append(f"* = champion (registry alias). {REF} = counting reference (item/user CTR + log counts, LR "
                  "fitted on ds-1). NE base rate: CTR of the training window (ds-1).")
     return "\n".join(lines)
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
+    """`rows` as the text table, JSON (a list of objects, NaN as null) or CSV (header + one line per row)."""
+    if fmt == "table":
+        return format_table(rows)
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    if fmt == "json":
+        import json
+
+        return json.dumps(clean, indent=2)
+    if fmt == "csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["fm_preset", "surface", "variant", "days", "champion", *COLUMNS],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(clean)
+        return out.getvalue().rstrip("\n")
+    raise ValueError(f"unknown format {fmt!r}: expected table, json or csv")

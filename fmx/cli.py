@@ -2,11 +2,17 @@
 
 Each command module registers its commands on `cli`; heavy libraries (torch, polars, mlflow,
 airflow) are imported inside the command bodies so that `fmx --help` stays instant.
+
+Errors: a usage error is click's; any other failure ends in one line, `Error: <message>`, and exit
+code 1 — a bad value, a missing partition or a corrupt file names what is wrong, and a bug names its
+exception type. `fmx --debug ...` (or FMX_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from typing import Any
 
 import click
 
@@ -37,9 +43,31 @@ def resolve_lake(lake_uri: str | None) -> str:
     return lake_uri or default_lake_uri()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+
+
+class FmxGroup(click.Group):
+    """The top-level group: failures become one `Error: ...` line (exit 1) unless --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if ctx.meta.get("fmx.debug") or os.environ.get("FMX_DEBUG") == "1":
+                raise
+            prefix = "" if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: "
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise click.ClickException(f"{prefix}{message} (run with fmx --debug for the traceback)") from None
+
+
+@click.group(cls=FmxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (also FMX_DEBUG=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """fmx: foundation model -> surface experts, on Airflow, MLflow and Parquet."""
+    ctx.meta["fmx.debug"] = debug
 
 
 def _register() -> None:

@@ -79,12 +79,32 @@ def promote_cmd(
     click.echo(json.dumps(out, default=str))
 
 
+def _day(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from datetime import date
+
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date YYYY-MM-DD") from None
+
+
 @cli.command("compare")
 @click.option("--surface", default=None, help="Only this surface.")
-@click.option("--from", "ds_from", default=None, help="First window (YYYY-MM-DD), inclusive.")
-@click.option("--to", "ds_to", default=None, help="Last window (YYYY-MM-DD), inclusive.")
-def compare_cmd(surface: str | None, ds_from: str | None, ds_to: str | None) -> None:
+@click.option("--from", "ds_from", default=None, callback=_day, help="First window (YYYY-MM-DD), inclusive.")
+@click.option("--to", "ds_to", default=None, callback=_day, help="Last window (YYYY-MM-DD), inclusive.")
+@click.option("--format", "fmt", type=click.Choice(("table", "json", "csv")), default="table", show_default=True,
+              help="table for people; json or csv for scripts and notebooks.")  # fmt: skip
+def compare_cmd(surface: str | None, ds_from: str | None, ds_to: str | None, fmt: str) -> None:
     """Variants x (AUC, NE, calibration, gap closure, transfer ratio), averaged over the range, from MLflow."""
-    from experts.compare import compare_rows, format_table
+    from experts.compare import compare_rows, format_rows
 
-    click.echo(format_table(compare_rows(surface, ds_from, ds_to)))
+    if ds_from and ds_to and ds_from > ds_to:
+        raise click.BadParameter(f"--from {ds_from} is after --to {ds_to}")
+    rows = compare_rows(surface, ds_from, ds_to)
+    if not rows and surface and (known := sorted({r["surface"] for r in compare_rows(None, ds_from, ds_to)})):
+        raise click.ClickException(f"no evaluated runs for surface {surface!r} in this range; surfaces with runs: {known}")
+    if not rows and fmt == "table":
+        raise click.ClickException("no evaluated runs in the tracking store for this selection (run `fmx run` first)")
+    click.echo(format_rows(rows, fmt))

@@ -80,7 +80,17 @@ def run_cmd(
         f"{report.stage_s:.1f} s, orchestration {total - report.stage_s:.1f} s "
         f"({100 * (total - report.stage_s) / total:.0f}%; of it Airflow DB set-up {setup_s:.1f} s)"
     )
-    click.echo(f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri()} --port 5000")
+    click.echo(f"MLflow UI:  {mlflow_command()} ui --backend-store-uri {tracking_uri()} --port 5000")
+
+
+def mlflow_command() -> str:
+    """The `mlflow` executable beside this Python (the venv's), so the printed command runs as printed."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.exists() else (shutil.which("mlflow") or "mlflow")
 
 
 def _print_compare(days: list[str]) -> None:

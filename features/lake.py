@@ -6,21 +6,42 @@ other fsspec protocols go through fsspec.
 
 Contracts:
 - `write` casts to the declared schema (extra columns dropped), rejects missing columns, nulls in
-  non-null columns and rows whose partition-key column disagrees with the partition, then writes a
-  temporary file beside the target and renames it into place. A re-run replaces the partition
-  exactly; a process killed mid-write leaves the previous file untouched (the stray temporary file is
-  ignored by readers and removed by the next write of that partition).
+  non-null columns and rows whose partition-key column disagrees with the partition, then, holding
+  the partition's lease (`lease`), writes a temporary file beside the target and renames it into
+  place. A re-run replaces the partition exactly; a process killed mid-write leaves the previous file
+  untouched (the stray temporary file is ignored by readers and removed by a later write, see below).
 - `read` / `scan` check the file's schema against the declared one and fail with `SchemaError`
   naming table, partition and column.
+
+Trust model (the lake is input, not code; see also `check_lake_uri`):
+- URIs: a local path or one of `ALLOWED_SCHEMES`, checked once, here, before any I/O (the CLI, the
+  DAG Params and `Lake.__init__` all call `check_lake_uri`); an ``endpoint_override`` query option
+  must name a host:port the operator listed in ``$FMX_LAKE_ENDPOINTS`` (or the one of ``$FMX_LAKE``).
+- Paths: partition values and relative paths are validated (`check_partition_value`,
+  `safe_relpath`): no ``/`` in a value, no ``..``, no absolute paths or schemes, no control characters.
+- Integrity: every Parquet file is written with page CRC32 checksums and read with verification
+  (pyarrow; polars does not verify, so `scan` reads through pyarrow); a corrupt or truncated file
+  fails with `CorruptFile` naming table, partition and file.
+- Writers: temporary files are named ``.tmp-<host>-<pid>-<random>``; a writer removes only its own,
+  or those of a dead PID on the same host, or those older than `STALE_TMP_S`. A write holds a lease
+  (``_locks/...``: owner host/pid, expiry) so a second writer of the same partition waits, then fails
+  with `LakeBusy`. Leases are created atomically on local/POSIX filesystems (hard link); on object
+  stores (s3, gs, abfs) pyarrow has no create-if-absent, so the lease is write-then-read-back (best
+  effort: two writers starting within the same few milliseconds can both proceed; the rename keeps
+  each partition whole either way).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import polars as pl
 import pyarrow as pa
@@ -34,6 +55,15 @@ from features.windows import Window
 DATA_FILE = "data.parquet"
 META_FILE = "_lake.json"
 TMP_PREFIX = ".tmp-"
+LOCKS_DIR = "_locks"
+# Allowed lake URI schemes besides a plain local path. hdfs/az/abfs name their host in the URI.
+ALLOWED_SCHEMES = ("file", "s3", "gs", "abfs", "abfss", "az", "hdfs")
+# Query options a lake URI may carry (pyarrow's S3/HDFS options); endpoint_override is checked further.
+ALLOWED_OPTIONS = ("region", "scheme", "endpoint_override", "allow_bucket_creation", "anonymous",
+                   "force_virtual_addressing", "user", "replication")
+STALE_TMP_S = 3600.0  # a temporary file this old belongs to a dead writer, whoever it was
+LEASE_TTL_S = 600.0  # a lease not released after this long (its holder died on another host) is free
+LEASE_WAIT_S = 300.0  # how long a second writer waits for a partition before LakeBusy
 
 
 class SchemaError(ValueError):
@@ -44,12 +74,88 @@ class PartitionNotFound(FileNotFoundError):
     """A partition that a stage needs does not exist."""
 
 
+class LakeError(ValueError):
+    """A lake URI, path or file that fmx refuses to use (the message says which and why)."""
+
+
+class UnsafeLake(LakeError):
+    """A lake URI with a scheme, host or option outside the allow-list, or a path escaping the lake."""
+
+
+class CorruptFile(LakeError):
+    """A file in the lake is truncated or fails its checksums."""
+
+
+class LakeBusy(RuntimeError):
+    """Another writer holds the lease of a partition or file for longer than we wait (a retry may succeed)."""
+
+
+def check_lake_uri(uri: str) -> str:
+    """`uri` unchanged if it is a local path or an allowed URI (see module docstring); UnsafeLake otherwise.
+
+    Pure string check: called before any filesystem is built, so a refused URI sends no request.
+    """
+    if not uri or _has_control(uri):
+        raise UnsafeLake(f"lake URI {uri!r} is empty or holds control characters")
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        raise UnsafeLake(f"lake URI {uri!r}: scheme {parts.scheme!r} is not allowed; use a local path or one of "
+                         f"{', '.join(s + '://' for s in ALLOWED_SCHEMES)}")
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in ALLOWED_OPTIONS:
+            raise UnsafeLake(f"lake URI option {key!r} is not allowed (allowed: {', '.join(ALLOWED_OPTIONS)})")
+        if key == "endpoint_override" and _endpoint(value) not in _trusted_endpoints():
+            raise UnsafeLake(f"lake URI endpoint_override {value!r} is not a trusted endpoint: list its host:port in "
+                             "$FMX_LAKE_ENDPOINTS (comma-separated) to allow it")
+    return uri
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def _endpoint(value: str) -> str:
+    """host:port of an endpoint given as ``host:port`` or ``scheme://host:port``."""
+    return (urlsplit(value).netloc if "://" in value else value).lower().strip("/")
+
+
+def _trusted_endpoints() -> set[str]:
+    listed = {_endpoint(e) for e in os.environ.get("FMX_LAKE_ENDPOINTS", "").split(",") if e.strip()}
+    configured = os.environ.get("FMX_LAKE", "")
+    for key, value in parse_qsl(urlsplit(configured).query) if "://" in configured else []:
+        if key == "endpoint_override":
+            listed.add(_endpoint(value))  # the operator's own lake
+    return listed
+
+
+def check_partition_value(key: str, value: str) -> str:
+    """`value` if it is a safe partition value: not empty, no ``/`` or ``\\``, not ``.``/``..``, no control chars."""
+    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value
+            or _has_control(value)):
+        raise UnsafeLake(f"partition value {key}={value!r} is not allowed (empty, '.', '..', a '/' or '\\', or a "
+                         "control character)")
+    return value
+
+
+def safe_relpath(relpath: str) -> str:
+    """`relpath` normalised if it stays inside the lake: relative, no ``..``, no scheme, no control chars."""
+    if not relpath or _has_control(relpath) or "://" in relpath or "\\" in relpath or relpath.startswith("/"):
+        raise UnsafeLake(f"path {relpath!r} is not a relative path inside the lake")
+    parts = [p for p in relpath.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise UnsafeLake(f"path {relpath!r} is not a relative path inside the lake ('..' is refused)")
+    return "/".join(parts)
+
+
 def default_lake_uri() -> str:
     """``$FMX_LAKE`` (e.g. an s3:// URI shared by every worker), else ``$FMX_HOME/lake`` (FMX_HOME: ``./.fmx``)."""
     return os.environ.get("FMX_LAKE") or os.path.join(os.environ.get("FMX_HOME", ".fmx"), "lake")
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    check_lake_uri(uri)
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
@@ -65,7 +171,7 @@ class Lake:
     """Typed, atomic access to the lake's tables under one root URI."""
 
     def __init__(self, uri: str | None = None) -> None:
-        self.uri = uri or default_lake_uri()
+        self.uri = check_lake_uri(uri or default_lake_uri())
         self.fs, self.root = _filesystem(self.uri)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
@@ -78,12 +184,12 @@ class Lake:
         missing = [k for k in spec.partition_by if k not in keys]
         if missing or set(keys) - set(spec.partition_by):
             raise ValueError(f"table {table!r} is partitioned by {spec.partition_by}, got keys {sorted(keys)}")
-        parts = [f"{k}={keys[k]}" for k in spec.partition_by]
+        parts = [f"{k}={check_partition_value(k, keys[k])}" for k in spec.partition_by]
         return "/".join([self.root, table, *parts])
 
     def path(self, *parts: str) -> str:
-        """A path under the root for non-table artifacts (checkpoints, reports)."""
-        return "/".join([self.root, *parts])
+        """A path under the root for non-table artifacts (checkpoints, reports); UnsafeLake if it leaves the lake."""
+        return "/".join([self.root, safe_relpath("/".join(parts))])
 
     # ---- tables ------------------------------------------------------------------------------
     def write(self, table: str, data: pa.Table | pl.DataFrame, **keys: str) -> str:
@@ -98,11 +204,12 @@ class Lake:
                 if distinct != [value]:
                     raise SchemaError(f"{where}: column {key!r} holds {distinct[:5]}, expected only {value!r}")
         directory = self.partition_dir(table, **keys)
-        self.fs.create_dir(directory, recursive=True)
-        self._remove_stale_tmp(directory)
-        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex}"
-        pq.write_table(arrow, tmp, filesystem=self.fs)
-        self.fs.move(tmp, f"{directory}/{DATA_FILE}")
+        with self.lease(_lock_name(table, keys)):
+            self.fs.create_dir(directory, recursive=True)
+            self._remove_stale_tmp(directory)
+            tmp = f"{directory}/{_tmp_name()}"
+            pq.write_table(arrow, tmp, filesystem=self.fs, write_page_checksum=True)
+            self.fs.move(tmp, f"{directory}/{DATA_FILE}")
         return f"{directory}/{DATA_FILE}"
 
     def exists(self, table: str, **keys: str) -> bool:
@@ -110,16 +217,40 @@ class Lake:
         return info.type == pafs.FileType.File
 
     def read(self, table: str, columns: list[str] | None = None, **keys: str) -> pa.Table:
-        """Read one partition, checking its schema."""
+        """Read one partition, checking its schema and the page checksums of the columns read."""
         path = self._checked_file(table, keys)
-        return pq.read_table(path, filesystem=self.fs, columns=columns)
+        with _named(table, keys, path):
+            return pq.read_table(path, filesystem=self.fs, columns=columns, page_checksum_verification=True)
 
     def scan(self, table: str, **keys: str) -> pl.LazyFrame:
-        """A lazy polars frame over one partition, schema checked."""
+        """A lazy polars frame over one partition, schema and page checksums checked.
+
+        Polars' own reader does not verify page checksums, so the frame is a polars IO source fed by
+        pyarrow's verifying reader, batch by batch, with polars' column projection pushed down to it.
+        """
+        from polars.io.plugins import register_io_source
+
         path = self._checked_file(table, keys)
-        if self.is_local:
-            return pl.scan_parquet(path)
-        return pl.from_arrow(pq.read_table(path, filesystem=self.fs)).lazy()  # type: ignore[union-attr]
+        with _named(table, keys, path):
+            schema = pq.read_schema(path, filesystem=self.fs)
+        lake = self
+
+        def batches(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                    batch_size: int | None) -> Iterator[pl.DataFrame]:
+            left = n_rows
+            with _named(table, keys, path), lake.fs.open_input_file(path) as f:
+                reader = pq.ParquetFile(f, page_checksum_verification=True)
+                for batch in reader.iter_batches(batch_size=batch_size or 1 << 20, columns=with_columns):
+                    frame = pl.DataFrame(pl.from_arrow(batch))
+                    if predicate is not None:
+                        frame = frame.filter(predicate)
+                    if left is not None:
+                        frame, left = frame.head(left), left - min(left, frame.height)
+                    yield frame
+                    if left == 0:
+                        return
+
+        return register_io_source(batches, schema=pl.from_arrow(schema.empty_table()).schema)  # type: ignore[union-attr]
 
     def scan_many(self, table: str, partitions: Iterable[Mapping[str, str]]) -> pl.LazyFrame:
         """Concatenate several partitions lazily (each schema checked)."""
@@ -146,8 +277,9 @@ class Lake:
 
     def delete(self, table: str, **keys: str) -> None:
         directory = self.partition_dir(table, **keys)
-        if self.fs.get_file_info(directory).type == pafs.FileType.Directory:
-            self.fs.delete_dir(directory)
+        with self.lease(_lock_name(table, keys)):
+            if self.fs.get_file_info(directory).type == pafs.FileType.Directory:
+                self.fs.delete_dir(directory)
 
     # ---- lake metadata and small files -----------------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -156,23 +288,34 @@ class Lake:
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return {}
         with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+            raw = f.read()
+        try:
+            return json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptFile(f"lake metadata {path} is not valid JSON ({exc})") from None
 
     def window(self, ds: str) -> Window:
         """The window starting `ds`, with this lake's window length (meta window_days, default 1)."""
         return Window.parse(ds, int(self.meta().get("window_days", 1)))
 
     def update_meta(self, **values: Any) -> dict[str, Any]:
-        meta = {**self.meta(), **values}
-        self.write_bytes(META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+        """Merge `values` into the metadata (read-modify-write under the metadata's lease)."""
+        with self.lease("meta"):
+            meta = {**self.meta(), **values}
+            self._put(META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
         return meta
 
     def write_bytes(self, relpath: str, payload: bytes) -> str:
-        """Atomically write a small file under the root (temporary name, then rename)."""
+        """Atomically write a small file under the root (temporary name, then rename), holding its lease."""
+        with self.lease("files/" + safe_relpath(relpath)):
+            return self._put(relpath, payload)
+
+    def _put(self, relpath: str, payload: bytes) -> str:
         target = self.path(relpath)
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}"
+        self._remove_stale_tmp(parent)
+        tmp = f"{parent}/{_tmp_name()}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(payload)
         self.fs.move(tmp, target)
@@ -185,19 +328,140 @@ class Lake:
     def file_exists(self, relpath: str) -> bool:
         return self.fs.get_file_info(self.path(relpath)).type == pafs.FileType.File
 
+    # ---- leases --------------------------------------------------------------------------------
+    @contextmanager
+    def lease(self, name: str, ttl_s: float = LEASE_TTL_S, wait_s: float = LEASE_WAIT_S) -> Iterator[str]:
+        """Hold the lease ``_locks/<name>`` (owner host/pid, expiry) for the block; yields the lock's path.
+
+        A lease held by a live writer is waited for up to `wait_s`, then LakeBusy names the holder. A lease
+        whose holder is a dead PID on this host, or whose expiry passed, is taken over. Stages that write
+        a partition for a long time take their own lease around the work (e.g. ``stage/fm_train/<ds>``).
+        """
+        path = self.path(LOCKS_DIR, safe_relpath(name) + ".lock")
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                 "expires": time.time() + ttl_s}
+        deadline = time.monotonic() + wait_s
+        while not self._try_lock(path, owner):
+            if time.monotonic() > deadline:
+                holder = self._lock_owner(path) or {}
+                raise LakeBusy(f"lake {self.uri}: {name} is being written by pid {holder.get('pid')} on host "
+                               f"{holder.get('host')!r} (lease {path}, expires in "
+                               f"{float(holder.get('expires', 0)) - time.time():.0f} s); waited {wait_s:.0f} s")
+            time.sleep(0.05)
+        try:
+            yield path
+        finally:
+            if (self._lock_owner(path) or {}).get("token") == owner["token"]:
+                self.fs.delete_file(path)
+
+    def _try_lock(self, path: str, owner: dict[str, Any]) -> bool:
+        holder = self._lock_owner(path)
+        if holder is not None and _holds(holder):
+            return False
+        if holder is not None:  # dead or expired: take it over
+            try:
+                self.fs.delete_file(path)
+            except FileNotFoundError:
+                pass
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        payload = json.dumps(owner).encode()
+        if self.is_local:  # atomic create-if-absent: write a private file, hard-link it into place
+            tmp = f"{parent}/{_tmp_name()}"
+            with open(tmp, "wb") as f:
+                f.write(payload)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        with self.fs.open_output_stream(path) as f:  # object stores: write, then read back (best effort)
+            f.write(payload)
+        return (self._lock_owner(path) or {}).get("token") == owner["token"]
+
+    def _lock_owner(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, OSError):
+            return None
+        except ValueError:  # unreadable lease: treat as expired
+            return {"expires": 0}
+
     # ---- internals -----------------------------------------------------------------------------
     def _checked_file(self, table: str, keys: Mapping[str, str]) -> str:
         spec = _spec(table)
         path = f"{self.partition_dir(table, **keys)}/{DATA_FILE}"
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             raise PartitionNotFound(f"{_where(table, keys)} does not exist in lake {self.uri}")
-        check_schema(spec, pq.read_schema(path, filesystem=self.fs), _where(table, keys))
+        with _named(table, keys, path):
+            schema = pq.read_schema(path, filesystem=self.fs)
+        check_schema(spec, schema, _where(table, keys))
         return path
 
     def _remove_stale_tmp(self, directory: str) -> None:
+        """Remove temporary files of dead writers: a dead PID on this host, or older than STALE_TMP_S."""
+        now = time.time()
         for info in self.fs.get_file_info(pafs.FileSelector(directory)):
-            if info.base_name.startswith(TMP_PREFIX):
-                self.fs.delete_file(info.path)
+            if not info.base_name.startswith(TMP_PREFIX) or info.type != pafs.FileType.File:
+                continue
+            host, pid = _tmp_owner(info.base_name)
+            age = now - (info.mtime.timestamp() if info.mtime else now)
+            if age > STALE_TMP_S or (host == socket.gethostname() and pid is not None and not _pid_alive(pid)):
+                try:
+                    self.fs.delete_file(info.path)
+                except FileNotFoundError:
+                    pass  # another writer cleaned it first
+
+
+def _tmp_name() -> str:
+    """``.tmp-<host>-<pid>-<random>``: unique per writer, and says who may clean it up."""
+    return f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _tmp_owner(name: str) -> tuple[str | None, int | None]:
+    parts = name[len(TMP_PREFIX):].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None, None  # an older name (.tmp-<hex>): only the age rule applies
+    return parts[0], int(parts[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holds(holder: Mapping[str, Any]) -> bool:
+    """A lease is held while it has not expired and, on this host, its PID lives."""
+    if float(holder.get("expires", 0)) < time.time():
+        return False
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        return _pid_alive(holder["pid"])
+    return True
+
+
+def _lock_name(table: str, keys: Mapping[str, str]) -> str:
+    return "/".join([table, *(f"{k}={check_partition_value(k, keys[k])}" for k in _spec(table).partition_by)])
+
+
+@contextmanager
+def _named(table: str, keys: Mapping[str, str], path: str) -> Iterator[None]:
+    """Turn pyarrow's errors on a damaged file into one CorruptFile line naming table, partition and file."""
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFile(f"{_where(table, keys)}: file {path} is corrupt or truncated ({reason}); re-run the "
+                          "stage that writes it") from None
 
 
 def _spec(table: str) -> TableSpec:

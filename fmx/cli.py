@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from features.lake import default_lake_uri
+from features.lake import LakeError, check_lake_uri, default_lake_uri
 
 COMMAND_MODULES = (
     "fmx.cmd_data",
@@ -40,7 +40,11 @@ def lake_option(func):  # type: ignore[no-untyped-def]
 
 
 def resolve_lake(lake_uri: str | None) -> str:
-    return lake_uri or default_lake_uri()
+    """The lake URI (--lake, else the default), refused before any I/O when not allowed (features.lake)."""
+    try:
+        return check_lake_uri(lake_uri or default_lake_uri())
+    except LakeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--lake") from None
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)

@@ -166,9 +166,9 @@ def lake_uri(params: Mapping[str, Any]) -> str:
     """Param `lake`, else $FMX_HOME/lake; local paths made absolute (a task's cwd is not the trigger's)."""
     import os
 
-    from features.lake import default_lake_uri
+    from features.lake import check_lake_uri, default_lake_uri
 
-    uri = str(params.get("lake") or default_lake_uri())
+    uri = check_lake_uri(str(params.get("lake") or default_lake_uri()))  # allow-list, before any I/O
     return uri if "://" in uri else os.path.abspath(uri)
 
 

@@ -40,6 +40,7 @@ def s3_lake(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.F
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("FMX_LAKE_ENDPOINTS", s3_endpoint)  # the operator trusts this endpoint (features.lake)
     root = f"lake-{request.node.name}"
     return Lake(f"s3://{BUCKET}/{root}?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1")
 

@@ -56,6 +56,8 @@ def run(lake_uri: str, windows: int, preset: str, overrides: dict) -> tuple[list
 def report(days: list[str], found: dict[tuple[str, str, str], dict], first_scored: int = 2) -> None:
     """Mean NE / AUC per (surface, model) over windows first_scored.. of `days` (0-based: 2 = the third)."""
     keep = set(days[first_scored:])
+    for (model, s, ds), m in sorted(found.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        print(f"  {ds} {s:<10} {model:<4} NE {m['ne']:.3f} AUC {m['auc']:.3f} cal {m['calibration']:.2f}")
     table: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for (model, s, ds), m in found.items():
         if ds in keep:
@@ -81,12 +83,13 @@ def main() -> None:
     p.add_argument("--lake", required=True, help="an imported lake (left untouched: the run works on a copy)")
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--preset", default="small")
+    p.add_argument("--first-scored", type=int, default=2, help="0-based first window of the means (2: the third)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="FMConfig override")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="fm-vs-ref-")
     shutil.copytree(args.lake, f"{work}/lake")
     try:
-        report(*run(f"{work}/lake", args.windows, args.preset, parse_overrides(args.set)))
+        report(*run(f"{work}/lake", args.windows, args.preset, parse_overrides(args.set)), args.first_scored)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

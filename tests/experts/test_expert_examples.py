@@ -77,6 +77,8 @@ def test_no_leakage_from_labels_or_fm_outputs_at_or_after_the_event(lake_uri: st
     later = before.filter(pl.col("ts") > t + timedelta(seconds=1))["event_id"]
     assert not before.filter(pl.col("event_id").is_in(later.implode())).select("loop_hist_click").equals(
         after.filter(pl.col("event_id").is_in(later.implode())).select("loop_hist_click"))
+    assert not before.filter(pl.col("event_id").is_in(later.implode())).select("counters").equals(
+        after.filter(pl.col("event_id").is_in(later.implode())).select("counters"))  # point-in-time counters too
     # the event's own FM output comes from the FM trained through the previous day
     assert probe["fm_version"].startswith(f"small-{ws[1].ds}-")
 

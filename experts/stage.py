@@ -45,6 +45,7 @@ from experts.train import (
     new_checkpoint,
     save_checkpoint,
     train_window,
+    trusted_ckpt_relpath,
 )
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
@@ -233,13 +234,14 @@ def _previous_champion(lake: Lake, window: Window, surface: str, preset: str) ->
 
     found = champion_before(lake, preset, surface, window)
     if found is not None:
-        return found
+        return {**found, "checkpoint": trusted_ckpt_relpath(found["checkpoint"], preset, surface)}
     current = champion(surface, preset)
     if current is None:
         return None
     variant = current.tags["variant"]
-    rel = current.tags["checkpoint"] if current.tags.get("trained_through", window.ds) < window.ds else (
-        latest_before(lake, preset, surface, variant, window))
+    # the registry tag is remote input: only an expert checkpoint of (preset, surface) inside the lake
+    rel = trusted_ckpt_relpath(current.tags["checkpoint"], preset, surface) if current.tags.get(
+        "trained_through", window.ds) < window.ds else latest_before(lake, preset, surface, variant, window)
     return None if rel is None else {"variant": variant, "checkpoint": rel, "version": current.version}
 
 

@@ -2,7 +2,10 @@
 
 Checkpoints: ``<lake>/models/experts/<preset>/<surface>/<variant>/ds=<D>/expert.pt`` holds the model
 trained THROUGH window D (config, shapes, weights, optimizer, the FM lineage). Written atomically
-(temporary name, rename) via `Lake.write_bytes`.
+(temporary name, rename) via `Lake.write_bytes`. Tensors and plain values only: loaded with
+``torch.load(weights_only=True)`` on every path (warm start, gap closure, compare, promotion), so a
+crafted file in a shared lake cannot run code; remote strings naming a checkpoint (the registry tag
+``checkpoint``) go through `trusted_ckpt_relpath` first.
 
 FM lineage rule (`check_lineage`): a checkpoint records its FM preset and the ordered list of
 (ds, fm_version) it consumed. Features for a new window are refused (`FMLineageError`) when
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +37,7 @@ from experts.data import ExpertData
 from experts.distill import expert_loss
 from experts.model import Expert
 from features.ema import WeightEMA, serving_weights
-from features.lake import Lake
+from features.lake import CorruptFile, Lake, UnsafeLake, safe_relpath
 from features.windows import Window
 
 CKPT_FILE = "expert.pt"
@@ -74,8 +78,9 @@ def ckpt_relpath(preset: str, surface: str, variant: str, ds: str) -> str:
 
 
 def save_checkpoint(lake: Lake, ckpt: Checkpoint) -> str:
+    """Write `ckpt` as tensors and plain values only (config as a dict), so it loads with weights_only."""
     buf = io.BytesIO()
-    payload = {**ckpt.__dict__, "config": ckpt.config.to_dict()}
+    payload = {**ckpt.__dict__, "config": ckpt.config.to_dict(), "fm_versions": [list(v) for v in ckpt.fm_versions]}
     torch.save(payload, buf)
     rel = ckpt_relpath(ckpt.fm_preset, ckpt.surface, ckpt.config.variant, ckpt.trained_through)
     lake.write_bytes(rel, buf.getvalue())
@@ -83,10 +88,30 @@ def save_checkpoint(lake: Lake, ckpt: Checkpoint) -> str:
 
 
 def load_checkpoint(lake: Lake, relpath: str) -> Checkpoint:
-    payload = torch.load(io.BytesIO(lake.read_bytes(relpath)), weights_only=False)
-    payload["config"] = ExpertConfig.from_dict(payload["config"])
-    payload["fm_versions"] = [tuple(v) for v in payload["fm_versions"]]
-    return Checkpoint(**payload)
+    """The checkpoint at `relpath` (inside the lake). Never unpickles code: torch.load(weights_only=True)
+    accepts tensors and plain containers only; anything else, or a truncated file, is CorruptFile naming it."""
+    raw = lake.read_bytes(relpath)
+    try:
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        payload["config"] = ExpertConfig.from_dict(payload["config"])
+        payload["fm_versions"] = [tuple(v) for v in payload["fm_versions"]]
+        return Checkpoint(**payload)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CorruptFile(f"expert checkpoint {lake.path(relpath)} is truncated, corrupt or not a weights-only "
+                          f"checkpoint, refused ({type(exc).__name__}: {reason})") from None
+
+
+def trusted_ckpt_relpath(relpath: str, preset: str, surface: str) -> str:
+    """`relpath` (e.g. a registry tag: remote input) if it names an expert checkpoint of (preset, surface)
+    inside the lake: ``models/experts/<preset>/<surface>/<variant>/ds=<D>/expert.pt``; UnsafeLake otherwise."""
+    rel = safe_relpath(relpath)
+    parts = rel.split("/")
+    if (len(parts) != 7 or parts[:4] != ["models", "experts", preset, surface] or not parts[5].startswith("ds=")
+            or parts[6] != CKPT_FILE):
+        raise UnsafeLake(f"checkpoint path {relpath!r} is not an expert checkpoint of {preset}/{surface} in the lake "
+                         f"(expected {ckpt_relpath(preset, surface, '<variant>', '<ds>')})")
+    return rel
 
 
 def latest_before(lake: Lake, preset: str, surface: str, variant: str, window: Window) -> str | None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 from typing import Any
 
 import torch
 from torch import nn
 
-from features.lake import Lake
+from features.lake import CorruptFile, Lake
 from fm.model import ARCH
 
 ROOT = ("models", "fm")
@@ -43,7 +44,12 @@ def load(lake: Lake, preset: str, ds: str, kind: str) -> dict[str, Any] | None:
     path = relpath(preset, ds, kind)
     if not lake.file_exists(path):
         return None
-    state = torch.load(io.BytesIO(lake.read_bytes(path)), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(lake.read_bytes(path)), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # truncated, corrupt, or not tensors only
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CorruptFile(f"FM checkpoint {lake.path(path)} is truncated, corrupt or not a weights-only checkpoint, "
+                          f"refused ({type(exc).__name__}: {reason})") from None
     if state.get("arch", 1) != ARCH:
         raise ValueError(f"FM checkpoint {lake.path(path)} has parameter layout {state.get('arch', 1)}, this fmx "
                          f"builds layout {ARCH}: train the {preset!r} FM again from its first window (--cold-start)")

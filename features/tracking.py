@@ -9,12 +9,21 @@ Defaults: tracking URI ``sqlite:///$FMX_HOME/mlflow.db`` and artifacts under ``$
 
 Metric keys are exactly `METRIC_KEYS`; every run carries the tags in `REQUIRED_TAGS`.
 Only stage wrappers and loggers call this module — never model or loss code.
+
+Shared-store safety: the SQLite store is created under a file lock (two commands on a fresh FMX_HOME do
+not race on its migrations) with mode 0600; against the MLflow server `fmx up` started, fmx's clients
+authenticate with ``$FMX_HOME/servers/mlflow_auth.json`` unless MLFLOW_TRACKING_USERNAME is set. Each stage
+run is tagged with its owner (``fmx.owner`` = host:pid:process start); `stage_run` ends RUNNING runs of
+the same stage whose owner died (KILLED), and refuses to start while a live one runs on this host.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +33,13 @@ EXPERIMENT = "fmx"
 METRIC_KEYS = ("auc", "logloss", "ne", "calibration", "gap_closure", "transfer_ratio")
 REQUIRED_TAGS = ("ds", "surface", "variant", "fm_version")
 PIPELINE_RUN_TAG = "fmx.pipeline_run"
+OWNER_TAG = "fmx.owner"
+SAME_STAGE_TAGS = ("surface", "variant", "fm_preset")  # with the run name and ds: "the same stage run"
+STALE_RUN_S = 24 * 3600.0  # a RUNNING run this old, from another host, is taken as dead
+
+
+class StageBusy(RuntimeError):
+    """The same stage for the same window is running right now in a live process on this host."""
 
 
 def fmx_home() -> Path:
@@ -39,7 +55,49 @@ def setup(experiment: str = EXPERIMENT) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    _server_credentials(uri)
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        return _experiment(experiment)
+
+
+def _server_credentials(uri: str) -> None:
+    """Use the credentials of the server `fmx up` started (FMX_HOME/servers) when it is the tracking URI."""
+    path = fmx_home() / "servers" / "mlflow_auth.json"
+    if not uri.startswith("http") or os.environ.get("MLFLOW_TRACKING_USERNAME") or not path.exists():
+        return
+    state = fmx_home() / "servers" / "state.json"
+    if state.exists() and json.loads(state.read_text()).get("mlflow_url", "").rstrip("/") != uri.rstrip("/"):
+        return  # another server: its credentials are the caller's business
+    creds = json.loads(path.read_text())
+    os.environ["MLFLOW_TRACKING_USERNAME"] = creds["username"]
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = creds["password"]
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: an exclusive file lock while the store is created/migrated; the file made 0600."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not db.exists():
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))  # metadata: owner only
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _experiment(experiment: str) -> str:
+    import mlflow
+
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         mlflow.set_experiment(experiment_id=found.experiment_id)
@@ -111,8 +169,58 @@ def stage_run(
         "git_sha": git_sha(),
         "fmx.kind": "stage",
         **tags,
+        OWNER_TAG: _owner(),
     }
+    end_dead_runs(name, ds, tags, experiment)
     with mlflow.start_run(run_name=name, parent_run_id=parent, nested=True, tags=all_tags) as run:
         if params:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         yield run
+
+
+def _owner(pid: int | None = None) -> str:
+    """``host:pid:start`` of a process (this one by default): start time tells a reused PID apart."""
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{psutil.Process(pid).create_time():.2f}"
+
+
+def _owner_alive(owner: str) -> bool | None:
+    """True/False for an owner on this host; None when it is another host's (or unknown)."""
+    import psutil
+
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return None
+    try:
+        return abs(psutil.Process(int(parts[1])).create_time() - float(parts[2])) < 0.05
+    except (psutil.Error, ValueError):
+        return False
+
+
+def end_dead_runs(name: str, ds: str, tags: Mapping[str, str], experiment: str = EXPERIMENT) -> list[str]:
+    """End (KILLED) the RUNNING runs of the same stage (run name, ds and `SAME_STAGE_TAGS`) whose process
+    died: on this host by PID and start time, elsewhere after `STALE_RUN_S`. StageBusy when one is alive
+    here. Returns the ids ended."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp_id = setup(experiment)
+    flt = f"attributes.status = 'RUNNING' and tags.`fmx.kind` = 'stage' and tags.ds = '{ds}'"
+    ended = []
+    for run in client.search_runs([exp_id], filter_string=flt, max_results=1000):
+        t = run.data.tags
+        if run.info.run_name != name or any(t.get(k) != tags.get(k) for k in SAME_STAGE_TAGS):
+            continue
+        owner = t.get(OWNER_TAG, "")
+        alive = _owner_alive(owner) if owner else None
+        if alive:
+            raise StageBusy(f"stage {name} for {ds} is already running in pid {owner.rsplit(':', 2)[1]} on this "
+                            f"host (MLflow run {run.info.run_id}); wait for it or stop it")
+        if alive is None and time.time() - run.info.start_time / 1000 < STALE_RUN_S:
+            continue  # another host's run, recent: it may be alive
+        client.set_tag(run.info.run_id, "fmx.ended_by", f"{_owner()}: owner {owner or 'unknown'} is gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended

@@ -2,8 +2,15 @@
 and the environment every server process, Airflow CLI call and Airflow task runs with.
 
 State under ``$FMX_HOME``: ``servers/state.json`` (what runs, its config), ``servers/passwords.json``
-(the Airflow ``admin`` password), ``servers/secrets.json`` (Fernet key, JWT and API secrets),
-``servers/logs/``, ``airflow/`` (AIRFLOW_HOME), ``mlflow.db`` and ``mlartifacts/``. Secret files are 0600.
+(the Airflow ``admin`` password), ``servers/mlflow_auth.json`` (the MLflow ``admin`` user and password),
+``servers/mlflow_auth.ini`` (MLflow's basic-auth config; its user store ``servers/mlflow_auth.db``),
+``servers/secrets.json`` (Fernet key, JWT, API and MLflow Flask secrets), ``servers/logs/``, ``airflow/``
+(AIRFLOW_HOME), ``mlflow.db`` and ``mlartifacts/``. ``servers/``, ``airflow/`` and ``mlartifacts/`` are 0700,
+every file with a secret and ``mlflow.db`` is 0600 (`private_dirs`).
+
+Secrets never go on a command line: the MLflow server gets its store URL (which may hold a PostgreSQL
+password) as MLFLOW_BACKEND_STORE_URI and its auth config through MLFLOW_AUTH_CONFIG_PATH; fmx's clients and
+the Airflow tasks get MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in their environment.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 AIRFLOW_USER = "admin"
+MLFLOW_USER = "admin"
 POOL = "fmx_training"
 POOL_SLOTS = 1  # one FM training at a time: each day warm-starts from the previous day's checkpoint
 PREFERRED_PORTS = {"airflow": 8080, "mlflow": 5000}
@@ -225,11 +233,59 @@ def running_config(home: str | Path) -> ServerConfig:
 def _private_json(path: Path, make: Any) -> dict[str, str]:
     """Read a small JSON secret file, creating it (mode 0600) with `make()` on first use."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # created concurrently: read theirs
+            return json.loads(path.read_text())
         with os.fdopen(fd, "w") as f:
             json.dump(make(), f)
     return json.loads(path.read_text())
+
+
+def private_dirs(cfg: ServerConfig) -> None:
+    """Make the folders with secrets or metadata 0700 and the MLflow SQLite store 0600 (created empty if
+    missing: SQLite takes a 0-byte file as an empty database, and its journals inherit the mode)."""
+    for path in (cfg.state_dir, cfg.state_dir / "logs", cfg.airflow_home, cfg.home / "mlartifacts"):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.chmod(0o700)
+    if cfg.db is None:
+        store = cfg.home / "mlflow.db"
+        os.close(os.open(store, os.O_WRONLY | os.O_CREAT, 0o600))
+        store.chmod(0o600)
+
+
+def mlflow_auth_file(home: Path) -> Path:
+    return home / "servers" / "mlflow_auth.json"
+
+
+def mlflow_credentials(home: str | Path) -> dict[str, str]:
+    """{"username", "password"} of the MLflow server's admin user (created by the first `up`)."""
+    path = mlflow_auth_file(Path(home).absolute())
+    if not path.exists():
+        raise ServerError(f"no MLflow credentials at {path}: run `fmx up` first")
+    return json.loads(path.read_text())
+
+
+def mlflow_auth_config(cfg: ServerConfig) -> Path:
+    """Write MLflow's basic-auth config (0600: it holds the admin password the first start creates the admin
+    user with); its path. Users and permissions live in ``servers/mlflow_auth.db``."""
+    creds = _private_json(mlflow_auth_file(cfg.home),
+                          lambda: {"username": MLFLOW_USER, "password": secrets.token_urlsafe(24)})
+    path = cfg.state_dir / "mlflow_auth.ini"
+    text = (
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"  # only the admin user exists; nobody else reads anything
+        f"database_uri = sqlite:///{cfg.state_dir / 'mlflow_auth.db'}\n"
+        f"admin_username = {creds['username']}\n"
+        f"admin_password = {creds['password']}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
+    return path
 
 
 def password_file(home: Path) -> Path:
@@ -254,6 +310,7 @@ def _secrets(cfg: ServerConfig) -> dict[str, str]:
             "fernet_key": Fernet.generate_key().decode(),
             "jwt_secret": secrets.token_urlsafe(64),  # HS512 wants >= 64 bytes
             "secret_key": secrets.token_urlsafe(32),
+            "mlflow_secret_key": secrets.token_urlsafe(32),
         },
     )
 
@@ -264,12 +321,14 @@ def _secrets(cfg: ServerConfig) -> dict[str, str]:
 def server_env(cfg: ServerConfig) -> dict[str, str]:
     """The environment every server process, Airflow CLI call and Airflow task runs with."""
     keys = _secrets(cfg)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__") and k != "MLFLOW_TRACKING_URI"
-    }
+    creds = _private_json(mlflow_auth_file(cfg.home),
+                          lambda: {"username": MLFLOW_USER, "password": secrets.token_urlsafe(24)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "MLFLOW_TRACKING_", "MLFLOW_AUTH_"))}
     env.update(
         FMX_HOME=str(cfg.home),
         MLFLOW_TRACKING_URI=cfg.mlflow_url,
+        MLFLOW_TRACKING_USERNAME=creds["username"],  # tasks and CLI calls log to the authenticated server
+        MLFLOW_TRACKING_PASSWORD=creds["password"],
         MLFLOW_DISABLE_TELEMETRY="true",
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",  # no job-runner subprocesses (and no huey store)
         AIRFLOW_HOME=str(cfg.airflow_home),
@@ -304,14 +363,26 @@ def module_cmd(name: str) -> list[str]:
     return [sys.executable, "-m", name]
 
 
+def mlflow_server_env(cfg: ServerConfig) -> dict[str, str]:
+    """`server_env` plus what only the MLflow server gets: its store URL (may hold a password, so never in
+    argv), the basic-auth config and the Flask secret key."""
+    return {
+        **server_env(cfg),
+        "MLFLOW_BACKEND_STORE_URI": cfg.mlflow_db_url(),
+        "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(cfg)),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": _secrets(cfg).get("mlflow_secret_key") or _secrets(cfg)["secret_key"],
+    }
+
+
 def commands(cfg: ServerConfig) -> dict[str, list[str]]:
+    """The argv of each server: no secret in any of them (the store URL travels in the environment)."""
     mlflow_artifacts = cfg.home / "mlartifacts"
     return {
         "mlflow": [
             *module_cmd("mlflow"),
             "server",
-            "--backend-store-uri",
-            cfg.mlflow_db_url(),
+            "--app-name",
+            "basic-auth",  # HTTP basic auth: anonymous requests get 401
             "--artifacts-destination",
             str(mlflow_artifacts),
             "--host",

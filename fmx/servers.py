@@ -13,8 +13,10 @@ With `ServerConfig.db` = ``postgresql://user:pw@host:port/NAME`` both metadata s
 in the databases ``NAME_airflow`` and ``NAME_mlflow`` (created when missing): they are separate because
 both projects keep an ``alembic_version`` table.
 
-Tasks run by the scheduler inherit ``FMX_HOME`` and ``MLFLOW_TRACKING_URI`` = the MLflow server, so
-stages log to the server. `down(home)` SIGTERMs every process group recorded in
+The MLflow server runs MLflow's basic-auth app (``--app-name basic-auth``): anonymous requests get 401.
+Tasks run by the scheduler inherit ``FMX_HOME``, ``MLFLOW_TRACKING_URI`` = the MLflow server and
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (from ``$FMX_HOME/servers/mlflow_auth.json``,
+0600), so stages log to the server; no secret is on any process's command line (server_config). `down(home)` SIGTERMs every process group recorded in
 ``$FMX_HOME/servers/state.json`` (checking each PID still is the process started, by its start time),
 waits, then SIGKILLs what is left. Both are idempotent.
 """
@@ -28,7 +30,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fmx.airflow_api import AirflowAPI
 from fmx.server_config import (  # re-exported: fmx.servers is the module callers use
@@ -44,8 +46,11 @@ from fmx.server_config import (  # re-exported: fmx.servers is the module caller
     commands,
     create_postgres_databases,
     load_state,
+    mlflow_credentials,
+    mlflow_server_env,
     module_cmd,
     password_file,
+    private_dirs,
     redact,
     resolve_config,
     resolve_home,
@@ -60,8 +65,8 @@ STOP_TIMEOUT_S = 30.0
 
 __all__ = [
     "AIRFLOW_USER", "POOL", "POOL_SLOTS", "PREFERRED_PORTS", "ServerConfig", "ServerError", "ServerState",
-    "airflow_cli", "airflow_password", "down", "load_state", "password_file", "resolve_config", "resolve_home",
-    "running_config", "server_env", "status", "up",
+    "airflow_cli", "airflow_password", "down", "load_state", "mlflow_credentials", "password_file",
+    "resolve_config", "resolve_home", "running_config", "server_env", "status", "up",
 ]  # fmt: skip
 
 
@@ -79,12 +84,13 @@ def up(cfg: ServerConfig, timeout: float = HEALTH_TIMEOUT_S) -> ServerState:
         if all(_alive(pid, started) for pid, started in running.pids.values()):
             return running
         down(cfg.home)
-    for path in (cfg.state_dir / "logs", cfg.airflow_home, cfg.home / "mlartifacts"):
-        path.mkdir(parents=True, exist_ok=True)
+    private_dirs(cfg)  # servers/, airflow/, mlartifacts/ 0700; mlflow.db 0600
     env = server_env(cfg)
     if cfg.db is not None:
         create_postgres_databases(cfg)
     _migrate(cfg, env)
+    if cfg.db is None:
+        (cfg.airflow_home / "airflow.db").chmod(0o600)
     state = ServerState(
         airflow_url=cfg.airflow_url,
         mlflow_url=cfg.mlflow_url,
@@ -95,7 +101,8 @@ def up(cfg: ServerConfig, timeout: float = HEALTH_TIMEOUT_S) -> ServerState:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, cmd in commands(cfg).items():
-            procs[name] = _spawn(cmd, env, Path(state.logs[name]), cfg.state_dir)
+            procs[name] = _spawn(cmd, mlflow_server_env(cfg) if name == "mlflow" else env, Path(state.logs[name]),
+                                 cfg.state_dir)
             state.pids[name] = [procs[name].pid, _start_time(procs[name].pid)]
             save_state(cfg.home, state)  # saved after each start so `down` finds a half-started set
         _wait_healthy(cfg, state, procs, timeout)
@@ -108,7 +115,7 @@ def up(cfg: ServerConfig, timeout: float = HEALTH_TIMEOUT_S) -> ServerState:
 
 def _migrate(cfg: ServerConfig, env: Mapping[str, str]) -> None:
     log = cfg.state_dir / "logs" / "db-migrate.log"
-    with open(log, "wb") as out:
+    with _private_log(log) as out:
         rc = subprocess.run(
             [*module_cmd("airflow"), "db", "migrate"], env=env, stdout=out, stderr=subprocess.STDOUT
         ).returncode
@@ -116,8 +123,15 @@ def _migrate(cfg: ServerConfig, env: Mapping[str, str]) -> None:
         raise ServerError(f"`airflow db migrate` failed ({rc}); see {log}:\n{_tail(log)}")
 
 
+def _private_log(path: Path, append: bool = False) -> BinaryIO:
+    """A log file opened for writing, mode 0600 (logs may show URLs, user names, task output)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
 def _spawn(cmd: list[str], env: Mapping[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
+    with _private_log(log, append=True) as out:
         # A new session makes the PID a process-group id, so `down` stops its workers and tasks too.
         return subprocess.Popen(
             cmd, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

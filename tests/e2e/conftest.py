@@ -65,7 +65,18 @@ def running_servers(home: Path, *up_args: str) -> Iterator[Servers]:
         )
         state = servers.load_state(home)
         assert state is not None, "fmx up returned but wrote no state.json"
-        yield Servers(home, state, AirflowAPI(state.airflow_url, servers.airflow_password(home)))
+        # the MLflow server requires authentication: this process's clients (MlflowClient) use fmx's credentials
+        creds = servers.mlflow_credentials(home)
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+        os.environ.update(MLFLOW_TRACKING_USERNAME=creds["username"], MLFLOW_TRACKING_PASSWORD=creds["password"])
+        try:
+            yield Servers(home, state, AirflowAPI(state.airflow_url, servers.airflow_password(home)))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     finally:
         subprocess.run(
             [sys.executable, "-c", "from fmx.cli import cli; cli()", "down"],

@@ -78,6 +78,39 @@ def test_api_requires_authentication(srv: Servers) -> None:
     assert bad.status_code == 401
 
 
+def test_mlflow_requires_authentication_and_state_is_private(srv: Servers) -> None:
+    """Issue 11: anonymous MLflow requests (experiment creation, artifact upload) get 401; fmx's credentials
+    work; no server process carries a secret in its arguments; metadata and logs are owner-only."""
+    import httpx
+    import psutil
+
+    url = srv.state.mlflow_url
+    create = httpx.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "anon"}, timeout=10)
+    assert create.status_code == 401, create.text
+    put = httpx.put(f"{url}/api/2.0/mlflow-artifacts/artifacts/evil.pt", content=b"payload", timeout=10)
+    assert put.status_code == 401
+    wrong = httpx.get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", auth=("admin", "wrong"), timeout=10)
+    assert wrong.status_code == 401
+    creds = servers.mlflow_credentials(srv.home)
+    ok = httpx.get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                   auth=(creds["username"], creds["password"]), timeout=10)
+    assert ok.status_code == 200, ok.text
+    secrets = [creds["password"], servers.airflow_password(srv.home)]
+    for pid, _ in srv.state.pids.values():
+        leader = psutil.Process(int(pid))
+        for proc in [leader, *leader.children(recursive=True)]:
+            try:
+                argv = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            assert not any(s in argv for s in secrets), f"a secret on the command line of {proc.pid}"
+    for path in (srv.home / "mlflow.db", srv.home / "airflow" / "airflow.db", *srv.home.glob("servers/*.json"),
+                 *srv.home.glob("servers/logs/*.log")):
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others: {oct(path.stat().st_mode)}"
+    for folder in ("servers", "airflow", "mlartifacts"):
+        assert (srv.home / folder).stat().st_mode & 0o777 == 0o700
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"scale": "huge"}, {"variants": ["base", "no_such_variant"]}, {"fm_presets": []}, {"ds": 20260101}],

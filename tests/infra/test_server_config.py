@@ -150,3 +150,40 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_mlflow_server_authenticates_and_no_secret_is_on_a_command_line(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's basic-auth app with a per-FMX_HOME admin password (0600); the store URL (with a PostgreSQL
+    password) in the environment, never in argv; tasks and fmx's clients get the credentials by env."""
+    import features.tracking as tracking
+    from fmx.server_config import commands, mlflow_credentials, mlflow_server_env, private_dirs
+
+    cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port(),
+                                 db="postgresql://fmx:Sup3rSecret@db.example:5432/fmx")
+    argv = " ".join(" ".join(cmd) for cmd in commands(cfg).values())
+    assert "Sup3rSecret" not in argv and "--backend-store-uri" not in argv
+    assert commands(cfg)["mlflow"][4:6] == ["--app-name", "basic-auth"]
+    env = mlflow_server_env(cfg)
+    assert "Sup3rSecret" in env["MLFLOW_BACKEND_STORE_URI"] and env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    creds = mlflow_credentials(isolated_home)
+    assert len(creds["password"]) >= 24 and creds["password"] not in argv
+    task_env = servers.server_env(cfg)
+    assert (task_env["MLFLOW_TRACKING_USERNAME"], task_env["MLFLOW_TRACKING_PASSWORD"]) == (
+        creds["username"], creds["password"])
+    assert "MLFLOW_BACKEND_STORE_URI" not in task_env and "MLFLOW_FLASK_SERVER_SECRET_KEY" not in task_env
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert f"admin_password = {creds['password']}" in ini.read_text()
+    for secret in (ini, isolated_home / "servers" / "mlflow_auth.json", isolated_home / "servers" / "secrets.json"):
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
+    private_dirs(servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port()))
+    for folder in ("servers", "servers/logs", "airflow", "mlartifacts"):
+        assert (isolated_home / folder).stat().st_mode & 0o777 == 0o700, folder
+    assert (isolated_home / "mlflow.db").stat().st_mode & 0o777 == 0o600
+    # fmx's own clients pick the credentials up for the server `fmx up` started (never for another one)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "x")  # so that the test's end restores the variables' absence
+        monkeypatch.delenv(name)
+    tracking._server_credentials("http://127.0.0.1:1")
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == creds["password"]

@@ -71,8 +71,12 @@ def test_compose_airflow_runs_celery_on_postgres_and_redis(compose: dict) -> Non
 def test_compose_mlflow_uses_postgres_and_s3(compose: dict) -> None:
     mlflow = compose["services"]["mlflow"]
     args = " ".join(mlflow["command"])
-    assert "--backend-store-uri=postgresql+psycopg2://" in args and "--artifacts-destination=s3://" in args
+    assert "--artifacts-destination=s3://" in args and "--app-name=basic-auth" in args
+    assert "--backend-store-uri" not in args  # a store URL may hold a password: environment only
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    worker = compose["services"]["airflow-worker"]["environment"]
+    assert worker["MLFLOW_TRACKING_PASSWORD"] == mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
     for name in ("postgres", "redis", "minio", "mlflow", "airflow-apiserver"):
         assert "healthcheck" in compose["services"][name], f"{name} has no healthcheck"
 

@@ -19,8 +19,11 @@ from collections import defaultdict
 
 
 def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_windows: int, log: bool = True,
-              only: list[str] | None = None, overrides: dict | None = None) -> dict[tuple[str, str, str], float]:
-    """Run the daily flow; returns the FMs' progressive NE by (preset, surface, ds)."""
+              only: list[str] | None = None, overrides: dict | None = None,
+              fm_overrides: dict | None = None) -> dict[tuple[str, str, str], float]:
+    """Run the daily flow; returns the FMs' progressive NE by (preset, surface, ds).
+
+    `fm_overrides` (FMConfig fields) bypass fm.stage (which takes no overrides), as for an imported lake."""
     from experts.stage import compare_and_promote, expert_examples, expert_train
     from features.lake import Lake
     from features.stage import ingest, lake_windows
@@ -37,11 +40,11 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
         t0 = time.time()
         ingest(ds, lake_uri, source="lake")  # validate the window, build its user_history state
         for preset in presets:
-            if tuple(surfaces) == FMConfig().surfaces:
+            if tuple(surfaces) == FMConfig().surfaces and not fm_overrides:
                 metrics = fm_export(ds, lake_uri, preset, pipeline_run="bench").get("metrics") or {}
                 fm_train(ds, lake_uri, preset, pipeline_run="bench")
             else:  # fm.stage fixes the FM's heads to the preset's surfaces: build the FM for this lake's
-                cfg = FMConfig.from_preset(preset, surfaces=tuple(surfaces))
+                cfg = FMConfig.from_preset(preset, surfaces=tuple(surfaces), **(fm_overrides or {}))
                 metrics = export_fm(cfg, lake.window(ds), lake).metrics
                 run_training(cfg, lake.window(ds), lake)
             fm_ne |= {(preset, s, ds): m["ne"] for s, m in metrics.items()}
@@ -96,6 +99,7 @@ def main() -> None:
     ap.add_argument("--presets", default="small,large")
     ap.add_argument("--variants", default="base,loopfm,kd,fe,loopfm_kd")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ExpertConfig override")
+    ap.add_argument("--fm-set", action="append", default=[], metavar="KEY=VALUE", help="FMConfig override")
     ap.add_argument("--surfaces", default="", help="train experts on these surfaces only (default: all)")
     args = ap.parse_args()
     os.environ["FMX_HOME"] = args.home
@@ -117,7 +121,8 @@ def main() -> None:
     start = time.time()
     presets = args.presets.split(",")
     fm_ne = _pipeline(lake_uri, presets, args.variants.split(","), args.max_windows,
-                      only=[s for s in args.surfaces.split(",") if s], overrides=parse_overrides(args.set))
+                      only=[s for s in args.surfaces.split(",") if s], overrides=parse_overrides(args.set),
+                      fm_overrides=parse_overrides(args.fm_set))
     rows = compare_rows()
     print(f"\npipeline {time.time() - start:.0f}s\n")
     if generated:  # built-in data: the FMs' progressive NE beside the generator's Bayes NE

@@ -95,8 +95,19 @@ def _count(url: str, query: str) -> int:
 
 
 def test_pipeline_day_with_postgres_metadata(postgres_url: str, tmp_path: Path) -> None:
-    with running_servers(tmp_path / "home", "--db", postgres_url) as srv:
+    import psutil
+
+    # trust auth ignores the password; it stands for a real one that must never reach a server's argv
+    secret = "NotOnArgv4711"
+    with running_servers(tmp_path / "home", "--db", postgres_url.replace("fmx@", f"fmx:{secret}@")) as srv:
         assert not (srv.home / "airflow" / "airflow.db").exists() and not (srv.home / "mlflow.db").exists()
+        for pid, _ in srv.state.pids.values():
+            leader = psutil.Process(int(pid))
+            for proc in [leader, *leader.children(recursive=True)]:
+                try:
+                    assert secret not in " ".join(proc.cmdline()), f"the DB password is in the argv of {proc.pid}"
+                except psutil.Error:
+                    continue
         for dag_id in (FM_DAG, EXPERTS_DAG):
             srv.api.wait_for_dag(dag_id, timeout=180)
             srv.api.unpause(dag_id)

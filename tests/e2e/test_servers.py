@@ -26,6 +26,7 @@ from tests.e2e.conftest import (
     mlflow_runs,
     pipeline_conf,
     running_servers,
+    task_log_tails,
     wait_success,
 )
 
@@ -174,6 +175,23 @@ def test_experts_dag_alone_reruns_a_day(srv: Servers) -> None:
     wait_success(srv, EXPERTS_DAG, rerun)
     again = _check_evaluated_experts(srv, DAY3, rerun, variants=("base",))
     assert again["base"] == pytest.approx({k: first.data.metrics[k] for k in QUALITY}, rel=1e-6)
+
+
+def test_a_trigger_with_an_http_lake_sends_no_request(srv: Servers) -> None:
+    """Last in the module (a failed fmx_fm run must not precede the pipeline days). Issue 11's SSRF probe through the REST API: a `lake` Param of http://127.0.0.1:PORT fails the run
+    (refused by the scheme allow-list before any I/O), and nothing connects to that port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        lake = f"http://127.0.0.1:{sock.getsockname()[1]}/x"
+        run = srv.api.trigger(FM_DAG, pipeline_conf(lake, ds=DAY1))
+        assert srv.api.wait_run(FM_DAG, run, timeout=600) == "failed"
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.accept()  # nobody connected
+    assert "not allowed" in task_log_tails(srv.home, FM_DAG, run)
 
 
 def _runs_named(srv: Servers, ds: str, orchestrator_run: str | None = None) -> dict:

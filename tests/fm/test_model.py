@@ -61,6 +61,5 @@ def test_window_data_carries_the_point_in_time_counters(tmp_path) -> None:
 def test_the_fm_without_counters_has_no_counter_parameters() -> None:
     with_counters, without = FoundationModel(tiny_cfg()), FoundationModel(tiny_cfg(counters=False))
     assert {n for n, _ in with_counters.named_parameters()} - {n for n, _ in without.named_parameters()} == {
-        "counter_field.0.weight", "counter_field.0.bias", "counter_field.2.weight", "counter_field.2.bias",
-        "wide.weight", "wide.bias"}
+        "counter_field.0.weight", "counter_field.0.bias", "counter_field.2.weight", "counter_field.2.bias"}
     assert tiny_cfg().model_key() != tiny_cfg(counters=False).model_key()  # a warm start across them is refused

@@ -260,6 +260,7 @@ def status(home: str | Path) -> dict[str, Any]:
         "airflow_url": state.airflow_url,
         "mlflow_url": state.mlflow_url,
         "password_file": state.password_file,
+        "mlflow_auth_file": str(Path(home).absolute() / "servers" / "mlflow_auth.json"),
         "db": "sqlite" if state.config.get("db") is None else redact(state.config["db"]),
         "processes": procs,
         "healthy": {

@@ -10,6 +10,7 @@ from typing import Any
 
 import polars as pl
 
+from features.counters import build_counters_through
 from features.history import build_history_through
 from features.lake import Lake, PartitionNotFound
 from features.schemas import EVENTS
@@ -92,7 +93,7 @@ def ingest(
     source="lake": the window was imported earlier (e.g. `fmx import`); its events(ds, *) must exist
     and pass the schema check (PartitionNotFound / SchemaError otherwise).
     Both: user_history of earlier windows is built first where missing, then user_history(ds) via
-    `features.history.build_user_history`. Requested `surfaces` are checked against the lake
+    `features.history.build_user_history`, and counter_state likewise (`features.counters`). Requested `surfaces` are checked against the lake
     (`plan_surfaces`) so that a bad name fails here, before any model trains.
     Returns {"ds", "surfaces" (every surface of the window), "rows", "source"}.
     """
@@ -105,6 +106,7 @@ def ingest(
         window = lake.window(ds)
     present, rows = _validate_events(lake, window)
     build_history_through(lake, window)  # missing earlier states first, in order; then window's
+    build_counters_through(lake, window)  # likewise for counter_state (point-in-time counters)
     plan_surfaces(window.ds, lake_uri, surfaces)
     return {"ds": window.ds, "surfaces": present, "rows": rows, "source": source}
 

@@ -104,6 +104,7 @@ def configure_airflow(fmx_home: Path) -> Path:
     from airflow.utils import db
 
     db.upgradedb()  # a no-op when the DB is already at head (~0.5 s)
+    (Path(env["AIRFLOW_HOME"]) / "airflow.db").chmod(0o600)  # metadata (conf, XCom) is private to its owner
     ensure_pool()
     return Path(env["AIRFLOW_HOME"])
 

@@ -37,10 +37,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from features.history import first_events_window
+from features.history import window_chain
 from features.lake import Lake
 from features.schemas import CLICK, COUNTER_STATE, EVENT_ID, EVENTS, ITEM_ID, SURFACE, TS, USER_ID
-from features.windows import Window, window_series
+from features.windows import Window
 
 ALL = "*"  # the surface of kinds counted across surfaces
 KINDS: dict[str, tuple[str | None, bool]] = {
@@ -147,17 +147,6 @@ def dense_counters(frame: pl.DataFrame) -> np.ndarray:
 # ---- the carried state in the lake -------------------------------------------------------------------
 
 
-def _chain(lake: Lake, window: Window) -> list[Window]:
-    """Windows from the lake's first events window through `window` ([] when `window` is before it)."""
-    first = first_events_window(lake, window.days)
-    if first is None or window.start < first.start:
-        return []
-    steps, rest = divmod((window.start - first.start).days, window.days)
-    if rest:
-        raise ValueError(f"window {window} is not aligned with the lake's first window {first} ({lake.uri})")
-    return window_series(first.start, steps + 1, window.days)
-
-
 def _window_events(lake: Lake, window: Window) -> pl.LazyFrame | None:
     parts = lake.partitions(EVENTS.name, ds=window.ds)
     if not parts:
@@ -168,7 +157,7 @@ def _window_events(lake: Lake, window: Window) -> pl.LazyFrame | None:
 def ensure_counter_state(lake: Lake, window: Window) -> None:
     """Build, in order, counter_state of every window from the lake's first events window through `window`
     that lacks it (existing states are kept)."""
-    for w in _chain(lake, window):
+    for w in window_chain(lake, window):
         if not lake.exists(COUNTER_STATE.name, ds=w.ds):
             build_counter_state(lake, w)
 
@@ -176,7 +165,7 @@ def ensure_counter_state(lake: Lake, window: Window) -> None:
 def read_counter_state(lake: Lake, window: Window) -> pl.LazyFrame | None:
     """counter_state at the END of window.prev() (see module docstring); None for the lake's first window."""
     prev = window.prev()
-    if not _chain(lake, prev):
+    if not window_chain(lake, prev):
         return None
     ensure_counter_state(lake, prev)
     return lake.scan(COUNTER_STATE.name, ds=prev.ds)

@@ -180,7 +180,7 @@ def first_events_window(lake: Lake, days: int) -> Window | None:
     return Window.parse(min(days_with_events), days) if days_with_events else None
 
 
-def _chain(lake: Lake, window: Window) -> list[Window]:
+def window_chain(lake: Lake, window: Window) -> list[Window]:
     """Windows from the lake's first events window through `window` ([] when `window` is before it)."""
     first = first_events_window(lake, window.days)
     if first is None or window.start < first.start:
@@ -192,8 +192,8 @@ def _chain(lake: Lake, window: Window) -> list[Window]:
 
 
 def ensure_user_history(lake: Lake, window: Window, length: int = HISTORY_LENGTH) -> None:
-    """Build, in order, user_history of every window of `_chain(lake, window)` that lacks it."""
-    for w in _chain(lake, window):
+    """Build, in order, user_history of every window of `window_chain(lake, window)` that lacks it."""
+    for w in window_chain(lake, window):
         if not lake.exists(USER_HISTORY.name, ds=w.ds):
             build_user_history(lake, w, length)
 
@@ -211,7 +211,7 @@ def read_user_history(lake: Lake, window: Window, length: int = HISTORY_LENGTH) 
     """
     prev = window.prev()
     if not lake.exists(USER_HISTORY.name, ds=prev.ds):
-        if not _chain(lake, prev):
+        if not window_chain(lake, prev):
             return None  # no events window starts before `window`: the lake's first window
         ensure_user_history(lake, prev, length)
     return lake.scan(USER_HISTORY.name, ds=prev.ds)

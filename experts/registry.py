@@ -9,6 +9,8 @@ score the champion). Only stage wrappers call this module.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from typing import Any
 
@@ -85,7 +87,8 @@ def register(model_uri: str, surface: str, preset: str, tags: dict[str, str], al
         client.create_registered_model(name, tags={"surface": surface, "fm_preset": preset})
     except MlflowException:
         pass  # already registered
-    version = mlflow.register_model(model_uri, name, tags=tags).version
+    with contextlib.redirect_stderr(io.StringIO()):  # its "already exists / Created version" chatter, per call
+        version = mlflow.register_model(model_uri, name, tags=tags).version
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version)
     return str(version)

@@ -59,7 +59,7 @@ def setup(experiment: str = EXPERIMENT) -> str:
     _server_credentials(uri)
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
-        return _experiment(experiment)
+        return _experiment(experiment, local=not uri.startswith(("http://", "https://")))
 
 
 def _server_credentials(uri: str) -> None:
@@ -95,7 +95,12 @@ def _store_lock(uri: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _experiment(experiment: str) -> str:
+def _experiment(experiment: str, local: bool) -> str:
+    """The experiment's id, created if missing; a local store keeps artifacts in $FMX_HOME/mlartifacts.
+
+    (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so the store kind is decided from the URI, not
+    the environment: otherwise artifacts would land in ./mlruns of whatever the cwd is.)
+    """
     import mlflow
 
     found = mlflow.get_experiment_by_name(experiment)
@@ -103,7 +108,7 @@ def _experiment(experiment: str) -> str:
         mlflow.set_experiment(experiment_id=found.experiment_id)
         return found.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if local:  # a tracking server has its own --artifacts-destination
         artifacts = fmx_home() / "mlartifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         location = artifacts.as_uri()

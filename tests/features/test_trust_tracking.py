@@ -77,3 +77,21 @@ def test_a_live_duplicate_of_a_stage_is_refused(isolated_home: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_artifacts_land_in_fmx_home_whatever_the_cwd(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One artifact root: $FMX_HOME/mlartifacts, never ./mlruns of the caller's (or a task's) cwd."""
+    import mlflow
+
+    from features.tracking import setup
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exp_id = setup()
+    with mlflow.start_run(experiment_id=exp_id):
+        mlflow.log_text("hello", "note.txt")
+    assert mlflow.get_experiment(exp_id).artifact_location == (isolated_home / "mlartifacts").as_uri()
+    assert list((isolated_home / "mlartifacts").rglob("note.txt")) and not (elsewhere / "mlruns").exists()

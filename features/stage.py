@@ -28,8 +28,9 @@ def resolve_source(lake_uri: str, source: str = "auto") -> str:
 
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
-    require_complete_import(Lake(lake_uri))  # a killed import leaves a lake no stage accepts
-    held = Lake(lake_uri).meta().get("source")
+    lake = Lake(lake_uri)
+    require_complete_import(lake)  # a killed import leaves a lake no stage accepts
+    held = lake.meta().get("source")
     imported = held is not None and held != "generator"
     if source == "generator" and imported:
         raise ValueError(
@@ -50,6 +51,13 @@ def known_surfaces(lake_uri: str) -> list[str]:
     return sorted(set(lake.meta().get("surfaces") or []) | {p["surface"] for p in lake.partitions(EVENTS.name)})
 
 
+def require_known(requested: list[str] | tuple[str, ...], known: list[str], where: str) -> None:
+    """Fail, listing the valid ones, when a requested surface is not among `known` (those of `where`)."""
+    unknown = [s for s in requested if s not in known]
+    if unknown:
+        raise ValueError(f"unknown surfaces {unknown} for {where}; valid surfaces: {known}")
+
+
 def plan_surfaces(ds: str, lake_uri: str, requested: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The surfaces a run of window `ds` trains experts for: `requested`, or every surface with events.
 
@@ -65,10 +73,7 @@ def plan_surfaces(ds: str, lake_uri: str, requested: list[str] | tuple[str, ...]
         raise PartitionNotFound(f"no events for window ds={ds} in lake {lake.uri}: run fmx_fm for that window first")
     if not requested:
         return present
-    known = known_surfaces(lake_uri)
-    unknown = [s for s in requested if s not in known]
-    if unknown:
-        raise ValueError(f"unknown surfaces {unknown} for lake {lake.uri}; valid surfaces: {known}")
+    require_known(requested, known_surfaces(lake_uri), f"lake {lake.uri}")
     chosen = [s for s in requested if s in present]
     if not chosen:
         raise ValueError(f"window ds={ds} has no events for surfaces {list(requested)}; it has {present}")
@@ -93,8 +98,9 @@ def ingest(
     source="lake": the window was imported earlier (e.g. `fmx import`); its events(ds, *) must exist
     and pass the schema check (PartitionNotFound / SchemaError otherwise).
     Both: user_history of earlier windows is built first where missing, then user_history(ds) via
-    `features.history.build_user_history`, and counter_state likewise (`features.counters`). Requested `surfaces` are checked against the lake
-    (`plan_surfaces`) so that a bad name fails here, before any model trains.
+    `features.history.build_user_history`, and counter_state likewise (`features.counters`).
+    Requested `surfaces` are checked against the lake (`plan_surfaces`) so that a bad name fails
+    here, before any model trains.
     Returns {"ds", "surfaces" (every surface of the window), "rows", "source"}.
     """
     source = resolve_source(lake_uri, source)

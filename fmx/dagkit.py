@@ -8,7 +8,7 @@ wrappers take (ds string, lake URI string, preset names, pipeline_run id).
 The enums below repeat constants of heavy modules (experts.stage.VARIANTS, the FM presets) so that
 parsing a DAG stays cheap; tests/dags asserts they agree. Surfaces are data, not an enum: any name
 that is a safe partition value (SURFACE_PATTERN) passes the Param; the run checks it against the
-lake's surfaces when it plans (`check_surfaces`).
+lake's surfaces when it plans (`features.stage.plan_surfaces`).
 
 The schedule comes from the deployment, never from a date in the code: $FMX_START_DATE (YYYY-MM-DD,
 the first window to schedule, e.g. the lake's first window) and $FMX_WINDOW_DAYS (the lake's window

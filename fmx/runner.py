@@ -133,17 +133,15 @@ def check_surfaces(cfg: JobConfig) -> None:
     """Fail before the first run when a requested surface is not the lake's (or the generator's)."""
     if not cfg.surfaces:
         return
-    if cfg.source == "generator":
-        from features.generate import GeneratorConfig
+    from features.generate import GeneratorConfig
+    from features.stage import known_surfaces, require_known
 
-        known = list(GeneratorConfig(scale=cfg.scale).surfaces)
-    else:
-        from features.stage import known_surfaces
-
-        known = known_surfaces(cfg.lake)
-    unknown = [s for s in cfg.surfaces if s not in known]
-    if unknown:
-        raise JobFailed(f"unknown surfaces {unknown} for lake {cfg.lake} ({cfg.source}); valid surfaces: {known}")
+    generated = cfg.source == "generator"
+    known = list(GeneratorConfig(scale=cfg.scale).surfaces) if generated else known_surfaces(cfg.lake)
+    try:
+        require_known(cfg.surfaces, known, f"lake {cfg.lake} ({cfg.source})")
+    except ValueError as exc:
+        raise JobFailed(str(exc)) from None
 
 
 def job_days(cfg: JobConfig) -> list[str]:

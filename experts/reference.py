@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import date
 from typing import Any
 
 import numpy as np
@@ -168,11 +167,6 @@ def evaluate(lake: Lake, window: Window, surface: str) -> dict[str, Any]:
             "rows": len(y), "weights": [float(v) for v in model.weights]}
 
 
-def _step(lake: Lake, window: Window) -> int:
-    origin = lake.meta().get("origin")
-    return window.index(date.fromisoformat(origin)) if origin else 0
-
-
 def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "manual",
                    preset: str = "small") -> dict[str, Any]:
     """Progressive metrics of the counting reference on (ds, surface), logged to MLflow (see module doc)."""
@@ -192,7 +186,7 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
         if not res["evaluated"]:
             mlflow.set_tag("skipped", res["reason"])
             return {"ds": ds, "surface": surface, "evaluated": False, "reason": res["reason"]}
-        step = _step(lake, window)
+        step = lake.step(window)
         mlflow.log_metrics({k: v for k, v in res["metrics"].items() if math.isfinite(v)}, step=step)
         mlflow.log_metric("base_rate", res["base_rate"], step=step)
     m = res["metrics"]

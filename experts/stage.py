@@ -20,7 +20,6 @@ checkpoint; compare_and_promote(D) scores the champion recorded in the lake for 
 from __future__ import annotations
 
 import math
-from datetime import date
 from typing import Any
 
 import numpy as np
@@ -54,11 +53,6 @@ from features.threads import torch_threads
 from features.windows import Window, assert_after
 
 __all__ = ["VARIANTS", "compare_and_promote", "expert_examples", "expert_train"]
-
-
-def _step(lake: Lake, window: Window) -> int:
-    origin = lake.meta().get("origin")
-    return window.index(date.fromisoformat(origin)) if origin else 0
 
 
 def _fm_started(lake: Lake, preset: str, window: Window) -> bool:
@@ -155,7 +149,7 @@ def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data:
     from experts.registry import STAGE_TAG, TRAIN_STAGE, log_model
     from features.tracking import stage_run
 
-    variant, preset, step = ckpt.config.variant, ckpt.fm_preset, _step(lake, window)
+    variant, preset, step = ckpt.config.variant, ckpt.fm_preset, lake.step(window)
     tags = {"surface": surface, "variant": variant, "fm_version": data.fm_versions[0], "fm_preset": preset,
             STAGE_TAG: TRAIN_STAGE, "checkpoint": rel, "trained_through": window.ds,
             "evaluated": str(bool(evaluation)).lower(), "rebaseline": str(rebaseline).lower(),
@@ -317,7 +311,7 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
             "challenger_ne": f"{scores[best]['ne']:.6f}", "margin": str(margin), "registered_version": str(version),
             "registry_updated": str(latest).lower()}
     with stage_run(f"promote/{preset}/{surface}", pipeline_run=pipeline_run, ds=ds, tags=tags) as prun:
-        mlflow.log_metrics({k: v for k, v in scores[best].items() if math.isfinite(v)}, step=_step(lake, window))
+        mlflow.log_metrics({k: v for k, v in scores[best].items() if math.isfinite(v)}, step=lake.step(window))
     return strict_json({"ds": ds, "surface": surface, "scores": scores, "fm": fm, "best": best,
                         "champion_ne": champ_ne, "promoted": promote, "decision": record["decision"],
                         "champion": record, "version": version, "transfer_ratio": transfers,
@@ -338,5 +332,5 @@ def _log_transfers(lake: Lake, window: Window, surface: str, preset: str, scores
             target = find_train_run(window.ds, surface, variant, found[0])
             if target is not None and math.isfinite(found[1]):
                 mlflow.MlflowClient().log_metric(target.info.run_id, "transfer_ratio", found[1],
-                                                 step=_step(lake, window))
+                                                 step=lake.step(window))
     return transfers

@@ -40,6 +40,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import date
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -297,6 +298,11 @@ class Lake:
     def window(self, ds: str) -> Window:
         """The window starting `ds`, with this lake's window length (meta window_days, default 1)."""
         return Window.parse(ds, int(self.meta().get("window_days", 1)))
+
+    def step(self, window: Window) -> int:
+        """`window`'s index since the lake's origin (meta origin; 0 without one): the MLflow step of its metrics."""
+        origin = self.meta().get("origin")
+        return window.index(date.fromisoformat(origin)) if origin else 0
 
     def update_meta(self, **values: Any) -> dict[str, Any]:
         """Merge `values` into the metadata (read-modify-write under the metadata's lease)."""

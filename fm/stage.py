@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from typing import Any
 
 import polars as pl
@@ -37,12 +36,6 @@ from fm.export import BASE_RATE_SOURCE, export_fm
 from fm.train import TrainResult, run_training
 
 
-def _step(lake: Lake, ds: str) -> int:
-    origin = lake.meta().get("origin")
-    window = lake.window(ds)
-    return window.index(date.fromisoformat(origin)) if origin else 0
-
-
 def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual") -> dict[str, Any]:
     import mlflow
 
@@ -53,7 +46,7 @@ def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str =
     with stage_run("fm_export", pipeline_run=pipeline_run, ds=ds, tags=tags, params={"fm_preset": preset}):
         if res.skipped:
             mlflow.set_tag("skipped", res.skipped)
-        step = _step(lake, ds)
+        step = lake.step(lake.window(ds))
         mlflow.log_metrics(res.compression, step=step)
         for surface, metrics in res.metrics.items():
             child_tags = {**tags, "ds": ds, "surface": surface, "base_rate_source": BASE_RATE_SOURCE}
@@ -79,7 +72,7 @@ def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = 
         else:
             res = run_training(cfg, lake.window(ds), lake, cold_start=cold_start)
         mlflow.set_tags({"fm_version": res.fm_version, "fm_parent": res.parent or "none"})
-        step = _step(lake, ds)
+        step = lake.step(lake.window(ds))
         metrics = {"examples_per_s": res.examples / max(res.seconds, 1e-9)}
         if res.mean_loss == res.mean_loss:  # not NaN: the torchrun path does not report the loss
             metrics["train_loss"] = res.mean_loss

@@ -1,6 +1,6 @@
 """fmx_fm: the daily foundation-model pipeline for window D.
 
-ingest(D) -> per FM preset: fm_export(D) with FM_{D-1} -> fm_train(D) warm-started from FM_{D-1}
+plan(D) -> ingest(D) -> per FM preset: fm_export(D) with FM_{D-1} -> fm_train(D) warm-started from FM_{D-1}
 -> experts_conf -> trigger_experts (one fmx_experts run for day D, see dags/fmx_experts.py).
 
 Tasks call stage wrappers with references only; XCom carries ds, URIs, versions, run ids. The day is
@@ -10,9 +10,12 @@ max_active_runs, so fm_export(D) also waits for fm_train(D-1)): each FM day warm
 before. Past days: `airflow backfill create --dag-id fmx_fm --from-date .. --to-date ..`, any dates.
 
 The schedule is the lake's: one run per window of $FMX_WINDOW_DAYS days (default 1) from
-$FMX_START_DATE, catching up. Without FMX_START_DATE the DAG has no start date and no catch-up (an
-unpaused DAG runs only the latest interval), while manual triggers, `fmx run` and backfills run any
-window of any date (see dagkit).
+$FMX_START_DATE through $FMX_END_DATE (if set), catching up. Without FMX_START_DATE the DAG has no start
+date and no catch-up (an unpaused DAG runs only the latest interval), while manual triggers, `fmx run`
+and backfills run any window of any date (see dagkit).
+
+A day is done once: `plan` skips ingest, the FM and the experts trigger when every requested FM preset
+already holds its checkpoint for the day (a log line names them), unless the Param rerun is true.
 """
 
 from __future__ import annotations
@@ -23,27 +26,33 @@ from airflow.sdk import Asset, dag, task, task_group
 from fmx import dagkit
 
 START = dagkit.schedule_start()  # $FMX_START_DATE, or None: no start date, no catch-up
-FM_OUTPUTS = Asset(
-    "fmx://lake/fm_outputs", extra={"table": "fm_outputs"}
-)  # lineage of the exported FM knowledge
+END = dagkit.schedule_end()  # $FMX_END_DATE, or None: no last window
+FM_OUTPUTS = Asset("fmx://lake/fm_outputs", extra={"table": "fm_outputs"})  # lineage of the exported FM knowledge
 
 
 @dag(
     schedule=dagkit.schedule(),
     start_date=START,
+    end_date=END,
     catchup=START is not None,  # catch up from the chosen first window; without one, only the latest
     max_active_runs=1,
-    params=dagkit.params(),
+    params=dagkit.params(rerun=True),
     default_args={**dagkit.DEFAULT_ARGS, "depends_on_past": True, "wait_for_downstream": True},
     tags=["fmx", "fm"],
     doc_md=__doc__,
 )
 def fmx_fm() -> None:
+    @task.short_circuit(ignore_downstream_trigger_rules=False)  # skips ingest and trigger_experts only
+    def plan(params=None, logical_date=None, run_id=None) -> dict | bool:
+        """The run's references, or False when the day is done and rerun is false (dagkit.unless_done)."""
+        run = dagkit.resolve_run(params, logical_date, run_id)
+        with dagkit.bad_input_fails_at_once():
+            return dagkit.unless_done(run, rerun=bool(params.get("rerun")))
+
     @task
-    def ingest(params=None, logical_date=None, run_id=None) -> dict:
+    def ingest(run: dict) -> dict:
         from features.stage import ingest as stage
 
-        run = dagkit.resolve_run(params, logical_date, run_id)
         out = dagkit.timed(
             stage, ds=run["ds"], lake_uri=run["lake"], source=run["source"], scale=run["scale"],
             surfaces=run["surfaces"],
@@ -71,15 +80,18 @@ def fmx_fm() -> None:
     def fm_preset(day: dict, preset: str) -> None:
         fm_train(day, fm_export(day, preset), preset)
 
-    @task
-    def experts_conf(day: dict) -> dict:
+    @task(trigger_rule="none_failed")  # also on a done day: `fmx run` reads it (trigger_experts is skipped)
+    def experts_conf(params=None, logical_date=None, run_id=None) -> dict:
         """Day D's fmx_experts conf: the same day, lake, surfaces, variants, presets and pipeline run."""
-        return {k: day[k] for k in dagkit.RUN_KEYS}
+        run = dagkit.resolve_run(params, logical_date, run_id)
+        return {k: run[k] for k in dagkit.RUN_KEYS}
 
-    day = ingest()
-    conf = experts_conf(day)
+    run = plan()
+    day = ingest(run)
+    conf = experts_conf()
     fm_preset.partial(day=day).expand(preset=fm_presets(day)) >> conf
-    conf >> TriggerDagRunOperator(task_id="trigger_experts", trigger_dag_id="fmx_experts", conf=conf)
+    trigger_experts = TriggerDagRunOperator(task_id="trigger_experts", trigger_dag_id="fmx_experts", conf=conf)
+    [run, conf] >> trigger_experts  # plan skips it on a done day
 
 
 fmx_fm()

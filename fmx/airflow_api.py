@@ -1,8 +1,9 @@
 """A small client for Airflow 3's REST API (``/api/v2``), as a person or a CI job uses it.
 
 Authentication: POST ``/auth/token`` with the simple auth manager's user and password gives a JWT,
-sent as a Bearer token. Only what fmx needs: pools, unpausing, triggering a run with a conf,
-polling a run to a terminal state, and the task states of a run (for error messages).
+sent as a Bearer token. Only what fmx needs: pools, pausing and unpausing, triggering a run with a conf,
+polling a run to a terminal state, the task states of a run (for error messages), and ending a run
+(fmx.reaper).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class AirflowAPI:
             self._token = resp.json()["access_token"]
         return self._token
 
+    def reset_token(self) -> None:
+        """Forget the token (e.g. after a 401 once it expired): the next request logs in again."""
+        self._token = None
+
     def request(
         self, method: str, path: str, ok: tuple[int, ...] = (200, 201), **kwargs: Any
     ) -> httpx.Response:
@@ -78,6 +83,27 @@ class AirflowAPI:
     def unpause(self, dag_id: str) -> None:
         self.request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
 
+    def pause(self, dag_id: str) -> None:
+        self.request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": True})
+
+    def is_paused(self, dag_id: str) -> bool:
+        return bool(self.request("GET", f"/api/v2/dags/{dag_id}").json()["is_paused"])
+
+    def paused_dags(self) -> list[str]:
+        dags = self.request("GET", "/api/v2/dags", params={"paused": True, "limit": 1000}).json()["dags"]
+        return [d["dag_id"] for d in dags]
+
+    def active_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        """The queued and running runs of `dag_id`."""
+        params = {"state": ["queued", "running"], "limit": 1000}
+        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns", params=params).json()["dag_runs"]
+
+    def end_run(self, dag_id: str, run_id: str, note: str) -> None:
+        """Mark a run failed (Airflow fails its running tasks and skips its pending ones) with `note`."""
+        self.request(
+            "PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}", json={"state": "failed", "note": note[:1000]}
+        )
+
     def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
         """Trigger a run now (no logical date) with `conf` (validated against the DAG's Params); return its id."""
         resp = self.request(
@@ -94,7 +120,8 @@ class AirflowAPI:
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         """{task_id (with map index when mapped): state} for one run."""
-        items = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json()
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+        items = self.request("GET", path, params={"limit": 1000}).json()
         out = {}
         for ti in items["task_instances"]:
             key = ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]"

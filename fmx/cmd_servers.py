@@ -34,8 +34,15 @@ from fmx.cli import cli
 @click.option(
     "--start-date",
     default=None,
-    help="First window fmx_fm schedules (YYYY-MM-DD, or 'lake' for the lake's first window); it catches up "
-    "from there. Default $FMX_START_DATE, else none: no catch-up, triggers and backfills only run what you ask.",
+    help="First window fmx_fm schedules: YYYY-MM-DD, or 'lake' = the lake's next unprocessed window (its first "
+    "window whose FM is not trained). Default $FMX_START_DATE, else none: no catch-up, triggers and backfills "
+    "run only what you ask.",
+)
+@click.option(
+    "--end-date",
+    default=None,
+    help="Last window fmx_fm schedules: YYYY-MM-DD, 'lake' = the lake's last window, or 'none' (one run per "
+    "window up to today, then one a day). Default $FMX_END_DATE, else 'lake' with --start-date lake, else none.",
 )
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for health.")
 def up(
@@ -46,14 +53,16 @@ def up(
     schedule: bool,
     lake_uri: str | None,
     start_date: str | None,
+    end_date: str | None,
     timeout: float,
 ) -> None:
-    """Start Airflow (api-server, scheduler, dag-processor) and an MLflow server; wait until healthy."""
+    """Start Airflow (api-server, scheduler, dag-processor, triggerer), an MLflow server and fmx's reaper;
+    wait until healthy. The DAGs start paused; the schedule line says which runs unpausing fmx_fm starts."""
     from fmx import servers
 
     try:
         cfg = servers.resolve_config(
-            None, dags_folder, airflow_port, mlflow_port, db, schedule, lake_uri, start_date
+            None, dags_folder, airflow_port, mlflow_port, db, schedule, lake_uri, start_date, end_date
         )
         click.echo(f"starting servers under {cfg.home} (logs in {cfg.state_dir / 'logs'}) ...", err=True)
         state = servers.up(cfg, timeout=timeout)
@@ -61,8 +70,7 @@ def up(
         raise click.ClickException(str(exc)) from None
     click.echo(f"Airflow  {state.airflow_url}   user admin, password in {state.password_file}")
     click.echo(f"MLflow   {state.mlflow_url}")
-    first = cfg.start_date or "none (no catch-up; trigger or backfill the windows you want)"
-    click.echo(f"schedule fmx_fm every {cfg.window_days} day(s) from {first}")
+    click.echo(f"schedule {servers.describe_schedule(cfg)}")
     click.echo(f"logs     {sorted(state.logs.values())[0].rsplit('/', 1)[0]}/")
     click.echo("stop with `fmx down`")
 
@@ -81,7 +89,7 @@ def down(timeout: float) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(as_json: bool) -> None:
-    """Show the servers' URLs, processes and health; exit 1 when not all are running."""
+    """Show the servers' URLs and each process's PID, port, state and health; exit 1 when not all are running."""
     from fmx import servers
 
     info = servers.status(servers.resolve_home())
@@ -93,9 +101,12 @@ def status(as_json: bool) -> None:
         click.echo(f"Airflow  {info['airflow_url']}  healthy={info['healthy']['airflow']}")
         click.echo(f"MLflow   {info['mlflow_url']}  healthy={info['healthy']['mlflow']}")
         click.echo(f"metadata {info['db']}; password in {info['password_file']}")
-        for name, state in info["processes"].items():
-            click.echo(f"  {name:<14} {state}")
-    sys.exit(0 if info["running"] else 1)
+        click.echo(f"  {'process':<14} {'pid':>8} {'port':>6}  {'state':<8} health")
+        for name, proc in info["processes"].items():
+            port = proc["port"] or "-"
+            health = "healthy" if proc["healthy"] else "UNHEALTHY"
+            click.echo(f"  {name:<14} {proc['pid']:>8} {port:>6}  {proc['state']:<8} {health}")
+    sys.exit(0 if info["running"] and all(p["healthy"] for p in info["processes"].values()) else 1)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -11,25 +11,32 @@ that is a safe partition value (SURFACE_PATTERN) passes the Param; the run check
 lake's surfaces when it plans (`features.stage.plan_surfaces`).
 
 The schedule comes from the deployment, never from a date in the code: $FMX_START_DATE (YYYY-MM-DD,
-the first window to schedule, e.g. the lake's first window) and $FMX_WINDOW_DAYS (the lake's window
-length, default 1). Without FMX_START_DATE the DAG has no start date and no catch-up: unpaused, it runs
-the latest interval only; triggers, `fmx run` and backfills run any window of any date.
-`fmx up --start-date` sets both variables for the scheduler from a date or from the lake.
+the first window to schedule, e.g. the lake's next unprocessed window), $FMX_END_DATE (the last window
+to schedule, e.g. the lake's last window; unset: no end) and $FMX_WINDOW_DAYS (the lake's window length,
+default 1). Without FMX_START_DATE the DAG has no start date and no catch-up: unpaused, it runs the
+latest interval only; triggers, `fmx run` and backfills run any window of any date.
+`fmx up --start-date/--end-date` sets these variables for the scheduler from dates or from the lake.
+
+A day is done once: `unless_done` makes fmx_fm's first task skip the day (no ingest, no FM training, no
+experts trigger) when every requested FM preset already holds its checkpoint for the day (the FM's own
+record, fm.checkpoint.read_versions), unless the run's Param `rerun` is true.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-START_DATE_ENV, WINDOW_DAYS_ENV = "FMX_START_DATE", "FMX_WINDOW_DAYS"
+START_DATE_ENV, END_DATE_ENV, WINDOW_DAYS_ENV = "FMX_START_DATE", "FMX_END_DATE", "FMX_WINDOW_DAYS"
 
 SURFACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a partition value: no '/', no '..', no '='
 VARIANTS = ("base", "loopfm", "kd", "fe", "loopfm_kd")
 FM_PRESETS = ("small", "base", "large")
+DEFAULT_FM_PRESETS = ("small",)  # what a scheduled run trains (the Param's default)
 SOURCES = ("auto", "generator", "lake")
 SCALES = ("tiny", "small", "default")
 TRAINING_POOL = "fmx_training"
@@ -45,19 +52,30 @@ DEFAULT_ARGS: dict[str, Any] = {
     "execution_timeout": timedelta(minutes=30),
 }
 TRAIN_TIMEOUT = timedelta(hours=3)
+log = logging.getLogger("fmx.dagkit")
 
 
 def schedule_start() -> datetime | None:
     """The first window fmx_fm schedules: $FMX_START_DATE at 00:00 UTC, or None (no schedule of its own)."""
+    return _env_day(START_DATE_ENV)
+
+
+def schedule_end() -> datetime | None:
+    """The last window fmx_fm schedules: $FMX_END_DATE at 00:00 UTC, or None (no end: one run per window to
+    today, then one a day). Only the scheduler honours it: triggers with the Param ds run any day."""
+    return _env_day(END_DATE_ENV)
+
+
+def _env_day(name: str) -> datetime | None:
     import os
 
-    text = os.environ.get(START_DATE_ENV, "").strip()
+    text = os.environ.get(name, "").strip()
     if not text:
         return None
     try:
         return datetime.fromisoformat(text).replace(tzinfo=UTC)
     except ValueError:
-        raise ValueError(f"{START_DATE_ENV}={text!r} is not a date YYYY-MM-DD") from None
+        raise ValueError(f"{name}={text!r} is not a date YYYY-MM-DD") from None
 
 
 def window_days() -> int:
@@ -80,8 +98,11 @@ def schedule() -> Any:
     return DeltaDataIntervalTimetable(timedelta(days=days))
 
 
-def params() -> dict[str, Any]:
-    """The Params every fmx DAG accepts; Airflow validates a trigger's conf against them before any task runs."""
+def params(rerun: bool = False) -> dict[str, Any]:
+    """The Params every fmx DAG accepts; Airflow validates a trigger's conf against them before any task runs.
+
+    rerun=True adds the Param `rerun` (fmx_fm: train a day again that is already done, see `unless_done`).
+    """
     from airflow.sdk import Param
 
     def enum_list(default: list[str], values: tuple[str, ...], min_items: int, doc: str) -> Any:
@@ -107,7 +128,7 @@ def params() -> dict[str, Any]:
         ),
         "variants": enum_list(list(VARIANTS), VARIANTS, 1, "Expert variants to train."),
         "fm_presets": enum_list(
-            ["small"], FM_PRESETS, 1, "FM sizes to export and train (several: transfer ratio)."
+            list(DEFAULT_FM_PRESETS), FM_PRESETS, 1, "FM sizes to export and train (several: transfer ratio)."
         ),
         "source": Param(
             "auto",
@@ -126,7 +147,43 @@ def params() -> dict[str, Any]:
             maximum=64,
             description="FM training processes: >1 launches fm_train under torchrun (DDP; gloo on CPU, nccl on GPU).",
         ),
+        **({"rerun": Param(False, type="boolean", description=RERUN_DOC)} if rerun else {}),
     }
+
+
+RERUN_DOC = (
+    "false: a day whose FM checkpoints (every requested preset) already exist is skipped, with a log line "
+    "naming them; true: ingest and train the day again (and trigger its experts)."
+)
+
+
+def unless_done(run: dict[str, Any], rerun: bool) -> dict[str, Any] | bool:
+    """`run` when its day still has work (or `rerun`), else False: the day is done, its tasks skip.
+
+    Done = every requested FM preset holds its checkpoint for the day (fm.checkpoint.read_versions).
+    """
+    done = done_versions(run["ds"], run["lake"], run["fm_presets"])
+    if not done:
+        return run
+    versions = ", ".join(done)
+    if rerun:
+        log.info("ds=%s was done (FM %s); rerun=true: training it again", run["ds"], versions)
+        return run
+    log.warning(
+        "ds=%s is already done (FM %s): skipping ingest, FM training and the experts trigger; trigger with "
+        'conf {"ds": "%s", "rerun": true} to train it again', run["ds"], versions, run["ds"],
+    )  # fmt: skip
+    return False
+
+
+def done_versions(ds: str, lake_uri: str, presets: list[str] | tuple[str, ...]) -> list[str]:
+    """The fm_version of day `ds` for every preset in `presets`, or [] when one of them has none yet."""
+    from features.lake import Lake
+    from fm.checkpoint import read_versions
+
+    lake = Lake(lake_uri)
+    found = [read_versions(lake, preset).get(ds) or {} for preset in presets]
+    return [str(entry["fm_version"]) for entry in found] if found and all(found) else []
 
 
 RUN_KEYS = ("ds", "lake", "surfaces", "variants", "fm_presets", "source", "scale", "pipeline_run", "fm_nproc")

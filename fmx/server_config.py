@@ -52,6 +52,7 @@ class ServerConfig:
     )
     lake: str = ""  # FMX_LAKE of every task ("" = $FMX_HOME/lake)
     start_date: str = ""  # FMX_START_DATE: the first window fmx_fm schedules ("" = none, no catch-up)
+    end_date: str = ""  # FMX_END_DATE: the last window fmx_fm schedules ("" = no end)
     window_days: int = 1  # FMX_WINDOW_DAYS: one scheduled run per window
 
     @property
@@ -109,10 +110,11 @@ def resolve_config(
     schedule: bool = True,
     lake: str | None = None,
     start_date: str | None = None,
+    end_date: str | None = None,
 ) -> ServerConfig:
     """Defaults: home $FMX_HOME (./.fmx); dags the repo's dags/; ports $FMX_AIRFLOW_PORT / $FMX_MLFLOW_PORT,
     else 8080 / 5000 when free, else any free port; db $FMX_DB, else SQLite; lake $FMX_LAKE, else
-    $FMX_HOME/lake; start_date $FMX_START_DATE, else none ("lake": the lake's first window)."""
+    $FMX_HOME/lake; start_date / end_date: see `schedule_from`."""
     home_path = Path(home).absolute() if home else resolve_home()
     dags = Path(dags_folder or Path(__file__).resolve().parents[1] / "dags").absolute()
     if not dags.is_dir():
@@ -128,31 +130,88 @@ def resolve_config(
         db=db,
         schedule=schedule,
         lake=lake or os.environ.get("FMX_LAKE", ""),
-        **schedule_from(lake or os.environ.get("FMX_LAKE") or str(home_path / "lake"), start_date),
+        **schedule_from(lake or os.environ.get("FMX_LAKE") or str(home_path / "lake"), start_date, end_date),
     )
 
 
-def schedule_from(lake_uri: str, start_date: str | None) -> dict[str, Any]:
-    """start_date and window_days for fmx_fm's schedule: a date, "lake" (its first window), or $FMX_START_DATE.
+def schedule_from(lake_uri: str, start_date: str | None, end_date: str | None = None) -> dict[str, Any]:
+    """start_date, end_date and window_days of fmx_fm's schedule.
 
-    The window length is always the lake's (1 for a new lake), so scheduled runs land on its windows.
+    start: a date; "lake" = the lake's next unprocessed window (the first with events whose FM of the
+    scheduled presets is not trained yet); default $FMX_START_DATE, else "" (no schedule of its own).
+    end: a date; "lake" = the lake's last window with events; "none" = no end; default $FMX_END_DATE, else
+    "lake" when the start is "lake" (the schedule runs the windows the lake holds, not a catch-up to
+    today), else no end. The window length is always the lake's (1 for a new lake).
     """
-    from datetime import date
-
     from features.lake import Lake
 
     meta = Lake(lake_uri).meta()
-    text = start_date or os.environ.get("FMX_START_DATE", "")
-    if text == "lake":
-        if not meta.get("origin"):
-            raise ServerError(f"--start-date lake: lake {lake_uri} holds no windows yet (import or generate first)")
-        text = meta["origin"]
+    start = start_date or os.environ.get("FMX_START_DATE", "")
+    end = end_date or os.environ.get("FMX_END_DATE", "") or ("lake" if start == "lake" else "")
+    if "lake" in (start, end):
+        windows = _lake_windows(lake_uri)
+        if not windows:
+            raise ServerError(f"--start-date/--end-date lake: lake {lake_uri} holds no windows yet "
+                              "(import or generate first)")  # fmt: skip
+        start = _next_unprocessed(lake_uri, windows, int(meta.get("window_days", 1))) if start == "lake" else start
+        end = windows[-1] if end == "lake" else end
+    end = "" if end == "none" else end
+    for flag, text in (("--start-date", start), ("--end-date", end)):
+        _check_day(flag, text)
+    return {"start_date": start, "end_date": end, "window_days": int(meta.get("window_days", 1))}
+
+
+def describe_schedule(cfg: ServerConfig, now: Any = None) -> str:
+    """What unpausing fmx_fm runs, in one line: the windows, how many are past (run at once), and the end."""
+    from datetime import UTC, date, datetime, timedelta
+
+    if not cfg.schedule:
+        return "off (--no-schedule): only triggered runs and backfills run"
+    if not cfg.start_date:
+        return "fmx_fm: no start date, no catch-up (unpaused: the latest window only; trigger or backfill the rest)"
+    start, step = date.fromisoformat(cfg.start_date), timedelta(days=cfg.window_days)
+    end = date.fromisoformat(cfg.end_date) if cfg.end_date else None
+    today = (now or datetime.now(UTC)).date()
+    if end is not None and start > end:
+        return f"fmx_fm: nothing to run (the lake's windows through {cfg.end_date} are done)"
+    past, ds = 0, start
+    while ds + step <= today and (end is None or ds <= end):  # a window runs once it has ended
+        past, ds = past + 1, ds + step
+    what = f"fmx_fm: one run per {cfg.window_days}-day window from {cfg.start_date}"
+    if end is not None:
+        return f"{what} through {cfg.end_date} ({(end - start) // step + 1} runs, {past} of them at once)"
+    return f"{what}, no end ({past} past windows run at once, then one per window)"
+
+
+def _check_day(flag: str, text: str) -> None:
+    from datetime import date
+
     if text:
         try:
             date.fromisoformat(text)
         except ValueError:
-            raise ServerError(f"--start-date {text!r} is not a date YYYY-MM-DD (or 'lake')") from None
-    return {"start_date": text, "window_days": int(meta.get("window_days", 1))}
+            raise ServerError(f"{flag} {text!r} is not a date YYYY-MM-DD (or 'lake')") from None
+
+
+def _lake_windows(lake_uri: str) -> list[str]:
+    from features.stage import lake_windows
+
+    try:
+        return lake_windows(lake_uri)
+    except (OSError, ValueError) as exc:
+        raise ServerError(f"cannot list the windows of lake {lake_uri}: {exc}") from None
+
+
+def _next_unprocessed(lake_uri: str, windows: list[str], window_days: int) -> str:
+    """The first window whose scheduled FM presets are not all trained; past the last one when all are."""
+    from datetime import date, timedelta
+
+    from fmx.dagkit import DEFAULT_FM_PRESETS, done_versions
+
+    todo = [ds for ds in windows if not done_versions(ds, lake_uri, DEFAULT_FM_PRESETS)]
+    if todo:
+        return todo[0]
+    return (date.fromisoformat(windows[-1]) + timedelta(days=window_days)).isoformat()
 
 
 def _port(name: str, requested: int | None) -> int:
@@ -226,7 +285,8 @@ def running_config(home: str | Path) -> ServerConfig:
     return ServerConfig(
         home=Path(c["home"]), dags_folder=Path(c["dags_folder"]), airflow_port=c["airflow_port"],
         mlflow_port=c["mlflow_port"], db=c["db"], parallelism=c["parallelism"], schedule=c["schedule"],
-        lake=c.get("lake", ""), start_date=c.get("start_date", ""), window_days=c.get("window_days", 1),
+        lake=c.get("lake", ""), start_date=c.get("start_date", ""), end_date=c.get("end_date", ""),
+        window_days=c.get("window_days", 1),
     )  # fmt: skip
 
 
@@ -351,9 +411,10 @@ def server_env(cfg: ServerConfig) -> dict[str, str]:
         AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="30",  # new DAG files show up within 30 s
         FMX_WINDOW_DAYS=str(cfg.window_days),
     )
-    env.pop("FMX_START_DATE", None)
-    if cfg.start_date:
-        env["FMX_START_DATE"] = cfg.start_date
+    for key, value in (("FMX_START_DATE", cfg.start_date), ("FMX_END_DATE", cfg.end_date)):
+        env.pop(key, None)  # a stale value of the caller's shell never leaks into the schedule
+        if value:
+            env[key] = value
     if cfg.lake:
         env["FMX_LAKE"] = cfg.lake
     return env
@@ -404,6 +465,8 @@ def commands(cfg: ServerConfig) -> dict[str, list[str]]:
         ],
         "scheduler": [*module_cmd("airflow"), "scheduler", "--skip-serve-logs"],
         "dag-processor": [*module_cmd("airflow"), "dag-processor"],
+        "triggerer": [*module_cmd("airflow"), "triggerer", "--skip-serve-logs"],  # deferred tasks, sensors
+        "reaper": [*module_cmd("fmx.reaper")],  # ends runs a pause strands (fmx/reaper.py)
     }
 
 

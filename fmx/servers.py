@@ -4,10 +4,15 @@
 
 - ``mlflow server`` (tracking + artifact proxy; SQLite ``$FMX_HOME/mlflow.db`` and artifacts under
   ``$FMX_HOME/mlartifacts`` — the same store `features.tracking` uses without a server),
-- ``airflow api-server`` (127.0.0.1, one worker), ``airflow scheduler --skip-serve-logs`` and
-  ``airflow dag-processor`` (LocalExecutor, AIRFLOW_HOME ``$FMX_HOME/airflow``, DAGs from the repo's
+- ``airflow api-server`` (127.0.0.1, one worker), ``airflow scheduler --skip-serve-logs``,
+  ``airflow dag-processor`` and ``airflow triggerer --skip-serve-logs`` (deferred tasks and sensors) (LocalExecutor, AIRFLOW_HOME ``$FMX_HOME/airflow``, DAGs from the repo's
   ``dags/``, SQLite metadata; examples off; parallelism 4; the simple auth manager with one ``admin``
-  user whose password lives in ``$FMX_HOME/servers/passwords.json``; pool ``fmx_training``).
+  user whose password lives in ``$FMX_HOME/servers/passwords.json``; pool ``fmx_training``),
+- ``python -m fmx.reaper``: ends the runs that pausing a DAG strands (Airflow never schedules a paused
+  DAG's runs; see fmx/reaper.py).
+
+`status(home)` reports each process's PID, port, state and health (Airflow's /api/v2/monitor/health
+for the scheduler, dag-processor and triggerer; /health for MLflow; alive for the reaper).
 
 With `ServerConfig.db` = ``postgresql://user:pw@host:port/NAME`` both metadata stores move to PostgreSQL,
 in the databases ``NAME_airflow`` and ``NAME_mlflow`` (created when missing): they are separate because
@@ -45,6 +50,7 @@ from fmx.server_config import (  # re-exported: fmx.servers is the module caller
     airflow_password,
     commands,
     create_postgres_databases,
+    describe_schedule,
     load_state,
     mlflow_credentials,
     mlflow_server_env,
@@ -65,7 +71,7 @@ STOP_TIMEOUT_S = 30.0
 
 __all__ = [
     "AIRFLOW_USER", "POOL", "POOL_SLOTS", "PREFERRED_PORTS", "ServerConfig", "ServerError", "ServerState",
-    "airflow_cli", "airflow_password", "down", "load_state", "mlflow_credentials", "password_file",
+    "airflow_cli", "airflow_password", "describe_schedule", "down", "load_state", "mlflow_credentials", "password_file",
     "resolve_config", "resolve_home", "running_config", "server_env", "status", "up",
 ]  # fmt: skip
 
@@ -151,7 +157,7 @@ def _wait_healthy(
                 raise ServerError(f"{name} exited with code {proc.returncode}; see {log}:\n{_tail(log)}")
         if "mlflow" in pending and _mlflow_healthy(cfg.mlflow_url):
             pending.discard("mlflow")
-        if "airflow" in pending and _airflow_healthy(cfg.airflow_url):
+        if "airflow" in pending and all(_airflow_health(cfg.airflow_url).values()):
             pending.discard("airflow")
         if pending and time.monotonic() > deadline:
             logs = ", ".join(state.logs[n] for n in procs if n == "mlflow" or "mlflow" not in pending)
@@ -168,19 +174,20 @@ def _mlflow_healthy(url: str) -> bool:
         return False
 
 
-def _airflow_healthy(url: str) -> bool:
-    """Metadata DB, scheduler and DAG processor all report healthy."""
+AIRFLOW_PARTS = {"api-server": "metadatabase", "scheduler": "scheduler", "dag-processor": "dag_processor",
+                 "triggerer": "triggerer"}  # process -> its entry in /api/v2/monitor/health  # fmt: skip
+
+
+def _airflow_health(url: str) -> dict[str, bool]:
+    """{process: healthy} for the Airflow processes (AIRFLOW_PARTS): all False when the API does not answer."""
     import httpx
 
     try:
         resp = httpx.get(f"{url}/api/v2/monitor/health", timeout=5)
-    except httpx.HTTPError:
-        return False
-    if resp.status_code != 200:
-        return False
-    health = resp.json()
-    parts = ("metadatabase", "scheduler", "dag_processor")
-    return all((health.get(p) or {}).get("status") == "healthy" for p in parts)
+        health = resp.json() if resp.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        health = {}
+    return {name: (health.get(part) or {}).get("status") == "healthy" for name, part in AIRFLOW_PARTS.items()}
 
 
 def _tail(log: Path, lines: int = 30) -> str:
@@ -250,13 +257,14 @@ def _signal(proc: Any, sig: int) -> None:
 
 
 def status(home: str | Path) -> dict[str, Any]:
-    """{"running": bool, "airflow_url", "mlflow_url", "processes": {name: "running"|"stopped"}, "healthy": {...}}."""
+    """{"running": bool, "airflow_url", "mlflow_url", "healthy": {"airflow", "mlflow"}, "logs", "processes":
+    {name: {"pid", "port" (None for processes that listen on none), "state": "running"|"stopped", "healthy"}}}."""
     state = load_state(home)
     if state is None:
         return {"running": False, "processes": {}}
-    procs = {name: "running" if _alive(pid, t) else "stopped" for name, (pid, t) in state.pids.items()}
+    procs = _processes(state)
     return {
-        "running": all(v == "running" for v in procs.values()),
+        "running": all(p["state"] == "running" for p in procs.values()),
         "airflow_url": state.airflow_url,
         "mlflow_url": state.mlflow_url,
         "password_file": state.password_file,
@@ -264,8 +272,21 @@ def status(home: str | Path) -> dict[str, Any]:
         "db": "sqlite" if state.config.get("db") is None else redact(state.config["db"]),
         "processes": procs,
         "healthy": {
-            "airflow": _airflow_healthy(state.airflow_url),
-            "mlflow": _mlflow_healthy(state.mlflow_url),
+            "airflow": all(p["healthy"] for n, p in procs.items() if n in AIRFLOW_PARTS),
+            "mlflow": procs.get("mlflow", {}).get("healthy", False),
         },
         "logs": state.logs,
     }
+
+
+def _processes(state: ServerState) -> dict[str, dict[str, Any]]:
+    ports = {"mlflow": state.config.get("mlflow_port"), "api-server": state.config.get("airflow_port")}
+    airflow = _airflow_health(state.airflow_url)
+    mlflow = _mlflow_healthy(state.mlflow_url)
+    out = {}
+    for name, (pid, started) in state.pids.items():
+        alive = _alive(pid, started)
+        healthy = mlflow if name == "mlflow" else airflow.get(name, True)
+        out[name] = {"pid": int(pid), "port": ports.get(name), "state": "running" if alive else "stopped",
+                     "healthy": alive and healthy}
+    return out

@@ -68,11 +68,14 @@ def test_fmx_fm_structure(dags: dict) -> None:
     dag = dags["fmx_fm"]
     up = {t.task_id: t.upstream_task_ids for t in dag.tasks}
     assert set(up) == {
-        "ingest", "fm_presets", "fm_preset.fm_export", "fm_preset.fm_train", "experts_conf", "trigger_experts",
+        "plan", "ingest", "fm_presets", "fm_preset.fm_export", "fm_preset.fm_train", "experts_conf",
+        "trigger_experts",
     }  # fmt: skip
+    assert up["ingest"] == {"plan"} and type(dag.task_dict["plan"]).__name__ == "_ShortCircuitDecoratedOperator"
     assert up["fm_preset.fm_export"] >= {"ingest", "fm_presets"}
     assert "fm_preset.fm_export" in up["fm_preset.fm_train"]
-    assert "fm_preset.fm_train" in up["experts_conf"] and up["trigger_experts"] == {"experts_conf"}
+    assert "fm_preset.fm_train" in up["experts_conf"] and up["trigger_experts"] == {"plan", "experts_conf"}
+    assert dag.task_dict["experts_conf"].trigger_rule == "none_failed"  # runs on a done day too (fmx run)
     assert (
         type(dag.task_group_dict["fm_preset"]).__name__ == "MappedTaskGroup"
     )  # one export->train per preset

@@ -10,6 +10,8 @@ Asset schedule would fold the events of several days that land while an experts 
 run, so the experts would skip days they must warm-start through in order; the trigger keeps one run
 per day with the day explicit. fmx_fm still records the fm_outputs Asset, for lineage.
 Re-run the experts of a day without retraining the FM: trigger this DAG with the Param ds.
+Created unpaused (it has no schedule, so that starts nothing): fmx_fm's triggers run as soon as fmx_fm is
+unpaused, and pausing it is a deliberate stop (fmx.reaper ends its stranded runs).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from airflow.sdk import dag, task
 from fmx import dagkit
 
 
-@dag(schedule=None, max_active_runs=1, params=dagkit.params(), default_args=dagkit.DEFAULT_ARGS, tags=["fmx", "experts"], doc_md=__doc__)  # fmt: skip
+@dag(schedule=None, max_active_runs=1, params=dagkit.params(), default_args=dagkit.DEFAULT_ARGS, tags=["fmx", "experts"],
+     is_paused_upon_creation=False, doc_md=__doc__)  # fmt: skip
 def fmx_experts() -> None:
     @task
     def plan(params=None, logical_date=None, run_id=None) -> dict:

@@ -45,8 +45,8 @@ def fmx_fm() -> None:
     @task.short_circuit(ignore_downstream_trigger_rules=False)  # skips ingest and trigger_experts only
     def plan(params=None, logical_date=None, run_id=None) -> dict | bool:
         """The run's references, or False when the day is done and rerun is false (dagkit.unless_done)."""
-        run = dagkit.resolve_run(params, logical_date, run_id)
         with dagkit.bad_input_fails_at_once():
+            run = dagkit.resolve_run(params, logical_date, run_id)
             return dagkit.unless_done(run, rerun=bool(params.get("rerun")))
 
     @task

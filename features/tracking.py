@@ -1,13 +1,22 @@
 """MLflow conventions shared by every stage wrapper: where the store is, and the run tree.
 
-Run tree: one parent run per (pipeline run, window) — tagged ``fmx.pipeline_run`` and ``ds`` — and one
-nested run per stage (FM export, FM training, each (surface, variant) expert). Stages run in separate
-processes (Airflow tasks), so a stage finds or creates its parent by tags rather than holding it.
+Run tree: one parent run per (pipeline run, window) — tagged ``fmx.pipeline_run`` and ``ds``, named
+``<ds> · <pipeline>`` (`parent_name`) — and one nested run per stage (FM export, FM training, each
+(surface, variant) expert). Stages run in separate processes (Airflow tasks), so a stage finds or creates
+its parent by tags rather than holding it; the parent is created only when a stage run starts.
+
+Failures: a stage whose body raises ends FAILED with the error's first line in tag ``fmx.error``; its
+parent then ends FAILED too, with ``fmx.error`` naming the failed stage. A parent's status is the worst
+of its stages' newest attempts (a retry that succeeds makes it FINISHED again), settled by every stage
+as it ends, under a per-parent file lock (processes on one host; across hosts the last writer wins).
+A parent left without any child (the stage's own run could not start) is deleted.
 
 Defaults: tracking URI ``sqlite:///$FMX_HOME/mlflow.db`` and artifacts under ``$FMX_HOME/mlartifacts``
 (absolute, so a task's cwd does not matter); `MLFLOW_TRACKING_URI` overrides the store.
 
-Metric keys are exactly `METRIC_KEYS`; every run carries the tags in `REQUIRED_TAGS`.
+Metric keys are exactly `METRIC_KEYS` (plus ``base_rate`` on FM and reference runs); every stage run carries
+the tags in `REQUIRED_TAGS`. Lineage runs (features.lineage_runs: one per model, stepped by day, in the
+experiment ``fmx-lineage``) use `LINEAGE_KEYS`.
 Only stage wrappers and loggers call this module — never model or loss code.
 
 Shared-store safety: the SQLite store is created under a file lock (two commands on a fresh FMX_HOME do
@@ -31,9 +40,15 @@ from typing import Any
 
 EXPERIMENT = "fmx"
 METRIC_KEYS = ("auc", "logloss", "ne", "calibration", "gap_closure", "transfer_ratio")
+DAY_KEYS = (*METRIC_KEYS, "base_rate")  # what a lineage run copies from its day runs (features.lineage_runs)
+LINEAGE_KEYS = (*DAY_KEYS, *(f"mean_{k}" for k in METRIC_KEYS), "days")  # a lineage run's metric keys
 REQUIRED_TAGS = ("ds", "surface", "variant", "fm_version")
 PIPELINE_RUN_TAG = "fmx.pipeline_run"
+PIPELINE_TAG = "fmx.pipeline"  # the DAG (or "cli") whose run created the parent
 OWNER_TAG = "fmx.owner"
+ERROR_TAG = "fmx.error"  # one line: "<ExceptionType>: <first line of the message>", truncated
+ERROR_CHARS = 500
+PARENT_ID_TAG = "mlflow.parentRunId"
 SAME_STAGE_TAGS = ("surface", "variant", "fm_preset")  # with the run name and ds: "the same stage run"
 STALE_RUN_S = 24 * 3600.0  # a RUNNING run this old, from another host, is taken as dead
 
@@ -81,21 +96,47 @@ def _store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
-
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(Path(f"{db}.lock")):
         if not db.exists():
             os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))  # metadata: owner only
+        yield
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created 0600) for the duration: serialises processes of one host."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
 
 
-def _experiment(experiment: str, local: bool) -> str:
+def host_lock(name: str) -> Any:
+    """`file_lock` on ``$FMX_HOME/locks/<name>.lock`` (name: letters, digits, ``._-`` only)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:200]
+    return file_lock(fmx_home() / "locks" / f"{safe}.lock")
+
+
+def experiment_id(experiment: str) -> str:
+    """Like `setup` (store, credentials, experiment created if missing) without making `experiment` active."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri()
+    _server_credentials(uri)
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        return _experiment(experiment, local=not uri.startswith(("http://", "https://")), activate=False)
+
+
+def _experiment(experiment: str, local: bool, activate: bool = True) -> str:
     """The experiment's id, created if missing; a local store keeps artifacts in $FMX_HOME/mlartifacts.
 
     (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so the store kind is decided from the URI, not
@@ -105,7 +146,8 @@ def _experiment(experiment: str, local: bool) -> str:
 
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
-        mlflow.set_experiment(experiment_id=found.experiment_id)
+        if activate:
+            mlflow.set_experiment(experiment_id=found.experiment_id)
         return found.experiment_id
     location = None
     if local:  # a tracking server has its own --artifacts-destination
@@ -116,7 +158,8 @@ def _experiment(experiment: str, local: bool) -> str:
         exp_id = mlflow.create_experiment(experiment, artifact_location=location)
     except Exception:  # created concurrently by another task
         exp_id = mlflow.get_experiment_by_name(experiment).experiment_id  # type: ignore[union-attr]
-    mlflow.set_experiment(experiment_id=exp_id)
+    if activate:
+        mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
 
@@ -134,8 +177,37 @@ def git_sha() -> str:
         return "unknown"
 
 
+_RUN_KINDS = ("manual", "scheduled", "backfill", "asset_triggered", "dataset_triggered")
+
+
+def parent_name(pipeline_run: str, ds: str, dag_id: str | None = None) -> str:
+    """``<ds> · <pipeline>``: the day first, then the DAG and the kind of its run (or the pipeline run id).
+
+    Airflow 3 names a run after its ``run_after`` — for a daily data-interval schedule, the END of the
+    interval, one day after the ds it processes (``scheduled__2026-01-05T00:00:00+00:00`` runs 2026-01-04).
+    So a scheduled or backfill run id's date is left out (the ds says the day); a manual run keeps its
+    trigger time, to the minute. Other ids (``fmx-run-...``, ``manual``) are kept as they are (≤ 48 chars).
+    """
+    kind, sep, suffix = pipeline_run.partition("__")
+    if sep and kind in _RUN_KINDS:
+        label = kind if kind in ("scheduled", "backfill") else f"{kind} {suffix[:16].replace('T', ' ')}".rstrip()
+    else:
+        label = pipeline_run[:48]
+    return f"{ds} · {dag_id} {label}" if dag_id else f"{ds} · {label}"
+
+
+def error_line(exc: BaseException) -> str:
+    """``<ExceptionType>: <first non-empty line of the message>``, at most `ERROR_CHARS` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 1] + "…"
+
+
 def parent_run_id(pipeline_run: str, ds: str, experiment: str = EXPERIMENT) -> str:
-    """The id of the parent run for (pipeline run, window), created on first use."""
+    """The id of the parent run for (pipeline run, window), created on first use (by `stage_run` only).
+
+    Named by `parent_name`, tagged with the pipeline run, ds, and the DAG that created it (``fmx.pipeline``).
+    """
     import mlflow
 
     exp_id = setup(experiment)
@@ -144,10 +216,12 @@ def parent_run_id(pipeline_run: str, ds: str, experiment: str = EXPERIMENT) -> s
     if found:
         return found[0].info.run_id
     client = mlflow.MlflowClient()
+    dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID")
     run = client.create_run(
         exp_id,
-        run_name=f"{pipeline_run}/{ds}",
-        tags={PIPELINE_RUN_TAG: pipeline_run, "ds": ds, "fmx.kind": "day", "git_sha": git_sha()},
+        run_name=parent_name(pipeline_run, ds, dag_id),
+        tags={PIPELINE_RUN_TAG: pipeline_run, "ds": ds, "fmx.kind": "day", PIPELINE_TAG: dag_id or "cli",
+              "git_sha": git_sha()},
     )
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -163,9 +237,14 @@ def stage_run(
     params: Mapping[str, Any] | None = None,
     experiment: str = EXPERIMENT,
 ) -> Iterator[Any]:
-    """A nested MLflow run for one stage under the (pipeline run, ds) parent; yields the active run."""
+    """A nested MLflow run for one stage under the (pipeline run, ds) parent; yields the active run.
+
+    An exception from the body ends the run FAILED with `ERROR_TAG` and re-raises; the parent's status
+    is then settled (`settle_parent`). StageBusy is raised before any run exists.
+    """
     import mlflow
 
+    end_dead_runs(name, ds, tags, experiment)  # may refuse (StageBusy): before a parent could be created
     parent = parent_run_id(pipeline_run, ds, experiment)
     all_tags = {
         "ds": ds,
@@ -176,11 +255,51 @@ def stage_run(
         **tags,
         OWNER_TAG: _owner(),
     }
-    end_dead_runs(name, ds, tags, experiment)
-    with mlflow.start_run(run_name=name, parent_run_id=parent, nested=True, tags=all_tags) as run:
-        if params:
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        yield run
+    try:
+        with mlflow.start_run(run_name=name, parent_run_id=parent, nested=True, tags=all_tags) as run:
+            try:
+                if params:
+                    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+                yield run
+            except BaseException as exc:  # also KeyboardInterrupt: the run says why it stopped
+                mlflow.set_tag(ERROR_TAG, error_line(exc))
+                raise
+    finally:
+        settle_parent(parent)
+
+
+def settle_parent(parent: str) -> str | None:
+    """Set a parent run's status from its stages; return it (None when the parent was deleted).
+
+    Each stage (run name + `SAME_STAGE_TAGS`) counts by its newest attempt: FAILED (with `ERROR_TAG`
+    "<n> stage(s) failed: <stage>: <error>") when one of them ended FAILED or KILLED, else FINISHED
+    (the tag removed). A parent without any child run is deleted: no empty parents.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with host_lock(f"parent-{parent}"):
+        info = client.get_run(parent).info
+        children = client.search_runs([info.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{parent}'",
+                                      max_results=50_000)
+        if not children:
+            client.delete_run(parent)
+            return None
+        newest: dict[tuple[str, ...], Any] = {}
+        for run in sorted(children, key=lambda r: r.info.start_time):
+            newest[(run.info.run_name, *(run.data.tags.get(k, "") for k in SAME_STAGE_TAGS))] = run
+        failed = [r for r in newest.values() if r.info.status in ("FAILED", "KILLED")]
+        if failed:
+            first = failed[0]
+            why = first.data.tags.get(ERROR_TAG, first.info.status.lower())
+            client.set_tag(parent, ERROR_TAG, f"{len(failed)} stage(s) failed: {first.info.run_name}: {why}"
+                           [:ERROR_CHARS])
+            client.set_terminated(parent, status="FAILED")
+            return "FAILED"
+        if ERROR_TAG in client.get_run(parent).data.tags:
+            client.delete_tag(parent, ERROR_TAG)
+        client.set_terminated(parent, status="FINISHED")
+        return "FINISHED"
 
 
 def _owner(pid: int | None = None) -> str:
@@ -210,8 +329,8 @@ def end_dead_runs(name: str, ds: str, tags: Mapping[str, str], experiment: str =
     here. Returns the ids ended."""
     import mlflow
 
+    exp_id = setup(experiment)  # first: the client is bound to the tracking URI when it is made
     client = mlflow.MlflowClient()
-    exp_id = setup(experiment)
     flt = f"attributes.status = 'RUNNING' and tags.`fmx.kind` = 'stage' and tags.ds = '{ds}'"
     ended = []
     for run in client.search_runs([exp_id], filter_string=flt, max_results=1000):

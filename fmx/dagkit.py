@@ -62,7 +62,8 @@ def schedule_start() -> datetime | None:
 
 def schedule_end() -> datetime | None:
     """The last window fmx_fm schedules: $FMX_END_DATE at 00:00 UTC, or None (no end: one run per window to
-    today, then one a day). Only the scheduler honours it: triggers with the Param ds run any day."""
+    today, then one a day). fmx_fm's end_date: triggers with the Param ds (no logical date) run any day; a
+    backfill of a later window fails (Airflow: its tasks are past the DAG's end date)."""
     return _env_day(END_DATE_ENV)
 
 
@@ -89,7 +90,11 @@ def window_days() -> int:
 
 
 def schedule() -> Any:
-    """One data interval per window: @daily (UTC) for 1-day windows, else every N days from the start date."""
+    """One data interval per window: @daily (UTC) for 1-day windows, else every N days from the start date.
+
+    The end ($FMX_END_DATE) is the DAG's end_date. (Airflow 3.3.2's EventsTimetable, which would list the
+    windows exactly, does not survive serialization: its encoder drops the `_summary` its decoder reads.)
+    """
     from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable
 
     days = window_days()

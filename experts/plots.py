@@ -30,14 +30,22 @@ def calibration_curve(labels: np.ndarray, probs: np.ndarray, title: str, bins: i
     return fig
 
 
-def ne_by_day(days: list[str], series: dict[str, list[float]], title: str) -> Any:
-    """NE per day for each named series (variant, FM); returns the Figure."""
+def ne_by_day(series: dict[str, dict[str, float]], title: str) -> Any:
+    """NE per day of each named series ({name: {ds: NE}}: the variant, base, the FM); returns the Figure.
+
+    Days are the union of the series' days, in order; a series is drawn on the days it has.
+    """
     fig, ax = _figure()
+    days = sorted({ds for values in series.values() for ds in values})
+    at = {ds: i for i, ds in enumerate(days)}
     for name, values in series.items():
-        ax.plot(days[-len(values):], values, marker="o", label=name)
+        shown = sorted(values)
+        ax.plot([at[ds] for ds in shown], [values[ds] for ds in shown], marker="o", label=name)
+    ax.set_xticks(range(len(days)), days)
     ax.set(xlabel="window", ylabel="NE", title=title)
     ax.tick_params(axis="x", labelrotation=45)
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

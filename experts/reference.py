@@ -27,7 +27,8 @@ Stage wrapper `reference_eval(ds, surface, lake_uri, pipeline_run, preset)` -> s
 nested MLflow run ``reference/<surface>`` per call under the (pipeline_run, ds) parent with tags
 ds, surface, variant="ref", fm_version="none", fm_preset=<preset> (the reference does not depend on the
 FM; the tag places its row in each preset's block of `fmx compare`), fmx.stage="reference",
-evaluated, base_rate_source; metrics auc, logloss, ne, calibration, base_rate at step = window index.
+evaluated, base_rate_source; metrics auc, logloss, ne, calibration, base_rate at step = window index;
+then the lineage run ``lineage/<preset>/<surface>/ref`` (features.lineage_runs: the same metrics by day).
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
 
     from experts.records import strict_json
     from experts.registry import STAGE_TAG
+    from features.lineage_runs import lake_steps
+    from features.lineage_runs import sync as sync_lineage
     from features.tracking import stage_run
 
     lake = Lake(lake_uri)
@@ -189,6 +192,7 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
         step = lake.step(window)
         mlflow.log_metrics({k: v for k, v in res["metrics"].items() if math.isfinite(v)}, step=step)
         mlflow.log_metric("base_rate", res["base_rate"], step=step)
+    sync_lineage(preset, surface, VARIANT, lake_steps(lake))  # the day run is FINISHED: add it to the trend
     m = res["metrics"]
     return strict_json({"ds": ds, "surface": surface, "evaluated": True, "ne": m["ne"], "auc": m["auc"],
                         "calibration": m["calibration"], "rows": res["rows"]})

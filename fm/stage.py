@@ -3,7 +3,8 @@
 - `fm_export(ds, lake_uri, preset, pipeline_run)`: fm.export.export_fm for window ds (FM_{ds-1}); one
   nested MLflow run "fm_export" (tags surface="all", variant="fm", fm_version, fm_preset) with one child
   run per surface (tag surface=<s>) holding that surface's progressive metrics under the exact keys
-  auc, logloss, ne, calibration, at step = window index since the lake's origin. Returns
+  auc, logloss, ne, calibration, at step = window index since the lake's origin; then each surface's
+  lineage run ``lineage/<preset>/<surface>/fm`` (features.lineage_runs, its NE & co. by day). Returns
   {"fm_version", "ds", "metrics": {surface: {...}}, "rows": {surface: n}, "base_rates", "compression",
   "skipped"}; on the lake's first window fm_version is None and skipped says why (nothing written).
 Both build the FMConfig from the preset and the lake's meta surfaces (fm.config.lake_config), so an imported
@@ -29,6 +30,8 @@ from typing import Any
 import polars as pl
 
 from features.lake import Lake
+from features.lineage_runs import lake_steps
+from features.lineage_runs import sync as sync_lineage
 from features.tracking import stage_run
 from fm import checkpoint
 from fm.config import lake_config
@@ -53,6 +56,8 @@ def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str =
             with mlflow.start_run(run_name=f"fm_export/{surface}", nested=True, tags=child_tags):
                 mlflow.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step)  # drop NaN
                 mlflow.log_metric("base_rate", res.base_rates[surface], step=step)
+    for surface in res.metrics:  # the stage run is FINISHED: each surface's day joins the FM's trend
+        sync_lineage(preset, surface, "fm", lake_steps(lake))
     return {"fm_version": res.fm_version, "ds": ds, "metrics": res.metrics, "rows": res.rows,
             "base_rates": res.base_rates, "base_rate_source": BASE_RATE_SOURCE, "compression": res.compression,
             "skipped": res.skipped}

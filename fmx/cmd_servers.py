@@ -35,8 +35,8 @@ from fmx.cli import cli
     "--start-date",
     default=None,
     help="First window fmx_fm schedules: YYYY-MM-DD, or 'lake' = the lake's next unprocessed window (its first "
-    "window whose FM is not trained). Default $FMX_START_DATE, else none: no catch-up, triggers and backfills "
-    "run only what you ask.",
+    "window whose FM is not trained). Default $FMX_START_DATE, else none: nothing is scheduled, triggers and "
+    "backfills run only what you ask.",
 )
 @click.option(
     "--end-date",

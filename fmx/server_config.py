@@ -47,9 +47,7 @@ class ServerConfig:
     mlflow_port: int
     db: str | None = None  # PostgreSQL server URL; None = SQLite files under home
     parallelism: int = 4
-    schedule: bool = (
-        True  # False: the scheduler creates no scheduled/catch-up runs; triggers and backfills run
-    )
+    schedule: bool = True  # False, or no start_date: no scheduled/catch-up runs; triggers and backfills run
     lake: str = ""  # FMX_LAKE of every task ("" = $FMX_HOME/lake)
     start_date: str = ""  # FMX_START_DATE: the first window fmx_fm schedules ("" = none, no catch-up)
     end_date: str = ""  # FMX_END_DATE: the last window fmx_fm schedules ("" = no end)
@@ -168,7 +166,7 @@ def describe_schedule(cfg: ServerConfig, now: Any = None) -> str:
     if not cfg.schedule:
         return "off (--no-schedule): only triggered runs and backfills run"
     if not cfg.start_date:
-        return "fmx_fm: no start date, no catch-up (unpaused: the latest window only; trigger or backfill the rest)"
+        return "off (no --start-date): only triggered runs and backfills run"
     start, step = date.fromisoformat(cfg.start_date), timedelta(days=cfg.window_days)
     end = date.fromisoformat(cfg.end_date) if cfg.end_date else None
     today = (now or datetime.now(UTC)).date()
@@ -405,7 +403,9 @@ def server_env(cfg: ServerConfig) -> dict[str, str]:
         AIRFLOW__API__BASE_URL=cfg.airflow_url,
         AIRFLOW__API__HOST="127.0.0.1",
         AIRFLOW__API__PORT=str(cfg.airflow_port),
-        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=str(cfg.schedule),
+        # No start date chosen: no scheduled run at all (an unpaused fmx_fm would otherwise run the latest
+        # interval, a day nobody asked for); triggers and backfills run either way.
+        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=str(cfg.schedule and bool(cfg.start_date)),
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=cfg.airflow_db_url(),
         AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES="1",
         AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="30",  # new DAG files show up within 30 s

@@ -59,9 +59,11 @@ def test_server_env_passes_the_schedule_to_airflow(tmp_path, monkeypatch: pytest
     cfg = ServerConfig(home=tmp_path, dags_folder=tmp_path, airflow_port=1, mlflow_port=2, window_days=7)
     env = server_env(cfg)
     assert "FMX_START_DATE" not in env and "FMX_END_DATE" not in env and env["FMX_WINDOW_DAYS"] == "7"
+    assert env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] == "False"  # no start date chosen: nothing scheduled
     env = server_env(ServerConfig(home=tmp_path, dags_folder=tmp_path, airflow_port=1, mlflow_port=2,
                                   start_date="2022-03-01", end_date="2022-03-04", lake="s3://bucket/lake"))  # fmt: skip
     assert env["FMX_START_DATE"] == "2022-03-01" and env["FMX_END_DATE"] == "2022-03-04"
+    assert env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] == "True"
     assert env["FMX_LAKE"] == "s3://bucket/lake"
 
 
@@ -72,7 +74,7 @@ def test_up_says_which_runs_unpausing_starts(tmp_path) -> None:
         return ServerConfig(home=tmp_path, dags_folder=tmp_path, airflow_port=1, mlflow_port=2, **kw)  # type: ignore[arg-type]
 
     assert describe_schedule(cfg(schedule=False), now).startswith("off")
-    assert "no start date, no catch-up" in describe_schedule(cfg(), now)
+    assert describe_schedule(cfg(), now) == "off (no --start-date): only triggered runs and backfills run"
     assert describe_schedule(cfg(start_date="2026-01-01", end_date="2026-01-03"), now) == (
         "fmx_fm: one run per 1-day window from 2026-01-01 through 2026-01-03 (3 runs, 3 of them at once)"
     )

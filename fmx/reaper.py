@@ -63,9 +63,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     api = AirflowAPI(os.environ["AIRFLOW__API__BASE_URL"], airflow_password(resolve_home()))
     print(f"reaper: ending runs stranded by a pause on {api.url} every {POLL_S:.0f} s", flush=True)
+    connected = False
     while True:
         try:
             sweep(api)
+            connected = True
+        except httpx.ConnectError as exc:
+            if connected:  # before the first answer the api-server is still starting: nothing to say
+                print(f"reaper: {exc}", flush=True)
         except (httpx.HTTPError, RuntimeError) as exc:
             print(f"reaper: {type(exc).__name__}: {exc}", flush=True)
             api.reset_token()

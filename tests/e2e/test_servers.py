@@ -67,7 +67,8 @@ def test_up_is_idempotent_and_status_reports_health(srv: Servers) -> None:
     assert servers.load_state(srv.home).pids == srv.state.pids  # same processes, nothing restarted
     info = json.loads(fmx("status", "--json", home=srv.home).stdout)
     assert info["running"] and info["healthy"] == {"airflow": True, "mlflow": True}
-    assert set(info["processes"]) == {"mlflow", "api-server", "scheduler", "dag-processor"}
+    assert set(info["processes"]) == {"mlflow", "api-server", "scheduler", "dag-processor", "triggerer", "reaper"}
+    assert all(p["healthy"] and p["pid"] == srv.state.pids[n][0] for n, p in info["processes"].items())
 
 
 def test_api_requires_authentication(srv: Servers) -> None:

@@ -85,3 +85,23 @@ def test_status_reports_pid_port_state_and_health(tmp_path: Path, monkeypatch: p
     assert out.exit_code == 1
     assert f"  mlflow         {os.getpid():>8}  15000  running  healthy" in out.output
     assert "  triggerer      " in out.output and "stopped  UNHEALTHY" in out.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--start-date", "lake"], "holds no windows yet (import or generate first)"),
+        (["--start-date", "2026-01-01", "--end-date", "soon"], "--end-date 'soon' is not a date YYYY-MM-DD"),
+        (["--start-date", "monday"], "--start-date 'monday' is not a date YYYY-MM-DD"),
+    ],
+)
+def test_up_with_a_bad_schedule_is_one_line_and_starts_nothing(args: list[str], message: str, lake_uri: str,
+                                                               isolated_home: Path) -> None:  # fmt: skip
+    from click.testing import CliRunner
+
+    from fmx.cli import cli
+
+    out = CliRunner().invoke(cli, ["up", "--lake", lake_uri, *args])
+    assert out.exit_code == 1 and message in out.output, out.output
+    assert len(out.output.strip().splitlines()) == 1 and "Traceback" not in out.output
+    assert servers.load_state(isolated_home) is None  # nothing started

@@ -23,6 +23,8 @@ class ExpertConfig:
     kd_weight: loss weight w of the auxiliary (distillation) loss.
     kd_beta: gradient scale from the auxiliary loss into the shared layers (0 = aux head only).
     adapter_weight: loss weight of the second distillation target (the student adapter's output).
+    kd_tau: both distillation losses are weighted by min(1, max(0, teacher advantage / kd_tau)), the
+      advantage = student NE - FM NE on the window before training on it (experts.distill.kd_scale).
     """
 
     variant: str = "base"
@@ -39,6 +41,7 @@ class ExpertConfig:
     kd_beta: float = 1.0  # the full distillation gradient reaches the shared tower (measured: 0.5 barely moves NE)
     adapter_hidden: int = 8
     adapter_weight: float = 0.25
+    kd_tau: float = 0.005  # teacher NE advantage over the student at which distillation gets full weight (distill.kd_scale)
     lr: float = 3e-3
     emb_lr_scale: float = 1.0  # learning rate of the hashed embeddings = lr * emb_lr_scale
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the dense layers

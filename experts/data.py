@@ -9,8 +9,10 @@ import pyarrow as pa
 import torch
 
 from experts.config import OWN_FEATURES
+from features.expert_examples import build_expert_examples
 from features.lake import Lake
 from features.schemas import CLICK, FM_VERSION
+from features.windows import Window
 
 
 @dataclass
@@ -67,12 +69,26 @@ def _history(column: pa.ChunkedArray, length: int, width: int | None) -> tuple[n
     return out, mask
 
 
+def standardize(x: np.ndarray) -> np.ndarray:
+    """Each column of (N, W) `x` centred and scaled by its mean and std over these rows (std floored at 1e-3).
+
+    Applied to the FM's target-aware embedding per partition, i.e. per (day, surface, FM version): the
+    expert trained on day D-1 read FM_{D-2}'s embedding and is scored on D with FM_{D-1}'s, and the raw
+    embedding's location and scale move from one FM version to the next (measured: fe over-/under-predicted
+    by up to 19% on days when base was calibrated; bench/calibration_hypotheses.py). Label-free: serving
+    computes the same statistics on the FM version's recent traffic.
+    """
+    mean = x.mean(axis=0, keepdims=True)
+    std = np.maximum(x.std(axis=0, keepdims=True), 1e-3)
+    return ((x - mean) / std).astype(np.float32)
+
+
 def to_tensors(table: pa.Table, history_length: int) -> ExpertData:
     """An EXPERT_EXAMPLES table -> ExpertData. Fails on an empty table."""
     if table.num_rows == 0:
         raise ValueError("expert_examples partition has no rows")
     cats = np.stack([table[c].to_numpy().astype(np.int64) for c in OWN_FEATURES], axis=1)  # (N, F)
-    tae = _vectors(table["fm_tae"])
+    tae = standardize(_vectors(table["fm_tae"]))
     width = table["loop_hist_repr"].type.value_type.list_size
     hist, mask = _history(table["loop_hist_repr"], history_length, width)
     clicks, _ = _history(table["loop_hist_click"], history_length, None)  # aligned with hist's slots
@@ -93,3 +109,17 @@ def to_tensors(table: pa.Table, history_length: int) -> ExpertData:
 def load_examples(lake: Lake, preset: str, ds: str, surface: str, history_length: int) -> ExpertData:
     """Read expert_examples(fm=preset, ds, surface) as tensors (raises PartitionNotFound when absent)."""
     return to_tensors(lake.read("expert_examples", fm=preset, ds=ds, surface=surface), history_length)
+
+
+def fm_started(lake: Lake, preset: str, window: Window) -> bool:
+    """Whether FM `preset` scored any window up to and including `window`."""
+    return any(p["ds"] <= window.ds for p in lake.partitions("fm_outputs", fm=preset))
+
+
+def examples_for(lake: Lake, window: Window, surface: str, preset: str, history_length: int) -> ExpertData | None:
+    """expert_examples(window, surface) as tensors, built first if missing; None before the FM's first scores."""
+    if not lake.exists("expert_examples", fm=preset, ds=window.ds, surface=surface):
+        if not fm_started(lake, preset, window):
+            return None
+        build_expert_examples(lake, window, surface, preset, history_length)
+    return load_examples(lake, preset, window.ds, surface, history_length)

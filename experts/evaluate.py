@@ -15,9 +15,10 @@ import torch
 
 from experts.data import ExpertData
 from experts.model import Expert
+from experts.train import Checkpoint
 from features.lake import Lake
 from features.schemas import CLICK
-from features.windows import Window
+from features.windows import Window, assert_after
 
 FM_SIZE_ORDER = ("small", "base", "large")  # FM presets from smaller to larger (for the transfer ratio)
 
@@ -31,6 +32,12 @@ def predict(model: Expert, data: ExpertData, batch_size: int = 8192) -> np.ndarr
         idx = torch.arange(start, min(start + batch_size, len(data)))
         out.append(torch.sigmoid(model(data.batch(idx))["logit"]))
     return torch.cat(out).numpy().astype(np.float64)
+
+
+def score_before(ckpt: Checkpoint, data: ExpertData, window: Window, what: str) -> np.ndarray:
+    """Serving predictions of `ckpt` on `data` (rows of `window`); refuses a model trained through `window` or later."""
+    assert_after(Window.parse(ckpt.trained_through, window.days), window, what)
+    return predict(ckpt.build(), data)
 
 
 def fm_probs(data: ExpertData) -> np.ndarray:

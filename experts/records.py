@@ -68,6 +68,12 @@ def write_champion(lake: Lake, preset: str, surface: str, ds: str, record: dict[
     lake.write_bytes(champion_rel(preset, surface, ds), _dumps(record))
 
 
+def read_champion(lake: Lake, preset: str, surface: str, ds: str) -> dict[str, Any] | None:
+    """The champion record written for `ds`, or None."""
+    rel = champion_rel(preset, surface, ds)
+    return json.loads(lake.read_bytes(rel)) if lake.file_exists(rel) else None
+
+
 def _decided_days(lake: Lake, preset: str, surface: str) -> list[str]:
     base = lake.path(_champion_dir(preset, surface))
     if lake.fs.get_file_info(base).type != pafs.FileType.Directory:

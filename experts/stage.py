@@ -13,8 +13,11 @@ in the lake (read by compare_and_promote for the transfer ratio and by the NE-by
 
 Idempotent re-runs: checkpoints are kept per day, expert_train(D) always evaluates and warm-starts
 from the newest checkpoint trained through a day before D (D-1 in the daily flow) and replaces D's
-checkpoint; compare_and_promote(D) scores the champion recorded in the lake for the newest day before D
-(experts/records.py). Re-running D, before or after D+1 ran, gives the same scores and decision.
+checkpoint. Re-running D, before or after D+1 ran, gives the same scores.
+
+Distillation (kd variants) is weighted per window by the FM's measured advantage over the student on that
+window's rows before training (experts.distill.kd_scale; logged as metric ``kd_scale``).
+compare_and_promote lives in experts.promotion (re-exported here for the DAG and the CLI).
 """
 
 from __future__ import annotations
@@ -25,81 +28,71 @@ from typing import Any
 import numpy as np
 
 from experts.config import VARIANTS, ExpertConfig
-from experts.data import ExpertData, load_examples
-from experts.evaluate import (
-    fm_probs,
-    gap_closure,
-    predict,
-    smaller_first,
-    training_ctr,
-    transfer_ratio,
-)
-from experts.records import champion_before, decided_after, read_eval, strict_json, write_champion, write_eval
+from experts.data import ExpertData, examples_for, fm_started
+from experts.distill import kd_scale
+from experts.evaluate import fm_probs, gap_closure, score_before, training_ctr
+from experts.promote import ne_diff
+from experts.promotion import compare_and_promote, vs_base_metrics
+from experts.records import read_eval, strict_json, write_eval
 from experts.train import (
     Checkpoint,
     check_lineage,
-    ckpt_relpath,
     latest_before,
     load_checkpoint,
     new_checkpoint,
     save_checkpoint,
     train_window,
-    trusted_ckpt_relpath,
 )
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
 from features.metrics import all_metrics, ne
 from features.threads import torch_threads
-from features.windows import Window, assert_after
+from features.windows import Window
 
 __all__ = ["VARIANTS", "compare_and_promote", "expert_examples", "expert_train"]
-
-
-def _fm_started(lake: Lake, preset: str, window: Window) -> bool:
-    """Whether FM `preset` scored any window up to and including `window`."""
-    return any(p["ds"] <= window.ds for p in lake.partitions("fm_outputs", fm=preset))
 
 
 def expert_examples(ds: str, surface: str, lake_uri: str, preset: str = "small") -> dict:
     """Write expert_examples(fm=preset, ds, surface) (plus any missing loop_state); rows and path."""
     lake = Lake(lake_uri)
     window = lake.window(ds)
-    if not _fm_started(lake, preset, window):
+    if not fm_started(lake, preset, window):
         return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored no window up to {ds}"}
     path = build_expert_examples(lake, window, surface, preset, ExpertConfig().history_length)
     rows = lake.read("expert_examples", columns=["event_id"], fm=preset, ds=ds, surface=surface).num_rows
     return strict_json({"ds": ds, "surface": surface, "fm": preset, "rows": rows, "path": path})
 
 
-def _score(ckpt: Checkpoint, data: ExpertData, window: Window, what: str) -> np.ndarray:
-    assert_after(Window.parse(ckpt.trained_through, window.days), window, what)
-    return predict(ckpt.build(), data)
-
-
 def _progressive_eval(lake: Lake, window: Window, surface: str, preset: str, ckpt: Checkpoint,
                       data: ExpertData) -> dict[str, Any]:
-    """Metrics of `ckpt` (trained through < window) on every row of `data`, with the FM and gap closure."""
+    """Metrics of `ckpt` (trained through < window) on every row of `data`, with the FM, gap closure and
+    NE - NE(base) on the same rows with its 95% paired-bootstrap interval (ne_vs_base, _lo, _hi)."""
     y = data.label.numpy().astype(np.float64)
     base_rate = training_ctr(lake, window, surface)
-    probs = _score(ckpt, data, window, f"expert {surface}/{ckpt.config.variant}")
+    probs = score_before(ckpt, data, window, f"expert {surface}/{ckpt.config.variant}")
     result: dict[str, Any] = {"metrics": all_metrics(y, probs, base_rate), "base_rate": base_rate,
                               "fm": all_metrics(y, fm_probs(data), base_rate), "rows": len(y),
                               "trained_through": ckpt.trained_through}
     base_rel = latest_before(lake, preset, surface, "base", window)
     if base_rel is not None:
-        base = load_checkpoint(lake, base_rel)
-        ne_base = ne(y, _score(base, data, window, f"expert {surface}/base"), base_rate)
+        base = probs if ckpt.config.variant == "base" else score_before(
+            load_checkpoint(lake, base_rel), data, window, f"expert {surface}/base")
+        ne_base = ne(y, base, base_rate)
         result["metrics"]["gap_closure"] = gap_closure(ne_base, result["metrics"]["ne"], result["fm"]["ne"])
+        result["metrics"].update(vs_base_metrics(ne_diff(y, probs, base, base_rate)))
     result["calib"] = (y, probs)
     return result
 
 
-def _examples(lake: Lake, window: Window, surface: str, preset: str, cfg: ExpertConfig) -> ExpertData | None:
-    if not lake.exists("expert_examples", fm=preset, ds=window.ds, surface=surface):
-        if not _fm_started(lake, preset, window):
-            return None
-        build_expert_examples(lake, window, surface, preset, cfg.history_length)
-    return load_examples(lake, preset, window.ds, surface, cfg.history_length)
+def _kd_scale(cfg: ExpertConfig, data: ExpertData, evaluation: dict[str, Any]) -> float:
+    """Distillation weight of this window: the FM's NE advantage over the student on rows neither trained on
+    (the progressive eval; on a cold start the student is the constant CTR predictor, NE 1 at the rows' CTR)."""
+    if not cfg.uses_kd:
+        return 0.0
+    if evaluation:
+        return kd_scale(evaluation["metrics"]["ne"], evaluation["fm"]["ne"], cfg.kd_tau)
+    y = data.label.numpy().astype(np.float64)
+    return kd_scale(1.0, ne(y, fm_probs(data), float(np.clip(y.mean(), 1e-4, 1 - 1e-4))), cfg.kd_tau)
 
 
 def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str = "small",
@@ -120,7 +113,7 @@ def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: st
     lake = Lake(lake_uri)
     window = lake.window(ds)
     cfg = ExpertConfig(variant=variant).with_overrides(**(overrides or {}))
-    data = _examples(lake, window, surface, preset, cfg)
+    data = examples_for(lake, window, surface, preset, cfg.history_length)
     if data is None:
         return {"ds": ds, "surface": surface, "variant": variant, "skipped": f"FM {preset!r} has scored nothing yet"}
     prev_rel = latest_before(lake, preset, surface, variant, window)
@@ -132,7 +125,10 @@ def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: st
         ckpt = load_checkpoint(lake, prev_rel)
         lineage = check_lineage(ckpt, preset, data.fm_versions, ds, rebaseline)
         evaluation = _progressive_eval(lake, window, surface, preset, ckpt, data)
-    new, loss = train_window(ckpt, data, window, lineage)
+    kd = _kd_scale(ckpt.config, data, evaluation)
+    if evaluation and ckpt.config.uses_kd:
+        evaluation["metrics"]["kd_scale"] = kd
+    new, loss = train_window(ckpt, data, window, lineage, kd)
     rel = save_checkpoint(lake, new)
     if evaluation:
         write_eval(lake, preset, surface, ds, variant, {k: v for k, v in evaluation.items() if k != "calib"})
@@ -147,6 +143,8 @@ def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data:
 
     from experts.plots import calibration_curve, close_figure, ne_by_day
     from experts.registry import STAGE_TAG, TRAIN_STAGE, log_model
+    from features.lineage_runs import lake_steps
+    from features.lineage_runs import sync as sync_lineage
     from features.tracking import stage_run
 
     variant, preset, step = ckpt.config.variant, ckpt.fm_preset, lake.step(window)
@@ -159,178 +157,30 @@ def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data:
         if evaluation:
             mlflow.log_metrics({k: v for k, v in evaluation["metrics"].items() if math.isfinite(v)}, step=step)
             y, p = evaluation["calib"]
-            days, series = _ne_history(lake, preset, surface, variant, window)
+            series = _ne_history(lake, preset, surface, variant, window)
             for fig, name in ((calibration_curve(y, p, f"{surface}/{variant} {window.ds}"), "calibration.png"),
-                              (ne_by_day(days, series, f"NE by day: {surface}/{variant}"), "ne_by_day.png")):
+                              (ne_by_day(series, f"NE by day: {surface}/{variant}"), "ne_by_day.png")):
                 mlflow.log_figure(fig, name)
                 close_figure(fig)
         model_uri = log_model(ckpt.build(), data)
         mlflow.set_tag("model_uri", model_uri)
-        return str(run.info.run_id)
+    sync_lineage(preset, surface, variant, lake_steps(lake))  # the day run is FINISHED: add it to the trend
+    return str(run.info.run_id)
 
 
 def _ne_history(lake: Lake, preset: str, surface: str, variant: str, window: Window, days: int = 30
-                ) -> tuple[list[str], dict[str, list[float]]]:
-    found, ours, fm = [], [], []
+                ) -> dict[str, dict[str, float]]:
+    """{series: {ds: NE}} over the `days` windows up to `window`: the variant, base (for another variant) and
+    FM `preset` (on the same rows), from the lake's eval records (a variant not yet evaluated on a day is absent)."""
+    names = [variant] if variant == "base" else [variant, "base"]
+    series: dict[str, dict[str, float]] = {name: {} for name in [*names, f"FM {preset}"]}
     w = window
     for _ in range(days):
-        rec = read_eval(lake, preset, surface, w.ds, variant)
-        if rec is not None:
-            found.append(w.ds)
-            ours.append(rec["metrics"]["ne"])
-            fm.append(rec["fm"]["ne"])
+        for name in names:
+            rec = read_eval(lake, preset, surface, w.ds, name)
+            if rec is not None:
+                series[name][w.ds] = rec["metrics"]["ne"]
+                series[f"FM {preset}"][w.ds] = rec["fm"]["ne"]
         w = w.prev()
-    return found[::-1], {variant: ours[::-1], f"FM {preset}": fm[::-1]}
+    return series
 
-
-def _score_variants(lake: Lake, window: Window, surface: str, preset: str, data: ExpertData
-                    ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """NE & co. of every variant's checkpoint trained through < window, and of the FM, on the same rows."""
-    y = data.label.numpy().astype(np.float64)
-    base_rate = training_ctr(lake, window, surface)
-    scores = {}
-    for variant in VARIANTS:
-        rel = latest_before(lake, preset, surface, variant, window)
-        if rel is not None:
-            probs = _score(load_checkpoint(lake, rel), data, window, f"expert {surface}/{variant}")
-            scores[variant] = all_metrics(y, probs, base_rate)
-    fm = all_metrics(y, fm_probs(data), base_rate)
-    if "base" in scores:
-        for m in scores.values():
-            m["gap_closure"] = gap_closure(scores["base"]["ne"], m["ne"], fm["ne"])
-    return scores, fm
-
-
-def _transfer(lake: Lake, preset: str, surface: str, ds: str, variant: str) -> tuple[str, float] | None:
-    """Transfer ratio of `variant` between `preset` and another FM preset with eval results on ds."""
-    mine = read_eval(lake, preset, surface, ds, variant)
-    if mine is None:
-        return None
-    for other in sorted(p["fm"] for p in lake.partitions("fm_outputs", ds=ds, surface=surface)):
-        theirs = read_eval(lake, other, surface, ds, variant) if other != preset else None
-        if theirs is None or theirs["rows"] != mine["rows"]:
-            continue
-        small, large = smaller_first(preset, other)
-        ev = {preset: mine, other: theirs}
-        ratio = transfer_ratio(ev[small]["metrics"]["ne"], ev[large]["metrics"]["ne"],
-                               ev[small]["fm"]["ne"], ev[large]["fm"]["ne"])
-        return large, ratio
-    return None
-
-
-def _previous_champion(lake: Lake, window: Window, surface: str, preset: str) -> dict[str, Any] | None:
-    """The champion in force when `window` starts: the lake's decision of the newest earlier day.
-
-    Lakes without decisions (older runs) fall back to the registry's champion, resolved to its
-    variant's checkpoint trained through a day before `window` (never a model trained on `window`).
-    """
-    from experts.registry import champion
-
-    found = champion_before(lake, preset, surface, window)
-    if found is not None:
-        return {**found, "checkpoint": trusted_ckpt_relpath(found["checkpoint"], preset, surface)}
-    current = champion(surface, preset)
-    if current is None:
-        return None
-    variant = current.tags["variant"]
-    # the registry tag is remote input: only an expert checkpoint of (preset, surface) inside the lake
-    rel = trusted_ckpt_relpath(current.tags["checkpoint"], preset, surface) if current.tags.get(
-        "trained_through", window.ds) < window.ds else latest_before(lake, preset, surface, variant, window)
-    return None if rel is None else {"variant": variant, "checkpoint": rel, "version": current.version}
-
-
-def _winner_record(lake: Lake, window: Window, surface: str, preset: str, best: str) -> dict[str, Any]:
-    """The model a promotion of `best` installs: trained through window if expert_train ran, else the scored one."""
-    rel = ckpt_relpath(preset, surface, best, window.ds)
-    if not lake.file_exists(rel):
-        rel = str(latest_before(lake, preset, surface, best, window))
-    return {"variant": best, "checkpoint": rel, "trained_through": rel.split("ds=")[-1].split("/")[0]}
-
-
-def _register(record: dict[str, Any], surface: str, preset: str, aliases: list[str]) -> str | None:
-    """Register the expert_train run model of `record`, set `aliases`; the version (None without a run)."""
-    from experts.registry import find_train_run, register
-
-    run = find_train_run(record["trained_through"], surface, record["variant"], preset)
-    if run is None:
-        return None
-    vtags = {"variant": record["variant"], "fm_preset": preset, "trained_through": record["trained_through"],
-             "fm_version": run.data.tags["fm_version"], "checkpoint": record["checkpoint"]}
-    return register(run.data.tags["model_uri"], surface, preset, vtags, aliases)
-
-
-def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual",
-                        margin: float = 0.001) -> dict:
-    """Score every variant (trained through < ds) and the champion on the same rows of ds; promote.
-
-    The champion scored is the one in force when ds starts (the decision of the newest earlier day,
-    experts/records.py), so re-running ds — even after later days ran — scores the same models. The
-    best challenger (lowest NE) becomes champion when there is none yet or when it beats the
-    champion's NE by more than `margin`; the model installed is the winner's checkpoint trained through
-    ds (or the scored one if ds was not trained yet). The decision is written to the lake for ds
-    (replacing a previous run's); registry aliases (``champion``, ``challenger``) move only when no
-    later day has a decision (re-running the past does not roll back the serving model). Transfer
-    ratios are logged onto the larger-FM expert_train runs when another FM preset has results for ds.
-    Returns strict JSON: {"ds", "surface", "scores", "fm", "best", "champion_ne", "promoted",
-    "decision", "champion", "version", "transfer_ratio", "run_id"} or {"skipped": reason}.
-    """
-    import mlflow
-
-    from experts.registry import PROMOTE_STAGE, STAGE_TAG
-    from features.tracking import setup, stage_run
-
-    lake = Lake(lake_uri)
-    window = lake.window(ds)
-    data = _examples(lake, window, surface, preset, ExpertConfig())
-    if data is None:
-        return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored nothing yet"}
-    scores, fm = _score_variants(lake, window, surface, preset, data)
-    if not scores:
-        return {"ds": ds, "surface": surface, "skipped": "no expert trained before this window"}
-    setup()
-    best = min(scores, key=lambda v: scores[v]["ne"])
-    previous = _previous_champion(lake, window, surface, preset)
-    champ_ne = None
-    if previous is not None:
-        probs = _score(load_checkpoint(lake, previous["checkpoint"]), data, window, "champion")
-        champ_ne = ne(data.label.numpy().astype(np.float64), probs, training_ctr(lake, window, surface))
-    promote = champ_ne is None or champ_ne - scores[best]["ne"] > margin
-    record = _winner_record(lake, window, surface, preset, best) if promote else dict(previous or {})
-    latest = not decided_after(lake, preset, surface, window)
-    version = None
-    if latest:
-        version = _register(_winner_record(lake, window, surface, preset, best), surface, preset,
-                            ["challenger", "champion"] if promote else ["challenger"])
-    record.update(decision="promoted" if promote else "kept", **({"version": version} if promote else {}))
-    write_champion(lake, preset, surface, ds, record)
-    transfers = _log_transfers(lake, window, surface, preset, scores)
-    old = previous["variant"] if previous is not None else "none"
-    tags = {"surface": surface, "variant": best, "fm_version": data.fm_versions[0], "fm_preset": preset,
-            STAGE_TAG: PROMOTE_STAGE, "decision": record["decision"], "previous_champion": old,
-            "champion_ne": "none" if champ_ne is None else f"{champ_ne:.6f}",
-            "challenger_ne": f"{scores[best]['ne']:.6f}", "margin": str(margin), "registered_version": str(version),
-            "registry_updated": str(latest).lower()}
-    with stage_run(f"promote/{preset}/{surface}", pipeline_run=pipeline_run, ds=ds, tags=tags) as prun:
-        mlflow.log_metrics({k: v for k, v in scores[best].items() if math.isfinite(v)}, step=lake.step(window))
-    return strict_json({"ds": ds, "surface": surface, "scores": scores, "fm": fm, "best": best,
-                        "champion_ne": champ_ne, "promoted": promote, "decision": record["decision"],
-                        "champion": record, "version": version, "transfer_ratio": transfers,
-                        "run_id": prun.info.run_id})
-
-
-def _log_transfers(lake: Lake, window: Window, surface: str, preset: str, scores: dict[str, Any]) -> dict[str, float]:
-    """Transfer ratio per variant against another FM preset; logged on the larger FM's expert_train run."""
-    import mlflow
-
-    from experts.registry import find_train_run
-
-    transfers = {}
-    for variant in scores:
-        found = _transfer(lake, preset, surface, window.ds, variant)
-        if found is not None:
-            transfers[variant] = found[1]
-            target = find_train_run(window.ds, surface, variant, found[0])
-            if target is not None and math.isfinite(found[1]):
-                mlflow.MlflowClient().log_metric(target.info.run_id, "transfer_ratio", found[1],
-                                                 step=lake.step(window))
-    return transfers

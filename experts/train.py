@@ -201,8 +201,10 @@ def make_optimizer(model: Expert, cfg: ExpertConfig) -> torch.optim.Optimizer:
                               {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
 
 
-def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: list[tuple[str, str]]) -> tuple[Checkpoint, float]:
-    """One warm-started pass (cfg.epochs) over `data`; returns the checkpoint trained through `window`."""
+def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: list[tuple[str, str]],
+                 kd: float = 1.0) -> tuple[Checkpoint, float]:
+    """One warm-started pass (cfg.epochs) over `data`, distillation weighted by `kd` (experts.distill.kd_scale);
+    returns the checkpoint trained through `window`."""
     cfg = ckpt.config
     model = ckpt.build(serving=False)
     ema = WeightEMA(model, cfg.ema_decay, ckpt.ema)
@@ -217,7 +219,7 @@ def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: li
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(data), generator=gen).split(batch_size):
             batch = data.batch(idx)
-            loss = expert_loss(model(batch), data.label[idx], batch["fm_logit"], cfg)
+            loss = expert_loss(model(batch), data.label[idx], batch["fm_logit"], cfg, kd)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -65,17 +65,18 @@ def train_cmd(
 @click.option("--surface", required=True)
 @click.option("--preset", default="small", show_default=True)
 @click.option("--pipeline-run", default="manual", show_default=True)
-@click.option(
-    "--margin", type=float, default=0.001, show_default=True, help="NE margin a challenger must win by."
-)
+@click.option("--margin", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Minimum NE gain: the challenger's whole 95% interval against the champion must lie below -MARGIN.")
+@click.option("--pool-days", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pool the challenger-vs-champion interval over this many days (today and earlier decisions).")
 @lake_option
-def promote_cmd(
-    ds: str, surface: str, preset: str, pipeline_run: str, margin: float, lake_uri: str | None
-) -> None:
-    """Score all variants and the champion on DS's rows; promote the best if it wins by MARGIN."""
+def promote_cmd(ds: str, surface: str, preset: str, pipeline_run: str, margin: float, pool_days: int,
+                lake_uri: str | None) -> None:
+    """Score all variants and the champion on DS's rows; promote the best if it beats the champion with 95%
+    confidence (experts.promote.decide)."""
     from experts.stage import compare_and_promote
 
-    out = _run(compare_and_promote, ds, surface, resolve_lake(lake_uri), preset, pipeline_run, margin)
+    out = _run(compare_and_promote, ds, surface, resolve_lake(lake_uri), preset, pipeline_run, margin, pool_days)
     click.echo(json.dumps(out, default=str))
 
 

@@ -128,3 +128,30 @@ def test_expert_serves_the_ema_and_a_warm_start_continues_it(lake_uri: str) -> N
     last, _ = train_window(new_checkpoint(ExpertConfig(variant="base", ema_decay=0.0), day1, "small", "feed"), day1,
                            ws[1], [(ws[1].ds, day1.fm_versions[0])])
     assert all(torch.equal(last.build().state_dict()[k], last.model[k]) for k in last.model)
+
+
+def test_every_variant_starts_as_exactly_base_and_only_fm_inputs_move_it_away(lake_uri: str) -> None:
+    lake, ws = make_lake(lake_uri, days=2, rows=300)
+    build_expert_examples(lake, ws[1], "feed", "small")
+    data = load_examples(lake, "small", ws[1].ds, "feed", 20)
+    start = {v: new_checkpoint(ExpertConfig(variant=v), data, "small", "feed") for v in VARIANTS}
+    base = predict(start["base"].build(), data)
+    for v in VARIANTS:  # same seed: the same base weights; FM inputs enter through zero projections
+        assert np.array_equal(predict(start[v].build(), data), base), v
+        shared = {k: t for k, t in start[v].model.items() if k in start["base"].model}
+        assert all(torch.equal(t, start["base"].model[k]) for k, t in shared.items()), v
+    # kd with no teacher advantage (scale 0) trains exactly as base: distillation is the only difference
+    lineage = [(ws[1].ds, data.fm_versions[0])]
+    b, _ = train_window(start["base"], data, ws[1], lineage)
+    k, _ = train_window(start["kd"], data, ws[1], lineage, kd=0.0)
+    assert np.allclose(predict(k.build(), data), predict(b.build(), data), atol=1e-6)
+    k1, _ = train_window(start["kd"], data, ws[1], lineage, kd=1.0)
+    assert not np.allclose(predict(k1.build(), data), predict(b.build(), data), atol=1e-4)
+
+
+@pytest.mark.parametrize(("student", "teacher", "expected"), [
+    (0.95, 0.90, 1.0), (0.95, 0.9475, 0.5), (0.95, 0.95, 0.0), (0.95, 0.99, 0.0), (float("nan"), 0.9, 0.0)])
+def test_kd_scale_follows_the_teachers_measured_advantage(student: float, teacher: float, expected: float) -> None:
+    from experts.distill import kd_scale
+
+    assert kd_scale(student, teacher, 0.005) == pytest.approx(expected)

@@ -57,6 +57,9 @@ def test_daily_flow_mlflow_promotion_and_compare(lake_uri: str, isolated_home: P
         assert {"ds", "surface", "variant", "fm_version", "fm_preset", "orchestrator_run_id", "git_sha"} <= set(t)
         assert t["fm_version"].startswith(f"small-{ws[1].ds}-")
         assert set(r.data.metrics) <= set(METRIC_KEYS) and {"auc", "logloss", "ne", "calibration"} <= set(r.data.metrics)
+        m = r.data.metrics  # NE - NE(base) on the same rows with its paired-bootstrap interval
+        assert m["ne_vs_base_lo"] <= m["ne_vs_base"] <= m["ne_vs_base_hi"]
+        assert ("kd_scale" in m) == ("kd" in t["variant"]) and 0 <= m.get("kd_scale", 0) <= 1
         assert r.data.params["variant"] == t["variant"] and "kd_beta" in r.data.params
         history = mlflow.MlflowClient().get_metric_history(r.info.run_id, "ne")
         assert [m.step for m in history] == [2]  # window index from the lake's origin
@@ -72,11 +75,21 @@ def test_daily_flow_mlflow_promotion_and_compare(lake_uri: str, isolated_home: P
     for v in VARIANTS:
         expert_train(ws[3].ds, "feed", v, lake_uri, "small", pipeline_run="t1")
     kept = compare_and_promote(ws[3].ds, "feed", lake_uri, "small", pipeline_run="t1", margin=10.0)
-    assert kept["decision"] == "kept" and champion("feed", "small").version == champ.version
+    assert kept["decision"] == "kept" and kept["champion"]["variant"] == champ.tags["variant"]
+    # the champion variant keeps serving, updated to its model trained through ds
+    after = champion("feed", "small")
+    assert after.tags["variant"] == champ.tags["variant"] and after.tags["trained_through"] == ws[3].ds
     prun = _runs(f"tags.`fmx.stage` = 'expert_promote' and tags.ds = '{ws[3].ds}'")[0]
     assert prun.data.tags["decision"] == "kept" and float(prun.data.tags["champion_ne"]) > 0
+    assert prun.data.tags["reason"] == kept["reason"] and prun.data.tags["champion_after"] == champ.tags["variant"]
+    if kept["best"] != champ.tags["variant"]:  # the challenger's figures against the champion are logged
+        assert {"ne_vs_champion", "ne_vs_champion_lo", "ne_vs_champion_hi"} <= set(prun.data.metrics)
+    for m in kept["scores"].values():  # every variant against base on the same rows, with its interval
+        assert m["ne_vs_base_lo"] <= m["ne_vs_base"] <= m["ne_vs_base_hi"]
+        assert m["ne_vs_base"] == pytest.approx(m["ne"] - kept["scores"]["base"]["ne"])
     promoted = compare_and_promote(ws[3].ds, "feed", lake_uri, "small", pipeline_run="t1", margin=-10.0)
-    assert promoted["decision"] == "promoted" and champion("feed", "small").version != champ.version
+    assert promoted["champion"]["variant"] == promoted["best"]  # any challenger wins with a margin of -10
+    assert promoted["decision"] == ("kept" if promoted["best"] == champ.tags["variant"] else "promoted")
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias(registered_name("feed", "small"), "challenger")
 

@@ -41,6 +41,9 @@ from features.lake import Lake
 from features.tracking import DAY_KEYS, EXPERIMENT, METRIC_KEYS, experiment_id, host_lock
 
 LINEAGE_TAG = "fmx.lineage"
+NOTE = "mlflow.note.content"
+EXPERIMENT_NOTE = ("One run per model (FM preset, surface, variant; fm = the FM, ref = the counting reference): its "
+                   "metrics by day (step = window index, time = the day) and mean_<metric> = fmx compare's mean.")
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 
 Point = tuple[str, int]  # (metric key, step)
@@ -107,8 +110,10 @@ def sync(preset: str, surface: str, variant: str, step_of: Callable[[str], int],
     runs = day_runs(preset, surface, variant, experiment)
     if not runs:
         return None
-    client = mlflow.MlflowClient()
     exp_id = experiment_id(lineage_experiment(experiment))
+    client = mlflow.MlflowClient()
+    if NOTE not in client.get_experiment(exp_id).tags:  # the description the experiment list shows
+        client.set_experiment_tag(exp_id, NOTE, EXPERIMENT_NOTE)
     key = lineage_key(preset, surface, variant)
     expected = expected_points({ds: r.data.metrics for ds, r in runs.items()}, step_of)
     newest = runs[max(runs)]
@@ -143,7 +148,7 @@ def _identity(key: str) -> dict[str, str]:
     note = (f"Progressive metrics of {variant} on surface {surface} (FM preset {preset}), one point per day: "
             "step = the lake's window index, time = the day (00:00 UTC). mean_<metric> = running mean over the "
             "days so far; its latest value is `fmx compare`'s mean over all days. Rebuilt from the day runs.")
-    return {LINEAGE_TAG: key, "fmx.kind": "lineage", "fmx.stage": "lineage", "mlflow.note.content": note}
+    return {LINEAGE_TAG: key, "fmx.kind": "lineage", "fmx.stage": "lineage", NOTE: note}
 
 
 def _missing(client: Any, run: Any, expected: dict[Point, tuple[float, int]]) -> dict[Point, tuple[float, int]] | None:

@@ -57,6 +57,8 @@ def test_a_lineage_run_holds_each_day_at_its_step_and_the_running_means() -> Non
     assert [v for _, _, v in _history(run_id, "mean_gap_closure")] == [0.5, 0.5]  # over the days that have it
     assert [v for _, _, v in _history(run_id, "days")] == [1, 2, 3]
     assert run.data.metrics["mean_ne"] == pytest.approx(0.8) and run.info.status == "FINISHED"
+    assert "fmx compare" in mlflow.MlflowClient().get_experiment(experiment_id(lineage_experiment())).tags[
+        "mlflow.note.content"]  # the experiment list's description
     # the day tree is untouched: no lineage run in the main experiment
     main = mlflow.search_runs([experiment_id(EXPERIMENT)], output_format="list")
     assert all(r.data.tags.get("fmx.kind") in ("day", "stage") for r in main)

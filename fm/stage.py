@@ -44,9 +44,12 @@ def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str =
 
     lake = Lake(lake_uri)
     cfg = lake_config(preset, lake.meta())  # heads = the lake's surfaces
-    res = export_fm(cfg, lake.window(ds), lake)
-    tags = {"surface": "all", "variant": "fm", "fm_version": res.fm_version or "none", "fm_preset": preset}
+    tags = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": preset}
+    # the export runs inside its MLflow run: a failure ends it FAILED with the error (and a duplicate is refused first)
     with stage_run("fm_export", pipeline_run=pipeline_run, ds=ds, tags=tags, params={"fm_preset": preset}):
+        res = export_fm(cfg, lake.window(ds), lake)
+        tags["fm_version"] = res.fm_version or "none"
+        mlflow.set_tag("fm_version", tags["fm_version"])
         if res.skipped:
             mlflow.set_tag("skipped", res.skipped)
         step = lake.step(lake.window(ds))

@@ -94,6 +94,15 @@ def test_a_failed_fm_train_command_leaves_a_failed_run_and_a_failed_parent(lake_
     assert "\n" not in parent.data.tags[ERROR_TAG]
     json.dumps(parent.data.tags)
 
+    from fm.stage import fm_export
+
+    with pytest.raises(ValueError):
+        fm_export("2026-13-01", lake_uri, pipeline_run="p-bad")  # the export runs inside its run: FAILED too
+    (export,) = _runs("attributes.run_name = 'fm_export'")
+    assert export.info.status == "FAILED" and export.data.tags[ERROR_TAG].startswith("ValueError: ")
+    (parent,) = _parent("p-bad", "2026-13-01")
+    assert parent.info.status == "FAILED" and parent.info.run_name == "2026-13-01 · p-bad"
+
 
 @pytest.mark.parametrize(("run_id", "dag", "name"), [
     # Airflow 3 names a scheduled run by its run_after, the END of the day's interval: the ds is a day earlier

@@ -181,11 +181,12 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
 
     lake = Lake(lake_uri)
     window = lake.window(ds)
-    res = evaluate(lake, window, surface)
     tags = {"surface": surface, "variant": VARIANT, "fm_version": "none", "fm_preset": preset, STAGE_TAG: STAGE,
-            "evaluated": str(res["evaluated"]).lower(), "base_rate_source": BASE_RATE_SOURCE}
+            "evaluated": "false", "base_rate_source": BASE_RATE_SOURCE}
     params = {"features": ",".join(FEATURES), "smoothing": SMOOTHING, "l2": L2, "fit_window": window.prev().ds}
     with stage_run(f"{STAGE}/{surface}", pipeline_run=pipeline_run, ds=ds, tags=tags, params=params):
+        res = evaluate(lake, window, surface)  # inside the run: a failure ends it FAILED with the error
+        mlflow.set_tag("evaluated", str(res["evaluated"]).lower())
         if not res["evaluated"]:
             mlflow.set_tag("skipped", res["reason"])
             return {"ds": ds, "surface": surface, "evaluated": False, "reason": res["reason"]}

@@ -72,11 +72,12 @@ def _history(column: pa.ChunkedArray, length: int, width: int | None) -> tuple[n
 def standardize(x: np.ndarray) -> np.ndarray:
     """Each column of (N, W) `x` centred and scaled by its mean and std over these rows (std floored at 1e-3).
 
-    Applied to the FM's target-aware embedding per partition, i.e. per (day, surface, FM version): the
-    expert trained on day D-1 read FM_{D-2}'s embedding and is scored on D with FM_{D-1}'s, and the raw
-    embedding's location and scale move from one FM version to the next (measured: fe over-/under-predicted
-    by up to 19% on days when base was calibrated; bench/calibration_hypotheses.py). Label-free: serving
-    computes the same statistics on the FM version's recent traffic.
+    Applied per partition, i.e. per (day, surface, FM version), to the FM's target-aware embedding and to the
+    LoopFM codes of the history entries: the expert trained on day D-1 read FM_{D-2}'s outputs and is scored
+    on D with FM_{D-1}'s, and the raw outputs' location and scale move from one FM version to the next
+    (measured: fe over-/under-predicted by up to 19% on days when base was calibrated, loopfm by 10% more
+    than base on the first scored day; bench/calibration_hypotheses.py). Label-free: serving computes the
+    same statistics on the FM version's recent traffic.
     """
     mean = x.mean(axis=0, keepdims=True)
     std = np.maximum(x.std(axis=0, keepdims=True), 1e-3)
@@ -91,6 +92,8 @@ def to_tensors(table: pa.Table, history_length: int) -> ExpertData:
     tae = standardize(_vectors(table["fm_tae"]))
     width = table["loop_hist_repr"].type.value_type.list_size
     hist, mask = _history(table["loop_hist_repr"], history_length, width)
+    if mask.any():  # the real entries only; padding stays 0 (and masked)
+        hist[mask] = standardize(hist[mask])
     clicks, _ = _history(table["loop_hist_click"], history_length, None)  # aligned with hist's slots
     tensors = {
         "cats": torch.from_numpy(cats),

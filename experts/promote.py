@@ -60,7 +60,7 @@ def ne_diff(y: ArrayLike, p_a: ArrayLike, p_b: ArrayLike, base_rate: float, n_bo
             seed: int = 0) -> Interval:
     """NE(p_a) - NE(p_b) on the same rows with its 95% paired-bootstrap interval."""
     d = row_logloss(y, p_a) - row_logloss(y, p_b)
-    h = entropy(base_rate)
+    h = entropy(base_rate) if 0 < base_rate < 1 else math.nan  # NE undefined: a training window without clicks
     mean, lo, hi = paired_bootstrap_mean(d, n_boot=n_boot, seed=seed)
     return Interval(mean / h, lo / h, hi / h, int(d.size))
 

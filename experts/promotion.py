@@ -65,7 +65,7 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
     y = data.label.numpy().astype(np.float64)
     base_rate = training_ctr(lake, window, surface)
     scores, fm = _scores(y, probs, fm_probs(data), base_rate)
-    best = min(scores, key=lambda v: scores[v]["ne"])
+    best = min(scores, key=lambda v: scores[v]["logloss"])  # = the lowest NE: same rows, same base rate
     previous = _previous_champion(lake, window, surface, preset)
     champ, champ_ne, vs_champion = None, None, None
     if previous is not None:

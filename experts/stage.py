@@ -110,12 +110,31 @@ def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str
 
 def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str, pipeline_run: str,
                   rebaseline: bool, overrides: dict[str, Any] | None) -> dict:
+    from experts.registry import STAGE_TAG, TRAIN_STAGE
+    from features.lineage_runs import lake_steps
+    from features.lineage_runs import sync as sync_lineage
+    from features.tracking import stage_run
+
     lake = Lake(lake_uri)
     window = lake.window(ds)
+    if not fm_started(lake, preset, window):
+        return {"ds": ds, "surface": surface, "variant": variant, "skipped": f"FM {preset!r} has scored nothing yet"}
     cfg = ExpertConfig(variant=variant).with_overrides(**(overrides or {}))
+    tags = {"surface": surface, "variant": variant, "fm_version": "pending", "fm_preset": preset,
+            STAGE_TAG: TRAIN_STAGE}
+    # the work runs inside the run: a failure ends it FAILED with the error (features.tracking.stage_run)
+    with stage_run(f"expert/{preset}/{surface}/{variant}", pipeline_run=pipeline_run, ds=ds, tags=tags) as run:
+        out = _train_and_log(lake, window, surface, cfg, preset, rebaseline)
+    sync_lineage(preset, surface, variant, lake_steps(lake))  # the day run is FINISHED: add it to the trend
+    return strict_json({**out, "run_id": str(run.info.run_id)})
+
+
+def _train_and_log(lake: Lake, window: Window, surface: str, cfg: ExpertConfig, preset: str, rebaseline: bool
+                   ) -> dict[str, Any]:
     data = examples_for(lake, window, surface, preset, cfg.history_length)
     if data is None:
-        return {"ds": ds, "surface": surface, "variant": variant, "skipped": f"FM {preset!r} has scored nothing yet"}
+        raise RuntimeError(f"expert_examples({window.ds}, {surface}) cannot be built: FM {preset!r} scored nothing")
+    ds, variant = window.ds, cfg.variant
     prev_rel = latest_before(lake, preset, surface, variant, window)
     evaluation: dict[str, Any] = {}
     if prev_rel is None:
@@ -132,40 +151,33 @@ def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: st
     rel = save_checkpoint(lake, new)
     if evaluation:
         write_eval(lake, preset, surface, ds, variant, {k: v for k, v in evaluation.items() if k != "calib"})
-    run_id = _log_train(lake, window, surface, new, data, evaluation, rel, pipeline_run, rebaseline)
-    return strict_json({"ds": ds, "surface": surface, "variant": variant, "fm_version": data.fm_versions[0],
-                        "metrics": evaluation.get("metrics", {}), "loss": loss, "checkpoint": rel, "run_id": run_id})
+    _log_train(lake, window, surface, new, data, evaluation, rel, rebaseline)
+    return {"ds": ds, "surface": surface, "variant": variant, "fm_version": data.fm_versions[0],
+            "metrics": evaluation.get("metrics", {}), "loss": loss, "checkpoint": rel}
 
 
 def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data: ExpertData,
-               evaluation: dict[str, Any], rel: str, pipeline_run: str, rebaseline: bool) -> str:
+               evaluation: dict[str, Any], rel: str, rebaseline: bool) -> None:
+    """Into the active expert_train run: its config, tags, progressive metrics, plots and the model."""
     import mlflow
 
     from experts.plots import calibration_curve, close_figure, ne_by_day
-    from experts.registry import STAGE_TAG, TRAIN_STAGE, log_model
-    from features.lineage_runs import lake_steps
-    from features.lineage_runs import sync as sync_lineage
-    from features.tracking import stage_run
+    from experts.registry import log_model
 
     variant, preset, step = ckpt.config.variant, ckpt.fm_preset, lake.step(window)
-    tags = {"surface": surface, "variant": variant, "fm_version": data.fm_versions[0], "fm_preset": preset,
-            STAGE_TAG: TRAIN_STAGE, "checkpoint": rel, "trained_through": window.ds,
-            "evaluated": str(bool(evaluation)).lower(), "rebaseline": str(rebaseline).lower(),
-            "fm_lineage": ",".join(v for _, v in ckpt.fm_versions)[-5000:]}
-    with stage_run(f"expert/{preset}/{surface}/{variant}", pipeline_run=pipeline_run, ds=window.ds, tags=tags,
-                   params=ckpt.config.to_dict()) as run:
-        if evaluation:
-            mlflow.log_metrics({k: v for k, v in evaluation["metrics"].items() if math.isfinite(v)}, step=step)
-            y, p = evaluation["calib"]
-            series = _ne_history(lake, preset, surface, variant, window)
-            for fig, name in ((calibration_curve(y, p, f"{surface}/{variant} {window.ds}"), "calibration.png"),
-                              (ne_by_day(series, f"NE by day: {surface}/{variant}"), "ne_by_day.png")):
-                mlflow.log_figure(fig, name)
-                close_figure(fig)
-        model_uri = log_model(ckpt.build(), data)
-        mlflow.set_tag("model_uri", model_uri)
-    sync_lineage(preset, surface, variant, lake_steps(lake))  # the day run is FINISHED: add it to the trend
-    return str(run.info.run_id)
+    mlflow.log_params(ckpt.config.to_dict())  # a warm start's config is the checkpoint's
+    mlflow.set_tags({"fm_version": data.fm_versions[0], "checkpoint": rel, "trained_through": window.ds,
+                     "evaluated": str(bool(evaluation)).lower(), "rebaseline": str(rebaseline).lower(),
+                     "fm_lineage": ",".join(v for _, v in ckpt.fm_versions)[-5000:]})
+    if evaluation:
+        mlflow.log_metrics({k: v for k, v in evaluation["metrics"].items() if math.isfinite(v)}, step=step)
+        y, p = evaluation["calib"]
+        series = _ne_history(lake, preset, surface, variant, window)
+        for fig, name in ((calibration_curve(y, p, f"{surface}/{variant} {window.ds}"), "calibration.png"),
+                          (ne_by_day(series, f"NE by day: {surface}/{variant}"), "ne_by_day.png")):
+            mlflow.log_figure(fig, name)
+            close_figure(fig)
+    mlflow.set_tag("model_uri", log_model(ckpt.build(), data))
 
 
 def _ne_history(lake: Lake, preset: str, surface: str, variant: str, window: Window, days: int = 30

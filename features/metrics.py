@@ -4,7 +4,7 @@ Every function takes labels y in {0, 1} and predicted probabilities p (any array
 
 - `auc`: ROC AUC from ranks (ties get their average rank, as scikit-learn); nan if one class is absent.
 - `logloss`: mean binary cross-entropy, p clipped to [EPS, 1 - EPS].
-- `ne`: normalized entropy = logloss / H(base_rate), H the binary entropy. The base rate must come from
+- `ne`: normalized entropy = logloss / H(base_rate), H the binary entropy (NaN for a base rate of 0 or 1). The base rate must come from
   data the model trained on (e.g. the CTR of the training window), never from the evaluated rows —
   callers record which base rate they used.
 - `calibration`: mean(p) / mean(y) (1 is perfectly calibrated on average; nan if no positives).
@@ -53,6 +53,10 @@ def entropy(base_rate: float) -> float:
 
 
 def ne(y: ArrayLike, p: ArrayLike, base_rate: float) -> float:
+    """logloss / H(base_rate); NaN when the base rate is 0 or 1 (a training window without clicks, or with
+    nothing else: NE is undefined there, the other metrics are not)."""
+    if not 0 < base_rate < 1:
+        return float("nan")
     return logloss(y, p) / entropy(base_rate)
 
 

@@ -119,6 +119,13 @@ def test_stage_refuses_an_older_fm_version(lake_uri: str) -> None:
     lake.delete("expert_examples", fm="small", ds=ws[3].ds, surface="feed")
     with pytest.raises(FMLineageError, match="older version"):
         expert_train(ws[3].ds, "feed", "base", lake_uri)
+    # the refused day left its expert_train run FAILED with the error, under a FAILED parent
+    failed = _runs(f"tags.`fmx.stage` = 'expert_train' and tags.ds = '{ws[3].ds}'")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert failed[0].data.tags["fmx.error"].startswith("FMLineageError: ") and "older version" in failed[0].data.tags[
+        "fmx.error"]
+    parent = mlflow.get_run(failed[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
     assert expert_train(ws[3].ds, "feed", "base", lake_uri, rebaseline=True)["metrics"]
 
 

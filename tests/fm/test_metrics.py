@@ -33,6 +33,7 @@ def test_metric_edge_cases() -> None:
         logloss([0, 1], [0.5])
     with pytest.raises(ValueError, match="strictly between"):
         entropy(0.0)
+    assert math.isnan(ne([0, 1], [0.2, 0.4], 0.0)) and math.isnan(ne([0, 1], [0.2, 0.4], 1.0))  # undefined
 
 
 def test_int8_quantisation_error_bound() -> None:

@@ -83,8 +83,10 @@ def advance_counters(events: pl.LazyFrame, state: pl.LazyFrame | None) -> pl.Laz
             .agg(pl.col("imps").sum(), pl.col("clicks").sum()).sort("kind", SURFACE, "key"))
 
 
-def _kind_features(events: pl.LazyFrame, state: pl.LazyFrame | None, kind: str) -> pl.LazyFrame:
-    """event_id + the four count columns of `kind` (see module docstring)."""
+def _kind_features(events: pl.LazyFrame, state: pl.LazyFrame | None, kind: str,
+                   now: pl.LazyFrame | None = None) -> pl.LazyFrame:
+    """event_id + the four count columns of `kind` (see module docstring); `now` (a state-shaped frame of
+    this window's events before `events`) adds to the now counts."""
     ev = _keyed(events, kind).select(EVENT_ID, TS, "key", "scope", pl.col(CLICK).cast(pl.Int64))
     # this window: per (key, scope, ts) group, the counts of the strictly earlier groups
     per_ts = (ev.group_by("key", "scope", TS).agg(pl.len().cast(pl.Int64).alias("n"), pl.col(CLICK).sum().alias("c"))
@@ -101,15 +103,45 @@ def _kind_features(events: pl.LazyFrame, state: pl.LazyFrame | None, kind: str) 
             "key", pl.col(SURFACE).alias("scope"), pl.col("imps").alias("past_imps"),
             pl.col("clicks").alias("past_clicks"))
         out = out.join(past, on=["key", "scope"], how="left")
+    if now is not None:
+        earlier = now.filter(pl.col("kind") == kind).select(
+            "key", pl.col(SURFACE).alias("scope"), pl.col("imps").alias("__imps"), pl.col("clicks").alias("__clicks"))
+        out = out.join(earlier, on=["key", "scope"], how="left").with_columns(
+            pl.col("now_imps") + pl.col("__imps").fill_null(0), pl.col("now_clicks") + pl.col("__clicks").fill_null(0))
     return out.select(EVENT_ID, *(pl.col(c).fill_null(0).cast(pl.Int64).alias(n) for c, n in names.items()))
 
 
-def counter_features(events: pl.LazyFrame, state: pl.LazyFrame | None) -> pl.LazyFrame:
-    """Per event, in the events' order: event_id + every kind's past / now impressions and clicks."""
+def counter_features(events: pl.LazyFrame, state: pl.LazyFrame | None,
+                     now: pl.LazyFrame | None = None) -> pl.LazyFrame:
+    """Per event, in the events' order: event_id + every kind's past / now impressions and clicks.
+
+    `now` (optional, counter_state-shaped): counts of this window's events that precede every event of
+    `events` (the earlier chunks of a streamed window, `CounterStream`)."""
     out = events.select(EVENT_ID)
     for kind in KINDS:
-        out = out.join(_kind_features(events, state, kind), on=EVENT_ID, how="left", maintain_order="left")
+        out = out.join(_kind_features(events, state, kind, now), on=EVENT_ID, how="left", maintain_order="left")
     return out
+
+
+class CounterStream:
+    """`counter_features` for a window read chunk by chunk in time order (whole tie groups per chunk).
+
+    Carries the previous window's state (`past`, collected once) and this window's counts so far (`now`,
+    advanced by each chunk); `features(chunk)` equals the whole-window counter_features of those events.
+    Memory: the two states (one row per key) plus one chunk.
+    """
+
+    def __init__(self, past: pl.LazyFrame | None) -> None:
+        self.past = None if past is None else past.select(STATE_COLUMNS).collect()
+        self.now: pl.DataFrame | None = None
+
+    def features(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        events = chunk.lazy()
+        past = None if self.past is None else self.past.lazy()
+        now = None if self.now is None else self.now.lazy()
+        out = counter_features(events, past, now).collect()
+        self.now = advance_counters(events, now).select(STATE_COLUMNS).collect()
+        return out
 
 
 def _logit(clicks: pl.Expr, imps: pl.Expr, prior: pl.Expr) -> pl.Expr:

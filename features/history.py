@@ -256,3 +256,36 @@ def asof_snapshot(lake: Lake, table: str, window: Window, **fixed: str) -> pl.La
         return None
     newest = max(p["ds"] for p in found)
     return lake.scan(table, **{**fixed, "ds": newest})
+
+
+class HistoryStream:
+    """`history_features` for a window read chunk by chunk in time order, with the state carried between chunks.
+
+    `state` is the history at the end of the previous window (as `history_features` takes it, or None).
+    Each `features(chunk)` call takes the next chunk of the window's events in (ts, event_id) order, whole
+    tie groups only (no ts value is split across two chunks), and returns what `history_features` over the
+    whole window returns for those events; the carried state then advances by the chunk, for the chunk's
+    users only. Memory: the carried state (users x `length`) plus one chunk, whatever the window's size.
+    """
+
+    def __init__(self, state: pl.LazyFrame | None, length: int, payload: Sequence[str]) -> None:
+        self.length, self.payload = length, tuple(payload)
+        cols = [USER_ID, "hist_ts", *[hist_col(c) for c in payload]]
+        self.state = None if state is None else state.select(cols).collect()
+
+    def features(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        """history_features of `chunk` (its order), given every earlier chunk; then advance the state."""
+        users = chunk.select(pl.col(USER_ID).unique())
+        mine = None if self.state is None else self.state.join(users, on=USER_ID, how="semi")
+        if mine is not None and mine.height == 0:
+            mine = None
+        events = chunk.lazy()
+        out = history_features(events, None if mine is None else mine.lazy(), self.length, self.payload).collect()
+        advanced = advance_state(events, None if mine is None else mine.lazy(), self.length, self.payload).collect()
+        if self.state is None:
+            self.state = advanced
+        else:
+            advanced = advanced.with_columns(pl.col("hist_ts").cast(self.state.schema["hist_ts"]))
+            kept = self.state.join(users, on=USER_ID, how="anti")
+            self.state = pl.concat([kept, advanced.select(kept.columns)], how="vertical_relaxed")
+        return out

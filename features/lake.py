@@ -253,6 +253,39 @@ class Lake:
 
         return register_io_source(batches, schema=pl.from_arrow(schema.empty_table()).schema)  # type: ignore[union-attr]
 
+    def iter_batches(self, table: str, columns: list[str] | None = None, batch_rows: int = 65_536,
+                     **keys: str) -> Iterator[pl.DataFrame]:
+        """One partition as polars frames of at most `batch_rows` rows, in file order (schema and page
+        checksums checked, as `read`): the streaming read of a partition larger than memory."""
+        path = self._checked_file(table, keys)
+        with _named(table, keys, path), self.fs.open_input_file(path) as f:
+            reader = pq.ParquetFile(f, page_checksum_verification=True)
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
+                yield pl.DataFrame(pl.from_arrow(batch))
+
+    @contextmanager
+    def chunked_writer(self, table: str, **keys: str) -> Iterator[ChunkWriter]:
+        """Write partition `keys` of `table` chunk by chunk (`ChunkWriter.write`), then replace it atomically.
+
+        Each chunk is cast and checked as in `write` and appended to a temporary file as its own row
+        group(s); the rename happens when the block exits without an error (an error or a kill leaves the
+        previous partition untouched). Holds the partition's lease throughout. A writer that got no rows
+        writes an empty partition with the table's schema."""
+        spec, where = _spec(table), _where(table, keys)
+        directory = self.partition_dir(table, **keys)
+        with self.lease(_lock_name(table, keys)):
+            self.fs.create_dir(directory, recursive=True)
+            self._remove_stale_tmp(directory)
+            tmp = f"{directory}/{_tmp_name()}"
+            writer = ChunkWriter(self.fs, tmp, spec, where, keys)
+            try:
+                yield writer
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            self.fs.move(tmp, f"{directory}/{DATA_FILE}")
+
     def scan_many(self, table: str, partitions: Iterable[Mapping[str, str]]) -> pl.LazyFrame:
         """Concatenate several partitions lazily (each schema checked)."""
         frames = [self.scan(table, **dict(p)) for p in partitions]
@@ -420,6 +453,99 @@ class Lake:
                     self.fs.delete_file(info.path)
                 except FileNotFoundError:
                     pass  # another writer cleaned it first
+
+
+class ChunkWriter:
+    """Appends conformed chunks to one temporary Parquet file (see `Lake.chunked_writer`)."""
+
+    def __init__(self, fs: pafs.FileSystem, tmp: str, spec: TableSpec, where: str, keys: Mapping[str, str]) -> None:
+        self.fs, self.tmp, self.spec, self.where, self.keys = fs, tmp, spec, where, dict(keys)
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, data: pa.Table | pl.DataFrame) -> None:
+        arrow = conform(self.spec, data.to_arrow() if isinstance(data, pl.DataFrame) else data, self.where)
+        for key, value in self.keys.items():
+            if key in arrow.column_names and arrow.num_rows:
+                distinct = pc.unique(arrow[key]).to_pylist()
+                if distinct != [value]:
+                    raise SchemaError(f"{self.where}: column {key!r} holds {distinct[:5]}, expected only {value!r}")
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, arrow.schema, filesystem=self.fs, write_page_checksum=True)
+        elif arrow.schema != self.writer.schema:
+            arrow = arrow.cast(self.writer.schema)
+        self.writer.write_table(arrow)
+        self.rows += arrow.num_rows
+
+    def close(self) -> None:
+        if self.writer is None:
+            raise SchemaError(f"{self.where}: a chunked write got no chunk (write an empty frame for an empty partition)")
+        self.writer.close()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        try:
+            self.fs.delete_file(self.tmp)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def merge_by_time(sources: list[Iterator[pl.DataFrame]], ts: str, tiebreak: str,
+                  what: str) -> Iterator[pl.DataFrame]:
+    """K-way merge of frame streams, each sorted by (`ts`, `tiebreak`), into one stream in that order.
+
+    Every yielded frame holds only whole `ts` tie groups (no ts value is split across two frames) and at
+    most the sources' buffered rows (about two batches per source, plus one tie group). A source out of
+    order raises ValueError naming `what`."""
+    buffers: list[pl.DataFrame | None] = [None] * len(sources)
+    last: list[Any] = [None] * len(sources)
+    live = list(range(len(sources)))
+
+    def pull(i: int) -> None:
+        got = next(sources[i], None)
+        if got is None:
+            live.remove(i)
+            return
+        if got.height == 0:
+            return
+        if not got[ts].is_sorted() or (last[i] is not None and got[ts][0] < last[i]):
+            raise ValueError(f"{what}: source {i} is not sorted by {ts}; streaming reads need time-ordered "
+                             "partitions (the generator and the importers write them so)")
+        last[i] = got[ts][-1]
+        held = buffers[i]
+        buffers[i] = got if held is None else pl.concat([held, got], how="vertical_relaxed")
+
+    for i in list(live):
+        pull(i)
+    while True:
+        for i in list(live):
+            while i in live and _empty(buffers[i]):
+                pull(i)
+        if not live and all(_empty(b) for b in buffers):
+            return
+        watermark = min((buffers[i][ts][-1] for i in live), default=None)  # type: ignore[index]
+        taken, keep = [], []
+        for buf in buffers:
+            if buf is None or buf.height == 0:
+                keep.append(buf)
+                continue
+            cut = buf.height if watermark is None else int(buf[ts].search_sorted(watermark, side="left"))
+            taken.append(buf.slice(0, cut))
+            keep.append(buf.slice(cut))
+        buffers = keep
+        out = [t for t in taken if t.height]
+        if out:
+            yield pl.concat(out, how="vertical_relaxed").sort(ts, tiebreak)
+        else:  # every live buffer ends at the watermark: read on where it is set
+            for i in list(live):
+                held = buffers[i]
+                if held is not None and held.height and held[ts][-1] == watermark:
+                    pull(i)
+
+
+def _empty(frame: pl.DataFrame | None) -> bool:
+    return frame is None or frame.height == 0
 
 
 def _tmp_name() -> str:

@@ -73,6 +73,12 @@ class FMConfig:
     like_weight: float = 0.5  # loss weight of the like task
     threads: int = 1  # torch intra-op threads while training / exporting (restored afterwards): torch's
     # default (one per core) oversubscribes a shared machine where polars, Airflow and others also run
+    # ---- streaming windows (fm.stream; issue 12) -------------------------------------------------
+    stream: bool = True  # read the window as a stream of record batches (memory set by the sizes below)
+    stream_chunk: int = 65_536  # events per feature chunk (point-in-time features are computed per chunk)
+    shuffle_rows: int = 8_192  # rows per row group of the window's example cache (the unit of the shuffle)
+    shuffle_buffer: int = 8  # row groups per shuffle buffer (rows are permuted within a buffer)
+    stream_shards: int = 4  # virtual shards of the example cache; the DDP world size must divide it
     # ---- export ---------------------------------------------------------------------------------
     export_batch: int = 4096
 

@@ -23,7 +23,9 @@ First window of a lake (no FM yet): nothing is written; the result has fm_versio
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -39,7 +41,7 @@ from features.metrics import all_metrics
 from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, USER_EMBEDDINGS, USER_ID
 from features.threads import torch_threads
 from features.windows import Window, assert_after
-from fm import checkpoint
+from fm import checkpoint, stream
 from fm.compress import quantize_int8
 from fm.config import FMConfig
 from fm.data import WindowData, load_window
@@ -97,7 +99,32 @@ def score(bundle: FMBundle, data: WindowData, batch: int) -> dict[str, np.ndarra
     total_var = hidden_sq - float((hidden_sum**2).sum()) / max(n, 1)  # sum of squared deviations
     res = {k: np.concatenate(v) for k, v in parts.items()}
     res["ae_rel_mse"] = np.array(sse / max(total_var, 1e-12))
+    res["sums"] = np.array([sse, hidden_sq, n])  # to combine chunks (`_Compression`)
+    res["hidden_sum"] = hidden_sum.numpy()
     return res
+
+
+class _Compression:
+    """Compression errors summed over the chunks of a streamed window (the same ratios as `_export`'s)."""
+
+    def __init__(self) -> None:
+        self.sums, self.hidden_sum = np.zeros(3), np.zeros(0)
+        self.quant_sq, self.code_sq, self.max_abs = 0.0, 0.0, 0.0
+
+    def add(self, scores: dict[str, np.ndarray]) -> None:
+        self.sums += scores["sums"]
+        self.hidden_sum = scores["hidden_sum"] + (self.hidden_sum if len(self.hidden_sum) else 0)
+        q, scale = quantize_int8(scores["code"])
+        deq = q.astype(np.float32) * scale[:, None]
+        self.quant_sq += float(((deq - scores["code"]) ** 2).sum())
+        self.code_sq += float((scores["code"] ** 2).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(deq - scores["code"]).max()) if len(deq) else 0.0)
+
+    def result(self) -> dict[str, float]:
+        sse, hidden_sq, n = self.sums
+        total_var = hidden_sq - float((self.hidden_sum**2).sum()) / max(n, 1)
+        return {"ae_rel_mse": float(sse / max(total_var, 1e-12)), "int8_rel_mse": self.quant_sq / max(self.code_sq, 1e-12),
+                "int8_max_abs_err": self.max_abs}
 
 
 def _fixed(vectors: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
@@ -140,22 +167,33 @@ def progressive_metrics(table: pa.Table, data: WindowData, train_ctr: dict[str, 
 
 def _head_metrics(table: pa.Table, data: WindowData, task: str, train_rate: dict[str, float]) -> tuple[dict, dict]:
     """progressive_metrics of one task's head: per surface metrics and base rate."""
-    p = 1 / (1 + np.exp(-table[f"fm_logit_{task}"].to_numpy().astype(np.float64)))
-    y = data.tensors[task].numpy()
-    overall = float(np.mean(list(train_rate.values())))  # a surface the FM never trained on
-    metrics, rates = {}, {}
+    logit, y = table[f"fm_logit_{task}"].to_numpy(), data.tensors[task].numpy()
+    per_surface = {}
     for s in sorted(set(data.surface_names.tolist())):
         rows = data.surface_names == s
+        per_surface[s] = (y[rows], logit[rows])
+    return surface_metrics(per_surface, train_rate)
+
+
+def surface_metrics(per_surface: dict[str, tuple[np.ndarray, np.ndarray]], train_rate: dict[str, float]
+                    ) -> tuple[dict, dict]:
+    """Metrics and base rate per surface from its (labels, logits) (see `progressive_metrics`)."""
+    overall = float(np.mean(list(train_rate.values())))  # a surface the FM never trained on
+    metrics, rates = {}, {}
+    for s, (y, logit) in sorted(per_surface.items()):
+        p = 1 / (1 + np.exp(-logit.astype(np.float64)))
         rates[s] = train_rate.get(s, overall)
         if 0 < rates[s] < 1:
-            metrics[s] = all_metrics(y[rows], p[rows], rates[s])
+            metrics[s] = all_metrics(y, p, rates[s])
         else:  # no positive (or only positives) in the training window: NE is undefined, the rest is not
-            metrics[s] = all_metrics(y[rows], p[rows], 0.5) | {"ne": float("nan")}
+            metrics[s] = all_metrics(y, p, 0.5) | {"ne": float("nan")}
     return metrics, rates
 
 
-def embedding_tables(bundle: FMBundle, lake: Lake, window: Window, data: WindowData, version: str) -> dict:
-    """User and item embedding snapshots (ids of the newest users/items snapshot <= D-1, else of D's events)."""
+def embedding_tables(bundle: FMBundle, lake: Lake, window: Window, data: WindowData | dict[str, np.ndarray],
+                     version: str) -> dict:
+    """User and item embedding snapshots (ids of the newest users/items snapshot <= D-1, else of D's events;
+    `data` is the window, or {user_id, item_id: the window's distinct ids} for a streamed one)."""
     out = {}
     for table, source, key, cols, embed in (
         (USER_EMBEDDINGS.name, "users", USER_ID, ("segment", "region"), bundle.fm.user_embedding),
@@ -163,7 +201,7 @@ def embedding_tables(bundle: FMBundle, lake: Lake, window: Window, data: WindowD
     ):
         snap = asof_snapshot(lake, source, window)
         if snap is None:
-            ids = np.unique(data.tensors[key].numpy())
+            ids = np.unique(data[key] if isinstance(data, dict) else data.tensors[key].numpy())
             frame = pl.DataFrame({key: ids, **{c: np.full(len(ids), -1) for c in cols}})
         else:
             frame = snap.select(key, *cols).sort(key).collect()
@@ -191,6 +229,8 @@ def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window |
         return ExportResult(None, window.ds, skipped=f"first window {window.ds}: no FM trained before it yet")
     bundle, state = load_scorer(lake, cfg, window, through)
     version = state["fm_version"]
+    if cfg.stream:
+        return _export_stream(cfg, window, lake, bundle, state)
     data = load_window(lake, window, FMConfig.from_dict(state["cfg"]))
     scores = score(bundle, data, cfg.export_batch)
     table = outputs_table(data, scores, version)
@@ -211,3 +251,46 @@ def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window |
     compression = {"ae_rel_mse": float(scores["ae_rel_mse"]), "int8_rel_mse": quant,
                    "int8_max_abs_err": float(np.abs(deq - scores["code"]).max()) if len(deq) else 0.0}
     return ExportResult(version, window.ds, rows, metrics, rates, compression, None, state["trained_through"])
+
+
+def _export_stream(cfg: FMConfig, window: Window, lake: Lake, bundle: FMBundle, state: dict) -> ExportResult:
+    """`_export` over the window read chunk by chunk (fm.stream): each chunk is scored and appended to its
+    surfaces' fm_outputs partitions (chunked writers; every partition replaced atomically at the end).
+    Kept for the metrics: per event the two logits and labels (16 bytes), and the window's distinct ids."""
+    version = state["fm_version"]
+    feats = replace(FMConfig.from_dict(state["cfg"]), stream_chunk=cfg.stream_chunk)
+    stale = invalidate_loop_state(lake, cfg.preset, window, version)  # before the rows they derive from change
+    if stale:
+        log.info("fm export %s: fm_outputs were from another FM version; deleted loop_state %s", window.ds, stale)
+    heads: dict[str, dict[str, list[np.ndarray]]] = {}
+    ids: dict[str, np.ndarray] = {USER_ID: np.zeros(0, np.int64), ITEM_ID: np.zeros(0, np.int64)}
+    compression = _Compression()
+    with ExitStack() as stack:
+        writers: dict[str, Any] = {}
+        for data in stream.iter_window_data(lake, window, feats):
+            scores = score(bundle, data, cfg.export_batch)
+            compression.add(scores)
+            table = outputs_table(data, scores, version)
+            for s in sorted(set(data.surface_names.tolist())):
+                if s not in writers:
+                    writers[s] = stack.enter_context(
+                        lake.chunked_writer(FM_OUTPUTS.name, fm=cfg.preset, ds=window.ds, surface=s))
+                rows = data.surface_names == s
+                writers[s].write(table.filter(pa.array(rows)))
+                got = heads.setdefault(s, {"click": [], "like": [], "logit_click": [], "logit_like": []})
+                for task in ("click", "like"):
+                    got[task].append(data.tensors[task].numpy()[rows])
+                    got[f"logit_{task}"].append(scores["logits"][rows, 0 if task == "click" else 1].astype(np.float32))
+            for key in ids:
+                ids[key] = np.unique(np.concatenate([ids[key], data.tensors[key].numpy()]))
+    rows_out = {s: int(w.rows) for s, w in writers.items()}
+    for name, emb in embedding_tables(bundle, lake, window, ids, version).items():
+        lake.write(name, emb, fm=cfg.preset, ds=window.ds)
+    arrays = {s: {k: np.concatenate(v) for k, v in h.items()} for s, h in heads.items()}
+    metrics, rates = surface_metrics({s: (a["click"], a["logit_click"]) for s, a in arrays.items()}, state["train_ctr"])
+    if state.get("train_like_rate") is not None:
+        like, _ = surface_metrics({s: (a["like"], a["logit_like"]) for s, a in arrays.items()}, state["train_like_rate"])
+        for s, m in like.items():
+            metrics[s] |= {f"like_{k}": v for k, v in m.items()}
+    return ExportResult(version, window.ds, rows_out, metrics, rates, compression.result(), None,
+                        state["trained_through"])

@@ -44,7 +44,7 @@ from features.ema import WeightEMA, serving_weights
 from features.lake import Lake
 from features.threads import torch_threads
 from features.windows import Window
-from fm import checkpoint
+from fm import checkpoint, stream
 from fm.config import FMConfig, lake_config
 from fm.data import WindowData, load_window, surface_ctr
 from fm.model import FMBundle, ae_loss, fm_loss
@@ -154,13 +154,87 @@ def init_head_bias(bundle: FMBundle, data: WindowData, cfg: FMConfig) -> None:
             bias[i, j] = math.log(rate / (1 - rate))
 
 
-def train_step(model: nn.Module, opts: tuple[torch.optim.Optimizer, ...], data: WindowData, gidx: Tensor,
+@torch.no_grad()
+def init_head_bias_from_sums(bundle: FMBundle, sums: dict[str, list[float]], cfg: FMConfig) -> None:
+    """init_head_bias from per-surface sums [rows, click, like, like_mask] (the streamed window's cache)."""
+    bias = bundle.fm.heads.bias.view(len(cfg.surfaces), len(cfg.tasks))  # (S, T)
+    for i, name in enumerate(cfg.surfaces):
+        n, click, like, mask = sums.get(name, [0.0] * 4)
+        for j, rate in enumerate(((click + 1) / (n + 2), (like + 1) / (mask + 2))[: len(cfg.tasks)]):
+            bias[i, j] = math.log(rate / (1 - rate))
+
+
+class MemoryBatches:
+    """The in-memory window: step s = permutation[s*B:(s+1)*B] (module docstring); rank r its r-th slice."""
+
+    def __init__(self, data: WindowData, cfg: FMConfig, ds: str, d: Dist) -> None:
+        self.data, self.cfg, self.d = data, cfg, d
+        self.perm = permutation(cfg.seed, ds, len(data))
+        self.examples, self.n_steps = len(data), math.ceil(len(data) / cfg.batch_size)
+
+    def batch(self, step: int) -> tuple[dict[str, Tensor], Tensor]:
+        """This rank's rows of global batch `step` and the loss normaliser (global rows, likes) / world."""
+        gidx = self.perm[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+        n_like = self.data.tensors["like_mask"].index_select(0, gidx).sum()
+        norm = torch.stack([torch.tensor(float(len(gidx))), n_like]) / self.d.world
+        return self.data.batch(gidx.tensor_split(self.d.world)[self.d.rank]), norm
+
+    def init_bias(self, bundle: FMBundle) -> None:
+        init_head_bias(bundle, self.data, self.cfg)
+
+    def rates(self) -> dict[str, Any]:
+        return {"train_ctr": surface_ctr(self.data, self.cfg.surfaces),
+                "train_like_rate": surface_ctr(self.data, self.cfg.surfaces, "like")}
+
+    def close(self) -> None:
+        pass
+
+
+class StreamBatches:
+    """The streamed window (fm.stream): example cache (built by rank 0), shuffled; each rank reads its shards."""
+
+    def __init__(self, lake: Lake, window: Window, cfg: FMConfig, d: Dist) -> None:
+        self.lake, self.window, self.cfg, self.d = lake, window, cfg, d
+        if d.rank == 0:
+            stream.build_cache(lake, cfg, window)
+        if d.world > 1:
+            dist.barrier()
+        info = stream.load_cache(lake, cfg, window)
+        if info is None:
+            raise FileNotFoundError(f"FM example cache of {window} missing in lake {lake.uri} after rank 0 built it")
+        self.info = info
+        self.stream = stream.ExampleStream(lake, info, cfg, window.ds, d.rank, d.world)
+        self.examples, self.n_steps = info.rows, self.stream.n_steps
+
+    def batch(self, step: int) -> tuple[dict[str, Tensor], Tensor]:
+        b = self.stream.local_batch(step)
+        n_like = b["like_mask"].sum()
+        if self.d.world > 1:  # the likes of the other ranks' rows (row counts are known to every rank)
+            n_like = n_like.to(self.d.device)
+            dist.all_reduce(n_like)
+            n_like = n_like.cpu()
+        norm = torch.stack([torch.tensor(float(self.stream.global_count(step))), n_like]) / self.d.world
+        return b, norm
+
+    def init_bias(self, bundle: FMBundle) -> None:
+        init_head_bias_from_sums(bundle, self.info.sums, self.cfg)
+
+    def rates(self) -> dict[str, Any]:
+        sums = self.info.sums
+        return {"train_ctr": {s: v[1] / v[0] for s, v in sums.items() if v[0]},
+                "train_like_rate": {s: v[2] / v[0] for s, v in sums.items() if v[0]}}
+
+    def close(self) -> None:
+        self.stream.close()
+        if self.d.rank == 0:
+            stream.remove_cache(self.lake, self.cfg, self.window)
+
+
+def train_step(model: nn.Module, opts: tuple[torch.optim.Optimizer, ...], local: dict[str, Tensor], norm: Tensor,
                d: Dist, cfg: FMConfig) -> float:
-    """One update on global batch `gidx`; this rank computes its contiguous slice. Returns the local loss."""
-    local = gidx.tensor_split(d.world)[d.rank]
-    b = {k: v.to(d.device, non_blocking=True) for k, v in data.batch(local).items()}
-    n_like = data.tensors["like_mask"].index_select(0, gidx).sum()
-    norm = (torch.stack([torch.tensor(float(len(gidx))), n_like]) / d.world).to(d.device)
+    """One update: this rank's rows `local` of the global batch, loss normaliser `norm`. Returns the local loss."""
+    b = {k: v.to(d.device, non_blocking=True) for k, v in local.items()}
+    norm = norm.to(d.device)
     out, _, recon = model(b)
     loss = fm_loss(out.logits, b, norm, cfg.like_weight)
     total = loss + ae_loss(out.hidden.detach(), recon, norm)
@@ -207,9 +281,12 @@ def _run_training(cfg: FMConfig, window: Window, lake: Lake, cold_start: bool, d
         torch.set_rng_state(progress["rng"])
         start = progress["step"]
         log.info("fm train %s: resuming from step %d", window.ds, start)
-    data = data if data is not None else load_window(lake, window, cfg)
+    if data is None and cfg.stream:
+        batches: MemoryBatches | StreamBatches = StreamBatches(lake, window, cfg, d)
+    else:
+        batches = MemoryBatches(data if data is not None else load_window(lake, window, cfg), cfg, window.ds, d)
     if parent is None and start == 0:
-        init_head_bias(bundle, data, cfg)
+        batches.init_bias(bundle)
     bundle.to(d.device)
     saved_ema = (progress if start and progress else parent or {}).get("ema")
     ema = WeightEMA(bundle, cfg.ema_decay, {k: v if k == "updates" else {n: t.to(d.device) for n, t in v.items()}
@@ -217,12 +294,10 @@ def _run_training(cfg: FMConfig, window: Window, lake: Lake, cold_start: bool, d
     model: nn.Module = bundle
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(bundle, device_ids=[d.device] if d.device.type == "cuda" else None)
-    perm = permutation(cfg.seed, window.ds, len(data))
-    n_steps = math.ceil(len(data) / cfg.batch_size)
+    n_steps = batches.n_steps
     t0, losses = time.perf_counter(), []
     for step in range(start, n_steps):
-        gidx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        losses.append(train_step(model, opts, data, gidx, d, cfg))
+        losses.append(train_step(model, opts, *batches.batch(step), d, cfg))
         ema.update()
         if (step + 1) % cfg.log_every == 0:
             rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
@@ -239,17 +314,17 @@ def _run_training(cfg: FMConfig, window: Window, lake: Lake, cold_start: bool, d
     served.load_state_dict(serving_weights(final))
     version = checkpoint.fm_version(cfg.preset, window.ds, served)
     if d.rank == 0:
-        final |= {"fm_version": version, "trained_through": window.ds, "train_ctr": surface_ctr(data, cfg.surfaces),
-                  "train_like_rate": surface_ctr(data, cfg.surfaces, "like")}
+        final |= {"fm_version": version, "trained_through": window.ds, **batches.rates()}
         path = checkpoint.save(lake, cfg.preset, window.ds, "final", final)
         checkpoint.record_version(lake, cfg.preset, window.ds,
                                   {"fm_version": version, "parent": parent_version, "path": path, "steps": n_steps})
         checkpoint.remove(lake, cfg.preset, window.ds, "progress")
     if d.world > 1:
         dist.barrier()
+    batches.close()
     mean_loss = sum(losses) / max(len(losses), 1)
     log.info("fm train %s: done %s (%d steps, %.1fs, loss %.4f)", window.ds, version, n_steps - start, seconds, mean_loss)
-    return TrainResult(version, parent_version, n_steps, len(data), seconds, mean_loss, start)
+    return TrainResult(version, parent_version, n_steps, batches.examples, seconds, mean_loss, start)
 
 
 def train_fm(cfg: FMConfig, window: Window, lake: Lake, *, cold_start: bool = False) -> str:

@@ -16,7 +16,8 @@ def test_two_process_ddp_matches_single_process(tmp_path, lake_uri: str) -> None
     (w1,) = make_lake(lake_uri, 1, events_per_day=600)
     single = str(tmp_path / "single")
     shutil.copytree(lake_uri, single)
-    overrides = {**TINY, "batch_size": 50}  # 12 steps, last batch odd-sized: shards differ in size
+    # 12 steps, last batch odd-sized; 19 cache groups of 32 rows over 4 shards: shards differ in size
+    overrides = {**TINY, "batch_size": 50, "shuffle_rows": 32, "shuffle_buffer": 2}
     args = ["-m", "fm.train", "--ds", w1.ds, "--threads", "1", *overrides_args(overrides)]
     env = subprocess_env()
     subprocess.run([PYTHON, *args, "--lake", single], check=True, capture_output=True, env=env)

@@ -29,11 +29,13 @@ window come from several FM versions), `EmptySurface` (no events for the surface
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import polars as pl
 
-from features.counters import dense_counters, window_counters
-from features.history import advance_state, asof_snapshot, history_features
-from features.lake import Lake, PartitionNotFound
+from features.counters import CounterStream, dense_counters, read_counter_state, window_counters
+from features.history import HistoryStream, advance_state, asof_snapshot, history_features
+from features.lake import DATA_FILE, Lake, PartitionNotFound, merge_by_time
 from features.schemas import (
     CLICK,
     EVENT_ID,
@@ -47,7 +49,8 @@ from features.schemas import (
 )
 from features.windows import Window
 
-LOOP_PAYLOAD = ("repr", CLICK, SURFACE)  # -> hist_repr, hist_click, hist_surface (LOOP_STATE columns)
+LOOP_PAYLOAD = ("repr", CLICK, SURFACE)
+STREAM_CHUNK = 65_536  # events per chunk of a streamed window (build_expert_examples)  # -> hist_repr, hist_click, hist_surface (LOOP_STATE columns)
 
 
 class MissingFMOutputs(PartitionNotFound):
@@ -195,7 +198,94 @@ def expert_frame(lake: Lake, window: Window, surface: str, preset: str, history_
     return out.sort(TS, EVENT_ID).collect()
 
 
-def build_expert_examples(lake: Lake, window: Window, surface: str, preset: str, history_length: int = 20) -> str:
-    """Write expert_examples(fm=preset, ds=window.ds, surface) (EXPERT_EXAMPLES); return its path."""
-    frame = expert_frame(lake, window, surface, preset, history_length)
-    return lake.write("expert_examples", frame, fm=preset, ds=window.ds, surface=surface)
+def build_expert_examples(lake: Lake, window: Window, surface: str, preset: str, history_length: int = 20,
+                          chunk_rows: int | None = STREAM_CHUNK) -> str:
+    """Write expert_examples(fm=preset, ds=window.ds, surface) (EXPERT_EXAMPLES); return its path.
+
+    With `chunk_rows` (default) the window is streamed (`stream_expert_frames`) and written in chunks;
+    None builds the whole frame in memory (`expert_frame`). Both write the same rows."""
+    if chunk_rows is None:
+        frame = expert_frame(lake, window, surface, preset, history_length)
+        return lake.write("expert_examples", frame, fm=preset, ds=window.ds, surface=surface)
+    frames = stream_expert_frames(lake, window, surface, preset, history_length, chunk_rows)
+    with lake.chunked_writer("expert_examples", fm=preset, ds=window.ds, surface=surface) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return f"{lake.partition_dir('expert_examples', fm=preset, ds=window.ds, surface=surface)}/{DATA_FILE}"
+
+
+# ---- streaming (issue 12: windows larger than memory) ---------------------------------------------------
+
+
+def _scored_batches(lake: Lake, window: Window, preset: str, event_surface: str, batch_rows: int,
+                    scored: list[str]) -> Iterator[pl.DataFrame]:
+    """events(ds, surface) batches with their fm_outputs columns alongside (null where the surface is not
+    scored). fm_outputs are written in the events' order, one row per event; rows that do not line up raise."""
+    events = lake.iter_batches("events", None, batch_rows, ds=window.ds, surface=event_surface)
+    if event_surface not in scored:
+        for batch in events:
+            yield batch.with_columns(pl.lit(None, pl.String).alias(FM_VERSION))
+        return
+    fm = lake.iter_batches("fm_outputs", [EVENT_ID, FM_VERSION, "fm_logit_click", "fm_tae", "fm_repr", "fm_repr_scale"],
+                           batch_rows, fm=preset, ds=window.ds, surface=event_surface)
+    for batch in events:
+        got = next(fm, None)
+        if got is None or got.height != batch.height or not got[EVENT_ID].equals(batch[EVENT_ID]):
+            raise SurfaceNotScored(f"fm_outputs fm={preset} ds={window.ds} surface={event_surface} do not line up "
+                                   "with its events (one row per event, same order): re-run the FM export")
+        yield pl.concat([batch, got.drop(EVENT_ID)], how="horizontal")
+
+
+def stream_expert_frames(lake: Lake, window: Window, surface: str, preset: str, history_length: int = 20,
+                         chunk_rows: int = STREAM_CHUNK) -> Iterator[pl.DataFrame]:
+    """`expert_frame`'s rows in chunks, in (ts, event_id) order, from the window's events (every surface)
+    merged by time with their fm_outputs; counters and LoopFM history from states carried across chunks
+    (features.counters.CounterStream, features.history.HistoryStream). Memory: the states plus a chunk."""
+    if not lake.exists("events", ds=window.ds, surface=surface):
+        raise EmptySurface(f"surface {surface!r} has no events partition for window {window} in {lake.uri}")
+    _fm(lake, window, preset, surface)  # MissingFMOutputs / SurfaceNotScored before any work
+    scored = fm_surfaces(lake, window, preset)
+    parts = [p["surface"] for p in lake.partitions("events", ds=window.ds)]
+    per_part = max(1, chunk_rows // len(parts))
+    sources = [_scored_batches(lake, window, preset, s, per_part, scored) for s in parts]
+    counts = CounterStream(read_counter_state(lake, window))
+    hist = HistoryStream(loop_state_before(lake, window, preset, history_length), history_length, LOOP_PAYLOAD)
+    users = _side(lake, window, "users", USER_ID, USER_FEATURES)
+    items = _side(lake, window, "items", ITEM_ID, ITEM_FEATURES)
+    sides = [(None if f is None else f.collect().lazy(), k, c)
+             for f, k, c in ((users, USER_ID, USER_FEATURES), (items, ITEM_ID, ITEM_FEATURES))]
+    versions: set[str] = set()
+    rows = 0
+    for chunk in merge_by_time(sources, TS, EVENT_ID, f"events(ds={window.ds}) in {lake.uri}"):
+        counters = counts.features(chunk.select(EVENT_ID, TS, USER_ID, ITEM_ID, SURFACE, CLICK))
+        loop = chunk.filter(pl.col(FM_VERSION).is_not_null())
+        versions |= set(loop[FM_VERSION].unique().to_list())
+        if len(versions) > 1:
+            raise FMVersionMismatch(f"fm_outputs fm={preset} ds={window.ds} (all surfaces): rows come from "
+                                    f"{len(versions)} FM versions {sorted(versions)[:5]}, expected one")
+        mine = chunk.filter(pl.col(SURFACE) == surface)
+        if mine.height == 0:
+            if loop.height:
+                hist.features(_dequantised(loop))
+            continue
+        h = hist.features(_dequantised(loop)).select(
+            EVENT_ID, pl.col("hist_repr").alias("loop_hist_repr"), pl.col("hist_click").alias("loop_hist_click"))
+        out = mine.drop("fm_repr", "fm_repr_scale").lazy()
+        for side, key, cols in sides:
+            out = _with_side(out, side, key, cols)
+        dense = pl.DataFrame({EVENT_ID: counters[EVENT_ID], "counters": dense_counters(counters)}).lazy()
+        out = out.join(dense, on=EVENT_ID, how="left").join(h.lazy(), on=EVENT_ID, how="left").with_columns(
+            pl.col("loop_hist_click").fill_null(pl.lit([], pl.List(pl.Int8))),
+            pl.col("loop_hist_click").list.len().fill_null(0).cast(pl.Int16).alias("loop_hist_len"),
+        )
+        rows += mine.height
+        yield out.sort(TS, EVENT_ID).collect()
+    if rows == 0:
+        raise EmptySurface(f"surface {surface!r} has no events in window {window}")
+
+
+def _dequantised(rows: pl.DataFrame) -> pl.DataFrame:
+    """_loop_rows' columns (event_id, user_id, ts, repr, click, surface) of FM-scored event rows."""
+    width = rows.schema["fm_repr"].size  # type: ignore[attr-defined]
+    dequant = pl.col("fm_repr").cast(pl.Array(pl.Float32, width)) * pl.col("fm_repr_scale")
+    return rows.select(EVENT_ID, USER_ID, TS, dequant.alias("repr"), CLICK, SURFACE)

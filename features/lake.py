@@ -514,7 +514,7 @@ def merge_by_time(sources: list[Iterator[pl.DataFrame]], ts: str, tiebreak: str,
                              "partitions (the generator and the importers write them so)")
         last[i] = got[ts][-1]
         held = buffers[i]
-        buffers[i] = got if held is None else pl.concat([held, got], how="vertical_relaxed")
+        buffers[i] = got if held is None else pl.concat([held, got], how="diagonal_relaxed")
 
     for i in list(live):
         pull(i)
@@ -536,7 +536,7 @@ def merge_by_time(sources: list[Iterator[pl.DataFrame]], ts: str, tiebreak: str,
         buffers = keep
         out = [t for t in taken if t.height]
         if out:
-            yield pl.concat(out, how="vertical_relaxed").sort(ts, tiebreak)
+            yield pl.concat(out, how="diagonal_relaxed").sort(ts, tiebreak)
         else:  # every live buffer ends at the watermark: read on where it is set
             for i in list(live):
                 held = buffers[i]

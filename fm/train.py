@@ -4,12 +4,20 @@
 - warm start: model and optimizer state of ``final.pt`` of window.prev() (fm.checkpoint). The first
   window of the lake (no earlier events partition) cold-starts; a later window whose predecessor FM is
   missing is an error unless ``cold_start=True``.
-- data: every event of the window, all surfaces, point-in-time features (fm.data.load_window), visited
-  once in a permutation seeded by (cfg.seed, window.ds).
-- global batch semantics: step s covers permutation[s*B:(s+1)*B]; under DDP rank r takes the r-th of
-  `world` contiguous slices, its loss is a local sum over the global count (x world), and DDP's
-  gradient average makes the update equal to the single-process one (up to float summation order).
-- checkpoints (rank 0): ``progress.pt`` every cfg.ckpt_every steps (model, optimizers, step, RNG), and
+- data: every event of the window, all surfaces, point-in-time features, visited once.
+  cfg.stream (default): the window is streamed (fm.stream): rank 0 writes its example cache chunk by
+  chunk, and the pass follows fm.stream's bounded shuffle (row groups dealt to cfg.stream_shards virtual
+  shards, permuted, then rows permuted within buffers of cfg.shuffle_buffer groups; seeded by (cfg.seed,
+  window.ds)); step s takes each shard's next share of about B * n_shard / N rows. Memory is set by
+  stream_chunk, shuffle_rows and shuffle_buffer, not by the window's size.
+  cfg.stream=False: the whole window in memory (fm.data.load_window), step s covers
+  permutation[s*B:(s+1)*B] of a permutation seeded by (cfg.seed, window.ds).
+- global batch semantics: under DDP rank r takes the r-th of `world` contiguous slices of the global batch
+  (streamed: the rows of its own shards, which it alone reads), its loss is a local sum over the global
+  count (x world), and DDP's gradient average makes the update equal to the single-process one (up to
+  float summation order).
+- checkpoints (rank 0): ``progress.pt`` every cfg.ckpt_every steps (model, optimizers, step = the stream
+  position: a step's rows are a pure function of it and the cache, which a resumed run reuses; RNG), and
   ``final.pt`` at the end; a killed run re-run with the same arguments resumes from progress.pt and ends
   with bit-identical weights (same seed, same device, same thread count).
 - serving weights = an exponential moving average (EMA) of the trained weights (`cfg.ema_decay`, kept across

@@ -21,10 +21,7 @@ export on a lake with other surfaces fails with a clear ValueError.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from typing import Any
 
 import polars as pl
@@ -33,7 +30,7 @@ from features.lake import Lake
 from features.lineage_runs import lake_steps
 from features.lineage_runs import sync as sync_lineage
 from features.tracking import stage_run
-from fm import checkpoint
+from fm import checkpoint, launch
 from fm.config import lake_config
 from fm.export import BASE_RATE_SOURCE, export_fm
 from fm.train import TrainResult, run_training
@@ -91,17 +88,22 @@ def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = 
 
 
 def _train_under_torchrun(lake: Lake, ds: str, preset: str, cold_start: bool, nproc: int) -> TrainResult:
-    """Run `python -m fm.train` under torchrun (gloo on CPU, nccl on GPU) and read FM_ds back from the lake."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fm.train", "--ds", ds, "--lake", lake.uri, "--preset", preset]
-    start = time.perf_counter()
-    done = subprocess.run(cmd + (["--cold-start"] if cold_start else []), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"torchrun FM training of {ds} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    """Run `python -m fm.train` as `nproc` DDP processes under torchrun (fm.launch: gloo on CPU, nccl on GPU; over
+    $FMX_FM_NNODES node launchers on this machine, default 1) and read FM_ds back from the lake. Tags what ran:
+    ddp_world_size and ddp_nodes from the workers' own reports."""
+    import mlflow
+
+    args = ["--ds", ds, "--lake", lake.uri, "--preset", preset] + (["--cold-start"] if cold_start else [])
+    nnodes = launch.nnodes_from_env()
+    try:
+        ran = launch.run_torchrun(args, nproc, nnodes)
+    except RuntimeError as exc:
+        raise RuntimeError(f"FM training of {ds} under torchrun: {exc}") from None
+    mlflow.set_tags({"ddp_world_size": str(ran.world), "ddp_nodes": str(ran.nodes)})
     entry = checkpoint.read_versions(lake, preset)[ds]
     examples = int(lake.scan_many("events", lake.partitions("events", ds=ds)).select(pl.len()).collect().item())
     return TrainResult(entry["fm_version"], entry.get("parent"), int(entry.get("steps", 0)), examples,
-                       time.perf_counter() - start, float("nan"), 0)
+                       ran.seconds, float("nan"), 0)
 
 
 def _log_checkpoint(lake: Lake, preset: str, ds: str) -> None:

@@ -24,7 +24,7 @@ from fmx import dagkit
 @dag(schedule=None, max_active_runs=1, params=dagkit.params(), default_args=dagkit.DEFAULT_ARGS, tags=["fmx", "experts"],
      is_paused_upon_creation=False, doc_md=__doc__)  # fmt: skip
 def fmx_experts() -> None:
-    @task
+    @task(multiple_outputs=False)  # one XCom (the dict), not one per key: each is an Execution API call
     def plan(params=None, logical_date=None, run_id=None) -> dict:
         """The run's references; surfaces checked against the lake (none given: every surface of ds)."""
         from features.stage import plan_surfaces
@@ -38,21 +38,21 @@ def fmx_experts() -> None:
         """The mapped tasks' kwargs: one dict per combination of the day's lists (e.g. surface x variant)."""
         return dagkit.grid(day, axes)
 
-    @task
+    @task(multiple_outputs=False)
     def expert_examples(day: dict, surface: str, preset: str) -> dict:
         from experts.stage import expert_examples as stage
 
         out = dagkit.timed(stage, ds=day["ds"], surface=surface, lake_uri=day["lake"], preset=preset)
         return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
 
-    @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT)
+    @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False)
     def expert_train(day: dict, surface: str, variant: str, preset: str) -> dict:
         from experts.stage import expert_train as stage
 
         out = dagkit.timed(stage, surface=surface, variant=variant, preset=preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "variant": variant, "preset": preset}
 
-    @task
+    @task(multiple_outputs=False)
     def reference(day: dict, surface: str, preset: str) -> dict:
         """The counting reference (variant `ref`) scored on the same rows: the bar every model must clear."""
         from experts.reference import reference_eval as stage
@@ -60,7 +60,7 @@ def fmx_experts() -> None:
         out = dagkit.timed(stage, surface=surface, preset=preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
 
-    @task
+    @task(multiple_outputs=False)
     def compare_and_promote(day: dict, surface: str, preset: str) -> dict:
         from experts.stage import compare_and_promote as stage
 

@@ -42,14 +42,14 @@ FM_OUTPUTS = Asset("fmx://lake/fm_outputs", extra={"table": "fm_outputs"})  # li
     doc_md=__doc__,
 )
 def fmx_fm() -> None:
-    @task.short_circuit(ignore_downstream_trigger_rules=False)  # skips ingest and trigger_experts only
+    @task.short_circuit(ignore_downstream_trigger_rules=False, multiple_outputs=False)  # skips ingest, trigger_experts
     def plan(params=None, logical_date=None, run_id=None) -> dict | bool:
         """The run's references, or False when the day is done and rerun is false (dagkit.unless_done)."""
         with dagkit.bad_input_fails_at_once():
             run = dagkit.resolve_run(params, logical_date, run_id)
             return dagkit.unless_done(run, rerun=bool(params.get("rerun")))
 
-    @task
+    @task(multiple_outputs=False)  # one XCom (the dict), not one per key: each is an Execution API call
     def ingest(run: dict) -> dict:
         from features.stage import ingest as stage
 
@@ -63,13 +63,13 @@ def fmx_fm() -> None:
     def fm_presets(day: dict) -> list[str]:
         return day["fm_presets"]
 
-    @task(outlets=[FM_OUTPUTS])
+    @task(outlets=[FM_OUTPUTS], multiple_outputs=False)
     def fm_export(day: dict, preset: str) -> dict:
         from fm.stage import fm_export as stage
 
         return {**dagkit.timed(stage, preset=preset, **dagkit.refs(day)), "ds": day["ds"], "preset": preset}
 
-    @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT)
+    @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False)
     def fm_train(day: dict, exported: dict, preset: str) -> dict:
         from fm.stage import fm_train as stage
 
@@ -80,7 +80,8 @@ def fmx_fm() -> None:
     def fm_preset(day: dict, preset: str) -> None:
         fm_train(day, fm_export(day, preset), preset)
 
-    @task(trigger_rule="none_failed")  # also on a done day: `fmx run` reads it (trigger_experts is skipped)
+    # also on a done day: `fmx run` reads it (trigger_experts is skipped)
+    @task(trigger_rule="none_failed", multiple_outputs=False)
     def experts_conf(params=None, logical_date=None, run_id=None) -> dict:
         """Day D's fmx_experts conf: the same day, lake, surfaces, variants, presets and pipeline run."""
         run = dagkit.resolve_run(params, logical_date, run_id)

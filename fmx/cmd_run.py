@@ -33,6 +33,10 @@ def _choices(values: tuple[str, ...]) -> click.Choice:
 @click.option(
     "--no-retries", is_flag=True, help="Fail at the first task error instead of retrying with back-off."
 )
+@click.option("--rerun", is_flag=True,
+              help="Train days again that are already done (fmx_fm's Param rerun); else a done day is skipped.")
+@click.option("--workers", default=0, type=click.IntRange(min=0),
+              help="Worker processes running task instances concurrently (0: one per core).")  # fmt: skip
 def run_cmd(
     days: int,
     scale: str,
@@ -43,6 +47,8 @@ def run_cmd(
     variants: tuple[str, ...],
     start: object,
     no_retries: bool,
+    rerun: bool,
+    workers: int,
 ) -> None:
     """Run fmx_fm and fmx_experts for DAYS windows with Airflow in-process, then print the comparison.
 
@@ -66,6 +72,8 @@ def run_cmd(
         variants=variants or dagkit.VARIANTS,
         start=start.date() if start else None,  # type: ignore[attr-defined]
         retries=not no_retries,
+        rerun=rerun,
+        workers=workers,
     )
     try:
         report = runner.run_job(cfg, echo=click.echo)
@@ -78,7 +86,8 @@ def run_cmd(
     click.echo(
         f"{len(report.days)} days ({report.days[0]} .. {report.days[-1]}) in {total:.1f} s: stage work "
         f"{report.stage_s:.1f} s, orchestration {total - report.stage_s:.1f} s "
-        f"({100 * (total - report.stage_s) / total:.0f}%; of it Airflow DB set-up {setup_s:.1f} s)"
+        f"({100 * (total - report.stage_s) / total:.0f}%; of it Airflow DB set-up {setup_s:.1f} s); "
+        f"stages' own time summed {report.stage_sum_s:.1f} s (concurrent stages overlap)"
     )
     click.echo(f"MLflow UI:  {mlflow_command()} ui --backend-store-uri {tracking_uri()} --port 5000")
 

@@ -253,11 +253,13 @@ def bad_input_fails_at_once() -> Iterator[None]:
 
 
 def timed(stage: Callable[..., dict], **kwargs: Any) -> dict:
-    """Call a stage wrapper; return its dict plus `stage_s`, its own wall time (for the overhead split)."""
-    start = time.perf_counter()
+    """Call a stage wrapper; return its dict plus `stage_s`, its own wall time, and `stage_t0`, its start
+    (Unix time: comparable across the processes of a host), for the work vs orchestration split."""
+    t0, start = time.time(), time.perf_counter()
     with bad_input_fails_at_once():
         out = json_safe(dict(stage(**kwargs) or {}))
     out["stage_s"] = round(time.perf_counter() - start, 3)
+    out["stage_t0"] = round(t0, 3)
     return out
 
 

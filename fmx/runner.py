@@ -1,11 +1,18 @@
-"""The main job in one process: the real DAGs of dags/ run day by day with `DAG.test()`.
+"""The main job in one process: the real DAGs of dags/ run day by day, `DAG.test()`-style (fmx.inprocess).
 
 Airflow's own machinery runs every task: a metadata DB (SQLite under $FMX_HOME/airflow, migrated
 once), DAG runs with a logical date and a validated conf, dependency checks, dynamic task mapping,
-XCom. What a scheduler would add is played here in a fixed order: for each day D, one `fmx_fm` run
-(logical date D), then the `fmx_experts` run its `trigger_experts` task would have started, with
-the conf that task would have passed (`trigger_experts` itself is marked success, so no run is left
-queued for a scheduler that is not there).
+XCom, the task SDK's runner. What a scheduler would add is played here in a fixed order: for each day
+D, one `fmx_fm` run (logical date D), then the `fmx_experts` run its `trigger_experts` task would have
+started, with the conf that task would have passed (`trigger_experts` itself is marked success, so no
+run is left queued for a scheduler that is not there). A day fmx_fm's `plan` found done (and not
+`rerun`) triggers no experts run either. The DAGs are parsed and written to the DB once per job;
+task instances run in a pool of worker processes (`JobConfig.workers`, default one per core), so the
+experts' mapped tasks of different surfaces and variants run concurrently; fmx_fm's run one at a time.
+
+Work vs orchestration: a stage's own wall time is measured inside its task (`dagkit.timed`: start and
+duration); the job's stage work is the wall time during which at least one stage ran (the union of
+those intervals, so concurrent stages are not counted twice), orchestration the rest of the wall time.
 
 Contract: `run_job(JobConfig) -> JobReport`; raises `JobFailed` naming the failed tasks. Airflow is
 configured from the environment at its first import, so `configure_airflow` must run before anything
@@ -48,6 +55,8 @@ class JobConfig:
     variants: tuple[str, ...] = dagkit.VARIANTS
     start: date | None = None
     retries: bool = True  # False: fail at the first error instead of backing off (tests, debugging)
+    rerun: bool = False  # True: fmx_fm's Param rerun, train days again that are already done
+    workers: int = 0  # worker processes running task instances; 0: one per core (fmx.inprocess)
 
 
 @dataclass
@@ -58,6 +67,7 @@ class TaskTiming:
     state: str
     task_s: float  # Airflow's duration of the task instance
     stage_s: float  # the stage function's own wall time (0 for wiring tasks)
+    stage_t0: float = 0.0  # its start, Unix time (0 for wiring tasks)
 
 
 @dataclass
@@ -67,8 +77,21 @@ class JobReport:
     wall_s: float = 0.0
     tasks: list[TaskTiming] = field(default_factory=list)
 
+    skipped_days: list[str] = field(default_factory=list)  # done days: fmx_fm's plan skipped them
+
     @property
     def stage_s(self) -> float:
+        """Wall time during which at least one stage function ran (concurrent stages counted once)."""
+        spans = sorted((t.stage_t0, t.stage_t0 + t.stage_s) for t in self.tasks if t.stage_s > 0)
+        total, end = 0.0, float("-inf")
+        for t0, t1 in spans:
+            total += max(0.0, t1 - max(t0, end))
+            end = max(end, t1)
+        return total
+
+    @property
+    def stage_sum_s(self) -> float:
+        """Every stage's own wall time, summed (> stage_s when stages ran concurrently)."""
         return sum(t.stage_s for t in self.tasks)
 
     @property
@@ -168,6 +191,8 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
     """Run fmx_fm then fmx_experts for each day of the job; Airflow must be configured first."""
     from airflow.dag_processing.dagbag import DagBag
 
+    from fmx.inprocess import DagRunner, default_workers
+
     started = time.perf_counter()
     bag = DagBag(dag_folder=str(DAGS_FOLDER))
     if bag.import_errors:
@@ -180,22 +205,35 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
     days = job_days(cfg)
     check_surfaces(cfg)
     report = JobReport(days=days, pipeline_run=f"fmx-run-{datetime.now(UTC):%Y%m%dT%H%M%S}")
-    for ds in days:
-        echo(f"== day {ds}")
-        conf = {
-            "ds": ds, "lake": cfg.lake, "source": cfg.source, "scale": cfg.scale,
-            "fm_presets": list(cfg.fm_presets), "surfaces": list(cfg.surfaces), "variants": list(cfg.variants),
-            "pipeline_run": report.pipeline_run,
-        }  # fmt: skip
-        fm_run = _run_dag(fm_dag, ds, conf, report, echo, skip="trigger_experts")
-        experts_conf = _xcom(fm_run, "experts_conf")
-        _run_dag(experts_dag, ds, experts_conf, report, echo)
+    with DagRunner(bag.dags, DAGS_FOLDER, cfg.workers or default_workers(), cfg.retries) as dags:
+        dags.sync()
+        for ds in days:
+            echo(f"== day {ds}")
+            # one FM task at a time: fmx_fm is a chain per preset, and concurrent presets would race to
+            # create the day's MLflow parent run (features.tracking.parent_run_id is not locked)
+            fm_run = _run_dag(dags, fm_dag, ds, fm_conf(cfg, ds, report.pipeline_run), report, echo,
+                              skip="trigger_experts", max_active=1)  # fmt: skip
+            if _xcom(fm_run, "plan") is False:
+                report.skipped_days.append(ds)
+                echo(f"  ds={ds} is already done (fmx_fm plan): no experts run; --rerun trains it again")
+                continue
+            _run_dag(dags, experts_dag, ds, _xcom(fm_run, "experts_conf"), report, echo)
     report.wall_s = time.perf_counter() - started
     return report
 
 
+def fm_conf(cfg: JobConfig, ds: str, pipeline_run: str) -> dict[str, Any]:
+    """The conf of day `ds`'s fmx_fm run (validated against the DAG's Params before the run)."""
+    return {
+        "ds": ds, "lake": cfg.lake, "source": cfg.source, "scale": cfg.scale,
+        "fm_presets": list(cfg.fm_presets), "surfaces": list(cfg.surfaces), "variants": list(cfg.variants),
+        "pipeline_run": pipeline_run, "rerun": cfg.rerun,
+    }  # fmt: skip
+
+
 def _run_dag(
-    dag: Any, ds: str, conf: dict, report: JobReport, echo: Callable[[str], None], skip: str = ""
+    dags: Any, dag: Any, ds: str, conf: dict, report: JobReport, echo: Callable[[str], None], skip: str = "",
+    max_active: int = 0,
 ) -> Any:
     import copy
 
@@ -208,7 +246,7 @@ def _run_dag(
     except ParamValidationError as exc:
         raise JobFailed(f"{dag.dag_id}: bad run conf for ds={ds}: {exc}") from None
     logical = datetime.fromisoformat(ds).replace(tzinfo=UTC)
-    run = dag.test(logical_date=logical, run_conf=conf, mark_success_pattern=skip or None)
+    run = dags.run(dag.dag_id, logical, conf, mark_success=skip, max_active=max_active)
     timings = _timings(run, dag, ds)
     report.tasks.extend(timings)
     for t in timings:
@@ -269,8 +307,8 @@ def _timings(run: Any, dag: Any, ds: str) -> list[TaskTiming]:
             value = value if isinstance(value, dict) else {}
             labels = [str(value[k]) for k in ("surface", "variant", "preset") if k in value]
             name = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{'/'.join(labels) or ti.map_index}]"
-            stage_s = float(value.get("stage_s", 0.0))
-            out.append(TaskTiming(run.dag_id, ds, name, str(ti.state), float(ti.duration or 0.0), stage_s))
+            stage_s, t0 = float(value.get("stage_s", 0.0)), float(value.get("stage_t0", 0.0))
+            out.append(TaskTiming(run.dag_id, ds, name, str(ti.state), float(ti.duration or 0.0), stage_s, t0))
     return out
 
 

@@ -44,6 +44,23 @@ from fmx.cli import cli
     help="Last window fmx_fm schedules: YYYY-MM-DD, 'lake' = the lake's last window, or 'none' (one run per "
     "window up to today, then one a day). Default $FMX_END_DATE, else 'lake' with --start-date lake, else none.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "celery"]),
+    default=None,
+    help="Airflow executor: local (tasks run by the scheduler) or celery (Celery workers, needs --db and --broker). "
+    "Default $FMX_EXECUTOR, else local.",
+)
+@click.option(
+    "--broker",
+    default=None,
+    help="Celery broker for --executor celery, e.g. redis://127.0.0.1:6379/0. Default $FMX_BROKER (prefer it "
+    "when the URL holds a password).",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Celery worker processes to start (--executor celery).")  # fmt: skip
+@click.option("--worker-concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Task slots of each Celery worker.")  # fmt: skip
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for health.")
 def up(
     airflow_port: int | None,
@@ -54,22 +71,30 @@ def up(
     lake_uri: str | None,
     start_date: str | None,
     end_date: str | None,
+    executor: str | None,
+    broker: str | None,
+    workers: int,
+    worker_concurrency: int,
     timeout: float,
 ) -> None:
-    """Start Airflow (api-server, scheduler, dag-processor, triggerer), an MLflow server and fmx's reaper;
-    wait until healthy. The DAGs start paused; the schedule line says which runs unpausing fmx_fm starts."""
+    """Start Airflow (api-server, scheduler, dag-processor, triggerer; with --executor celery also Celery
+    workers), an MLflow server and fmx's reaper; wait until healthy. The DAGs start paused; the schedule line
+    says which runs unpausing fmx_fm starts."""
     from fmx import servers
 
     try:
         cfg = servers.resolve_config(
-            None, dags_folder, airflow_port, mlflow_port, db, schedule, lake_uri, start_date, end_date
-        )
+            None, dags_folder, airflow_port, mlflow_port, db, schedule, lake_uri, start_date, end_date,
+            executor, broker, workers, worker_concurrency,
+        )  # fmt: skip
         click.echo(f"starting servers under {cfg.home} (logs in {cfg.state_dir / 'logs'}) ...", err=True)
         state = servers.up(cfg, timeout=timeout)
     except servers.ServerError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Airflow  {state.airflow_url}   user admin, password in {state.password_file}")
     click.echo(f"MLflow   {state.mlflow_url}")
+    if cfg.executor == "celery":
+        click.echo(f"workers  {', '.join(cfg.worker_names())} (Celery, broker {servers.redact(cfg.broker)})")
     click.echo(f"schedule {servers.describe_schedule(cfg)}")
     click.echo(f"logs     {sorted(state.logs.values())[0].rsplit('/', 1)[0]}/")
     click.echo("stop with `fmx down`")
@@ -101,6 +126,8 @@ def status(as_json: bool) -> None:
         click.echo(f"Airflow  {info['airflow_url']}  healthy={info['healthy']['airflow']}")
         click.echo(f"MLflow   {info['mlflow_url']}  healthy={info['healthy']['mlflow']}")
         click.echo(f"metadata {info['db']}; password in {info['password_file']}")
+        if info.get("executor") == "celery":
+            click.echo(f"executor celery, broker {info['broker']}")
         click.echo(f"  {'process':<14} {'pid':>8} {'port':>6}  {'state':<8} health")
         for name, proc in info["processes"].items():
             port = proc["port"] or "-"

@@ -52,6 +52,10 @@ class ServerConfig:
     start_date: str = ""  # FMX_START_DATE: the first window fmx_fm schedules ("" = none, no catch-up)
     end_date: str = ""  # FMX_END_DATE: the last window fmx_fm schedules ("" = no end)
     window_days: int = 1  # FMX_WINDOW_DAYS: one scheduled run per window
+    executor: str = "local"  # "local" (LocalExecutor in the scheduler) or "celery" (CeleryExecutor + workers)
+    broker: str = ""  # Celery broker URL (redis://host:port/N); may hold a password: environment only
+    workers: int = 2  # Celery worker processes `up` starts (executor "celery")
+    worker_concurrency: int = 1  # task slots of each Celery worker
 
     @property
     def state_dir(self) -> Path:
@@ -73,6 +77,12 @@ class ServerConfig:
         if self.db is None:
             return f"sqlite:///{self.airflow_home / 'airflow.db'}"
         return _postgres_url(self.db, "_airflow", driver="postgresql+psycopg2")
+
+    def worker_names(self) -> list[str]:
+        """The Celery node name of each worker `up` starts, also the hostname its task instances record."""
+        if self.executor != "celery":
+            return []
+        return [f"fmx-worker-{i}@{socket.gethostname()}" for i in range(1, self.workers + 1)]
 
     def mlflow_db_url(self) -> str:
         if self.db is None:
@@ -109,10 +119,15 @@ def resolve_config(
     lake: str | None = None,
     start_date: str | None = None,
     end_date: str | None = None,
+    executor: str | None = None,
+    broker: str | None = None,
+    workers: int = 2,
+    worker_concurrency: int = 1,
 ) -> ServerConfig:
     """Defaults: home $FMX_HOME (./.fmx); dags the repo's dags/; ports $FMX_AIRFLOW_PORT / $FMX_MLFLOW_PORT,
     else 8080 / 5000 when free, else any free port; db $FMX_DB, else SQLite; lake $FMX_LAKE, else
-    $FMX_HOME/lake; start_date / end_date: see `schedule_from`."""
+    $FMX_HOME/lake; start_date / end_date: see `schedule_from`; executor $FMX_EXECUTOR, else "local"; broker
+    $FMX_BROKER (executor "celery" only, which also needs a PostgreSQL db: see `check_executor`)."""
     home_path = Path(home).absolute() if home else resolve_home()
     dags = Path(dags_folder or Path(__file__).resolve().parents[1] / "dags").absolute()
     if not dags.is_dir():
@@ -120,6 +135,9 @@ def resolve_config(
     db = db or os.environ.get("FMX_DB") or None
     if db is not None:
         _postgres_url(db, "", driver="postgresql")  # validate early
+    executor = executor or os.environ.get("FMX_EXECUTOR") or "local"
+    broker = broker or os.environ.get("FMX_BROKER") or ""
+    check_executor(executor, broker, db, workers, worker_concurrency)
     return ServerConfig(
         home=home_path,
         dags_folder=dags,
@@ -128,8 +146,37 @@ def resolve_config(
         db=db,
         schedule=schedule,
         lake=lake or os.environ.get("FMX_LAKE", ""),
+        executor=executor,
+        broker=broker,
+        workers=workers,
+        worker_concurrency=worker_concurrency,
         **schedule_from(lake or os.environ.get("FMX_LAKE") or str(home_path / "lake"), start_date, end_date),
     )
+
+
+EXECUTORS = ("local", "celery")
+BROKER_SCHEMES = ("redis", "rediss")
+
+
+def check_executor(executor: str, broker: str, db: str | None, workers: int, concurrency: int) -> None:
+    """A usable executor choice, or one ServerError line saying what is missing."""
+    if executor not in EXECUTORS:
+        raise ServerError(f"--executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if executor == "local":
+        if broker:
+            raise ServerError("--broker is for --executor celery (the LocalExecutor runs tasks in the scheduler)")
+        return
+    if db is None:
+        raise ServerError("--executor celery needs --db postgresql://... (or FMX_DB): every worker writes the "
+                          "metadata and Celery's results there, which SQLite cannot share between processes")  # fmt: skip
+    if not broker:
+        raise ServerError("--executor celery needs --broker redis://HOST:PORT/N (or FMX_BROKER), e.g. a "
+                          "redis-server on 127.0.0.1")  # fmt: skip
+    scheme = urlsplit(broker).scheme
+    if scheme not in BROKER_SCHEMES:
+        raise ServerError(f"--broker must be a redis:// or rediss:// URL, got scheme {scheme!r}")
+    if workers < 1 or concurrency < 1:
+        raise ServerError(f"--workers and --worker-concurrency must be >= 1, got {workers} and {concurrency}")
 
 
 def schedule_from(lake_uri: str, start_date: str | None, end_date: str | None = None) -> dict[str, Any]:
@@ -284,7 +331,8 @@ def running_config(home: str | Path) -> ServerConfig:
         home=Path(c["home"]), dags_folder=Path(c["dags_folder"]), airflow_port=c["airflow_port"],
         mlflow_port=c["mlflow_port"], db=c["db"], parallelism=c["parallelism"], schedule=c["schedule"],
         lake=c.get("lake", ""), start_date=c.get("start_date", ""), end_date=c.get("end_date", ""),
-        window_days=c.get("window_days", 1),
+        window_days=c.get("window_days", 1), executor=c.get("executor", "local"), broker=c.get("broker", ""),
+        workers=c.get("workers", 2), worker_concurrency=c.get("worker_concurrency", 1),
     )  # fmt: skip
 
 
@@ -392,7 +440,7 @@ def server_env(cfg: ServerConfig) -> dict[str, str]:
         AIRFLOW_HOME=str(cfg.airflow_home),
         AIRFLOW__CORE__DAGS_FOLDER=str(cfg.dags_folder),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__EXECUTOR="CeleryExecutor" if cfg.executor == "celery" else "LocalExecutor",
         AIRFLOW__CORE__PARALLELISM=str(cfg.parallelism),
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{cfg.airflow_url}/execution/",
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{AIRFLOW_USER}:admin",
@@ -417,6 +465,31 @@ def server_env(cfg: ServerConfig) -> dict[str, str]:
             env[key] = value
     if cfg.lake:
         env["FMX_LAKE"] = cfg.lake
+    if cfg.executor == "celery":
+        env.update(
+            AIRFLOW__CELERY__BROKER_URL=cfg.broker,
+            AIRFLOW__CELERY__RESULT_BACKEND="db+" + cfg.airflow_db_url(),
+            AIRFLOW__CELERY__WORKER_CONCURRENCY=str(cfg.worker_concurrency),
+        )
+    return env
+
+
+def worker_hostname() -> str:
+    """Airflow's [core] hostname_callable in the Celery workers `up` starts: the worker's node name
+    ($FMX_WORKER_HOSTNAME), so each task instance records which worker ran it even when all run on one host."""
+    return os.environ.get("FMX_WORKER_HOSTNAME") or socket.getfqdn()
+
+
+def process_env(cfg: ServerConfig, name: str) -> dict[str, str]:
+    """The environment of server process `name` (a key of `commands`)."""
+    if name == "mlflow":
+        return mlflow_server_env(cfg)
+    env = server_env(cfg)
+    if name.startswith("worker-"):
+        env.update(
+            FMX_WORKER_HOSTNAME=cfg.worker_names()[int(name.removeprefix("worker-")) - 1],
+            AIRFLOW__CORE__HOSTNAME_CALLABLE="fmx.server_config.worker_hostname",
+        )
     return env
 
 
@@ -467,6 +540,13 @@ def commands(cfg: ServerConfig) -> dict[str, list[str]]:
         "dag-processor": [*module_cmd("airflow"), "dag-processor"],
         "triggerer": [*module_cmd("airflow"), "triggerer", "--skip-serve-logs"],  # deferred tasks, sensors
         "reaper": [*module_cmd("fmx.reaper")],  # ends runs a pause strands (fmx/reaper.py)
+        **{
+            f"worker-{i}": [
+                *module_cmd("airflow"), "celery", "worker", "--celery-hostname", node,
+                "--concurrency", str(cfg.worker_concurrency), "--skip-serve-logs",  # one host: logs are local files
+            ]
+            for i, node in enumerate(cfg.worker_names(), start=1)
+        },  # fmt: skip
     }
 
 

@@ -9,7 +9,12 @@
   ``dags/``, SQLite metadata; examples off; parallelism 4; the simple auth manager with one ``admin``
   user whose password lives in ``$FMX_HOME/servers/passwords.json``; pool ``fmx_training``),
 - ``python -m fmx.reaper``: ends the runs that pausing a DAG strands (Airflow never schedules a paused
-  DAG's runs; see fmx/reaper.py).
+  DAG's runs; see fmx/reaper.py),
+- with ``ServerConfig.executor == "celery"``: the scheduler runs the CeleryExecutor (broker ``cfg.broker``,
+  results in the metadata DB, which must be PostgreSQL) and ``up`` starts ``cfg.workers`` processes
+  ``airflow celery worker --celery-hostname fmx-worker-<i>@<host> --skip-serve-logs``; each worker's tasks record
+  its node name as their hostname (`server_config.worker_hostname`). A worker is healthy once it answers a
+  Celery ping through the broker.
 
 `status(home)` reports each process's PID, port, state and health (Airflow's /api/v2/monitor/health
 for the scheduler, dag-processor and triggerer; /health for MLflow; alive for the reaper).
@@ -53,10 +58,10 @@ from fmx.server_config import (  # re-exported: fmx.servers is the module caller
     describe_schedule,
     load_state,
     mlflow_credentials,
-    mlflow_server_env,
     module_cmd,
     password_file,
     private_dirs,
+    process_env,
     redact,
     resolve_config,
     resolve_home,
@@ -107,8 +112,7 @@ def up(cfg: ServerConfig, timeout: float = HEALTH_TIMEOUT_S) -> ServerState:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, cmd in commands(cfg).items():
-            procs[name] = _spawn(cmd, mlflow_server_env(cfg) if name == "mlflow" else env, Path(state.logs[name]),
-                                 cfg.state_dir)
+            procs[name] = _spawn(cmd, process_env(cfg, name), Path(state.logs[name]), cfg.state_dir)
             state.pids[name] = [procs[name].pid, _start_time(procs[name].pid)]
             save_state(cfg.home, state)  # saved after each start so `down` finds a half-started set
         _wait_healthy(cfg, state, procs, timeout)
@@ -149,7 +153,7 @@ def _wait_healthy(
     cfg: ServerConfig, state: ServerState, procs: Mapping[str, subprocess.Popen[bytes]], timeout: float
 ) -> None:
     deadline = time.monotonic() + timeout
-    pending = {"mlflow", "airflow"}
+    pending = {"mlflow", "airflow"} | ({"workers"} if cfg.worker_names() else set())
     while pending:
         for name, proc in procs.items():
             if proc.poll() is not None:
@@ -159,6 +163,8 @@ def _wait_healthy(
             pending.discard("mlflow")
         if "airflow" in pending and all(_airflow_health(cfg.airflow_url).values()):
             pending.discard("airflow")
+        if "workers" in pending and set(cfg.worker_names()) <= celery_workers(cfg.broker):
+            pending.discard("workers")
         if pending and time.monotonic() > deadline:
             logs = ", ".join(state.logs[n] for n in procs if n == "mlflow" or "mlflow" not in pending)
             raise ServerError(f"{sorted(pending)} not healthy after {timeout:.0f} s; see {logs}")
@@ -188,6 +194,23 @@ def _airflow_health(url: str) -> dict[str, bool]:
     except (httpx.HTTPError, ValueError):
         health = {}
     return {name: (health.get(part) or {}).get("status") == "healthy" for name, part in AIRFLOW_PARTS.items()}
+
+
+def celery_workers(broker: str, timeout: float = 1.0) -> set[str]:
+    """The node names of the Celery workers that answer a ping through `broker` (empty when it is unreachable)."""
+    from celery import Celery
+
+    app = Celery(broker=broker, set_as_current=False)
+    app.conf.broker_connection_retry = False
+    app.conf.broker_connection_retry_on_startup = False
+    app.conf.broker_connection_timeout = timeout
+    try:
+        replies = app.control.ping(timeout=timeout) or []
+    except Exception:  # kombu's OperationalError, redis' ConnectionError, ...: not reachable means no worker
+        return set()
+    finally:
+        app.close()
+    return {name for reply in replies for name in reply}
 
 
 def _tail(log: Path, lines: int = 30) -> str:
@@ -270,6 +293,8 @@ def status(home: str | Path) -> dict[str, Any]:
         "password_file": state.password_file,
         "mlflow_auth_file": str(Path(home).absolute() / "servers" / "mlflow_auth.json"),
         "db": "sqlite" if state.config.get("db") is None else redact(state.config["db"]),
+        "executor": state.config.get("executor", "local"),
+        "broker": redact(state.config.get("broker", "")),
         "processes": procs,
         "healthy": {
             "airflow": all(p["healthy"] for n, p in procs.items() if n in AIRFLOW_PARTS),
@@ -283,10 +308,12 @@ def _processes(state: ServerState) -> dict[str, dict[str, Any]]:
     ports = {"mlflow": state.config.get("mlflow_port"), "api-server": state.config.get("airflow_port")}
     airflow = _airflow_health(state.airflow_url)
     mlflow = _mlflow_healthy(state.mlflow_url)
+    workers = celery_workers(state.config["broker"]) if state.config.get("executor") == "celery" else set()
+    node = {f"worker-{i}": n for i, n in enumerate(running_config(state.config["home"]).worker_names(), start=1)}
     out = {}
     for name, (pid, started) in state.pids.items():
         alive = _alive(pid, started)
-        healthy = mlflow if name == "mlflow" else airflow.get(name, True)
+        healthy = mlflow if name == "mlflow" else node[name] in workers if name in node else airflow.get(name, True)
         out[name] = {"pid": int(pid), "port": ports.get(name), "state": "running" if alive else "stopped",
                      "healthy": alive and healthy}
     return out

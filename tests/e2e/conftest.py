@@ -2,15 +2,20 @@
 bounded waits that explain failures (task states + task log tails), MLflow read-back.
 
 Every test module starts its own servers and stops every process it started in a finalizer, even
-when the test fails. The servers run with --no-schedule: the FM DAG catches up from its start_date,
-which would otherwise queue one scheduled run per past day; triggered runs and backfills still run.
+when the test fails. The servers run with --no-schedule, so only the runs a test triggers or backfills
+run (`fmx up` schedules nothing without a start date anyway; --no-schedule also keeps an FMX_START_DATE
+of the caller's environment from starting runs). For the scale-out test: `redis_server` (a throw-away
+Redis on loopback) and `s3_server` (moto's S3-compatible server on loopback, with one bucket).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,3 +145,90 @@ def mlflow_runs(srv: Servers, ds: str) -> list[Any]:
     experiment = client.get_experiment_by_name("fmx")
     assert experiment is not None, f"no MLflow experiment 'fmx' on {srv.state.mlflow_url}"
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.ds = '{ds}'", max_results=1000)
+
+
+def task_hostnames(srv: Servers, dag_id: str, run_id: str) -> dict[str, str]:
+    """{task_id (with map index when mapped): the hostname its task instance recorded} for one run."""
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    out = {}
+    for ti in srv.api.request("GET", path, params={"limit": 1000}).json()["task_instances"]:
+        key = ti["task_id"] if ti.get("map_index", -1) < 0 else f"{ti['task_id']}[{ti['map_index']}]"
+        if ti.get("hostname"):
+            out[key] = ti["hostname"]
+    return out
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throw-away redis-server on 127.0.0.1:<free port> (no persistence); yields its redis:// URL.
+
+    Skips when redis-server is not installed (infra/ci-setup.sh installs it from Debian's packages)."""
+    from fmx.server_config import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not found: run infra/ci-setup.sh (apt-get install redis-server)")
+    root, port = Path(tempfile.mkdtemp(prefix="fmx-redis-")), free_port()
+    log = root / "redis.log"
+    cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+           "--dir", str(root), "--logfile", str(log)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_redis(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_redis(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if redis.Redis.from_url(url, socket_timeout=1).ping():
+                return
+        except redis.RedisError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            pytest.fail(f"redis-server did not answer on {url} (exit {proc.poll()}):\n{text}")
+        time.sleep(0.2)
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def s3_server(bucket: str) -> Iterator[str]:
+    """moto's S3-compatible server on 127.0.0.1:<free port> (a thread of this process) with `bucket`; yields
+    its http endpoint. Clients authenticate with S3_CREDENTIALS (fake keys moto accepts)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from fmx.server_config import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        creds = {
+            "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+        }
+        boto3.client("s3", endpoint_url=endpoint, **creds).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        server.stop()

@@ -11,15 +11,95 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from features.lake import Lake
 from fm import checkpoint, launch
+from tests.e2e.conftest import (
+    EXPERTS_DAG,
+    FM_DAG,
+    S3_CREDENTIALS,
+    experts_run_for,
+    fmx,
+    mlflow_runs,
+    pipeline_conf,
+    redis_server,
+    running_servers,
+    s3_server,
+    task_hostnames,
+    wait_success,
+)
+from tests.e2e.test_postgres import postgres_url  # noqa: F401  (the throw-away PostgreSQL cluster fixture)
 from tests.fm.conftest import TINY, make_lake, overrides_args, subprocess_env
 
 pytestmark = pytest.mark.e2e
+BUCKET = "fmx-e2e"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_lake(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A lake URI on moto's S3 server; the credentials and the trusted endpoint go to every server by environment."""
+    with s3_server(BUCKET) as endpoint:
+        for key, value in {**S3_CREDENTIALS, "FMX_LAKE_ENDPOINTS": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        yield f"s3://{BUCKET}/lake?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+
+def test_day_on_celery_workers_with_two_torchrun_nodes_and_an_s3_lake(
+    postgres_url: str,  # noqa: F811
+    redis_url: str,
+    s3_lake: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from features.stage import lake_windows
+
+    started = time.monotonic()
+    home = tmp_path / "home"
+    fmx("generate", "--days", "2", "--scale", "tiny", "--lake", s3_lake, home=home)
+    day = lake_windows(s3_lake)[0]
+    monkeypatch.setenv("FMX_FM_NNODES", "2")  # fm_train's torchrun: two node launchers on this machine
+    up = ("--db", postgres_url, "--executor", "celery", "--broker", redis_url, "--workers", "2", "--lake", s3_lake)
+    with running_servers(home, *up) as srv:
+        assert srv.state.config["executor"] == "celery"
+        workers = {f"fmx-worker-{i}@" for i in (1, 2)}
+        for dag_id in (FM_DAG, EXPERTS_DAG):
+            srv.api.wait_for_dag(dag_id, timeout=180)
+            srv.api.unpause(dag_id)
+        conf = pipeline_conf(s3_lake, ds=day, source="lake", variants=["base"], fm_nproc=2)
+        fm_run = srv.api.trigger(FM_DAG, conf)
+        wait_success(srv, FM_DAG, fm_run)
+        experts_run = experts_run_for(srv, day)
+        wait_success(srv, EXPERTS_DAG, experts_run)
+
+        # Every task ran on a Celery worker, and both workers ran some.
+        hosts = {**task_hostnames(srv, FM_DAG, fm_run),
+                 **{f"experts.{k}": v for k, v in task_hostnames(srv, EXPERTS_DAG, experts_run).items()}}  # fmt: skip
+        assert hosts and all(h.split("@")[0] + "@" in workers for h in hosts.values()), hosts
+        assert {h.split("@")[0] + "@" for h in hosts.values()} == workers, f"tasks did not use both workers: {hosts}"
+
+        # FM_day trained under torchrun as 2 processes on 2 nodes, its checkpoint in the S3 lake.
+        runs = {r.info.run_name: r for r in mlflow_runs(srv, day)}
+        tags = runs["fm_train"].data.tags
+        assert (tags["nproc"], tags["ddp_world_size"], tags["ddp_nodes"]) == ("2", "2", "2"), tags
+        lake = Lake(s3_lake)
+        assert not lake.is_local
+        version = checkpoint.read_versions(lake, "small")[day]["fm_version"]
+        assert version == tags["fm_version"] and version.startswith(f"small-{day}-")
+        state = checkpoint.load(lake, "small", day, "final")
+        assert state["model"], "empty FM checkpoint"
+    print(f"celery e2e: {time.monotonic() - started:.0f} s wall")
 
 
 def test_two_torchrun_nodes_match_one_process(tmp_path) -> None:

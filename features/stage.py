@@ -6,7 +6,7 @@ Called by the daily DAG's ingest task, by `fmx ingest` and by tests, with plain 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -15,6 +15,9 @@ from features.history import build_history_through
 from features.lake import Lake, PartitionNotFound
 from features.schemas import EVENTS
 from features.windows import Window, window_series
+
+if TYPE_CHECKING:
+    from features.generate import GeneratorConfig
 
 SOURCES = ("auto", "generator", "lake")
 
@@ -91,10 +94,11 @@ def ingest(
     """Land and validate window `ds`, then write its user_history(ds) state.
 
     source="auto": what the lake holds (`resolve_source`).
-    source="generator": (re)generate window ds with `GeneratorConfig(scale, seed)` (deterministic,
-    so a re-run writes the same data). A new lake takes ds as its origin; windows between the lake's
-    origin and ds that hold no events yet are generated (and their history built) first, in order,
-    because each generated day carries over from the day before.
+    source="generator": generate window ds unless the lake already holds it complete (`_generated`).
+    The generator's settings are the lake's own (its meta `generator`: scale, seed, events per day,
+    surfaces) once it has them; `scale` and `seed` only set up a new lake. A new lake takes ds as its
+    origin; windows between the lake's origin and ds that hold no events yet are generated (and their
+    history built) first, in order, because each generated day carries over from the day before.
     source="lake": the window was imported earlier (e.g. `fmx import`); its events(ds, *) must exist
     and pass the schema check (PartitionNotFound / SchemaError otherwise).
     Both: user_history of earlier windows is built first where missing, then user_history(ds) via
@@ -118,17 +122,45 @@ def ingest(
 
 
 def _generate_through(lake: Lake, window: Window, scale: str, seed: int) -> None:
-    """Generate every missing window from the lake's origin up to `window`, then `window` itself."""
-    from features.generate import GeneratorConfig, generate_window
+    """Generate every missing window from the lake's origin up to `window`, then `window` unless complete."""
+    from features.generate import generate_window
 
-    cfg = GeneratorConfig(scale=scale, seed=seed)
+    cfg = generator_config(lake, scale, seed)
     meta = lake.meta()
     if meta.get("source") == "generator" and "origin" in meta:
         origin = Window.parse(meta["origin"])
         for earlier in window_series(origin.start, max(0, (window.start - origin.start).days)):
             if earlier < window and not lake.partitions(EVENTS.name, ds=earlier.ds):
                 generate_window(lake, cfg, earlier)
-    generate_window(lake, cfg, window)
+    if not _generated(lake, window, cfg.surfaces):
+        generate_window(lake, cfg, window)
+
+
+def generator_config(lake: Lake, scale: str = "small", seed: int = 0) -> GeneratorConfig:
+    """The GeneratorConfig that made `lake` (its meta `generator`), or (scale, seed) for a lake without one.
+
+    A run's Params default to scale small, seed 0: on a lake generated otherwise they must not win, or
+    every run would regenerate (or refuse) the lake's windows at another scale.
+    """
+    from features.generate import SCALES, GeneratorConfig
+
+    made = lake.meta().get("generator")
+    if not isinstance(made, dict):
+        return GeneratorConfig(scale=scale, seed=seed)
+    per_day = made.get("events_per_day")
+    preset = SCALES.get(str(made.get("scale")))
+    return GeneratorConfig(
+        scale=str(made["scale"]), seed=int(made["seed"]), surfaces=tuple(made["surfaces"]),
+        events_per_day=None if preset is not None and per_day == preset.events_per_day else per_day,
+    )  # fmt: skip
+
+
+def _generated(lake: Lake, window: Window, surfaces: tuple[str, ...]) -> bool:
+    """Window complete in the lake: events of every surface, and users/items (written last) for its ds."""
+    from features.schemas import ITEMS, USERS
+
+    held = {p["surface"] for p in lake.partitions(EVENTS.name, ds=window.ds)}
+    return set(surfaces) <= held and all(lake.exists(t.name, ds=window.ds) for t in (USERS, ITEMS))
 
 
 def _validate_events(lake: Lake, window: Window) -> tuple[list[str], int]:

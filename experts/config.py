@@ -48,6 +48,9 @@ class ExpertConfig:
     batch_size: int = 256
     min_steps: int = 64  # a sparse surface's window still gets this many updates (smaller batches, one pass)
     epochs: int = 1
+    fm_gate_windows: int = 2  # confident FM-over-base windows before loopfm / fe read the FM (experts.stage._fm_gate)
+    fm_gate_step: float = 0.5  # the most the FM inputs' scale rises per window
+    calib_gain: float = 0.5  # gain of the next-day calibration controller (experts.train.next_offset)
     ema_decay: float = 0.99  # the expert serves an EMA of its weights (features.ema; 0: the last iterate)
     seed: int = 0
 

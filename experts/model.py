@@ -129,6 +129,7 @@ class Expert(nn.Module):
             fm_width += cfg.fm_proj
         if fm_width:
             self.fm_in = nn.Linear(fm_width, cfg.hidden[0], bias=False)
+        self.fm_gate = 1.0  # scales the FM inputs (and their gradient): set per window by the stage (experts.stage._fm_gate)
         if cfg.uses_kd:
             self.aux_head = nn.Linear(width, 1)
             self.adapter = StudentAdapter(cfg.adapter_hidden)
@@ -143,8 +144,8 @@ class Expert(nn.Module):
         if self.cfg.uses_tae:
             fm.append(self.tae_proj(batch["tae"].detach()))
         x = self.trunk[0](own)  # (B, H1)
-        if fm:
-            x = x + self.fm_in(torch.cat(fm, dim=-1))
+        if fm and self.fm_gate:
+            x = x + self.fm_gate * self.fm_in(torch.cat(fm, dim=-1))
         h = self.trunk[1:](x)  # (B, H)
         logit = self.head(h) + (self.wide(batch["counters"]) if self.cfg.counters else 0.0)  # (B, 1)
         out = {"logit": logit.squeeze(-1)}

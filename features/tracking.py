@@ -40,7 +40,7 @@ from typing import Any
 
 EXPERIMENT = "fmx"
 METRIC_KEYS = ("auc", "logloss", "ne", "calibration", "gap_closure", "transfer_ratio", "ne_vs_base", "ne_vs_base_lo",
-               "ne_vs_base_hi", "kd_scale")
+               "ne_vs_base_hi", "kd_scale", "fm_gate")
 DAY_KEYS = (*METRIC_KEYS, "base_rate")  # what a lineage run copies from its day runs (features.lineage_runs)
 LINEAGE_KEYS = (*DAY_KEYS, *(f"mean_{k}" for k in METRIC_KEYS), "days")  # a lineage run's metric keys
 REQUIRED_TAGS = ("ds", "surface", "variant", "fm_version")

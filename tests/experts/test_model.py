@@ -120,14 +120,16 @@ def test_expert_serves_the_ema_and_a_warm_start_continues_it(lake_uri: str) -> N
     steps = first.ema["updates"]
     assert steps > 1
     served, raw = first.build().state_dict(), first.build(serving=False).state_dict()
-    assert all(torch.equal(served[k], first.ema["weights"][k]) for k in first.ema["weights"])
+    # the EMA weights, the head's intercept re-centred on the window (calib_bias)
+    assert all(torch.equal(served[k], first.ema["weights"][k]) for k in first.ema["weights"] if k != "head.bias")
+    assert torch.allclose(served["head.bias"], first.ema["weights"]["head.bias"] + first.calib_bias)
     assert any(not torch.equal(served[k], raw[k]) for k in first.ema["weights"]), "serving the last iterate"
     second, _ = train_window(first, day2, ws[2], [(ws[2].ds, day2.fm_versions[0])])
     assert second.ema is not None and second.ema["updates"] > steps  # one average across windows
     # ema_decay 0 serves the last iterate
     last, _ = train_window(new_checkpoint(ExpertConfig(variant="base", ema_decay=0.0), day1, "small", "feed"), day1,
                            ws[1], [(ws[1].ds, day1.fm_versions[0])])
-    assert all(torch.equal(last.build().state_dict()[k], last.model[k]) for k in last.model)
+    assert all(torch.equal(last.build().state_dict()[k], last.model[k]) for k in last.model if k != "head.bias")
 
 
 def test_every_variant_starts_as_exactly_base_and_only_fm_inputs_move_it_away(lake_uri: str) -> None:
@@ -155,3 +157,41 @@ def test_kd_scale_follows_the_teachers_measured_advantage(student: float, teache
     from experts.distill import kd_scale
 
     assert kd_scale(student, teacher, 0.005) == pytest.approx(expected)
+
+
+def test_fit_bias_recentres_the_mean_prediction_and_next_offset_learns_the_excess() -> None:
+    from experts.train import fit_bias, next_offset
+
+    z = torch.from_numpy(np.random.default_rng(0).normal(-3.0, 1.0, 5_000))
+    b = fit_bias(z, 0.08)
+    assert float(torch.sigmoid(z + b).mean()) == pytest.approx(0.08, abs=1e-7)
+    assert fit_bias(z, 0.0) == 0.0 and fit_bias(z[:0], 0.1) == 0.0
+    # predicted 10% over the CTR's own move (calibration 1.1 where CTR(D-1)/CTR(D) = 1): offset += gain * log 1.1
+    assert next_offset(0.0, 1.1, 0.05, 0.05, 0.5) == pytest.approx(0.5 * np.log(1.1))
+    assert next_offset(0.2, 1.0, 0.06, 0.05, 0.5) == pytest.approx(0.2 + 0.5 * np.log(1.0 * 0.05 / 0.06))
+    assert next_offset(0.3, float("nan"), 0.05, 0.05, 0.5) == 0.3
+
+
+@pytest.mark.parametrize(("streak", "fm_hi", "own_lo", "gate", "expected"), [
+    (0, -0.01, -0.01, 0.0, (0.0, 1)),  # first confident window: not yet
+    (1, -0.01, -0.01, 0.0, (0.5, 2)),  # second: opens by one step
+    (2, -0.01, -0.01, 0.5, (1.0, 3)),  # then up to the advantage's weight
+    (3, +0.01, -0.01, 1.0, (0.0, 0)),  # the FM no longer ahead with confidence: closed
+    (3, -0.01, +0.01, 1.0, (0.0, 4)),  # the variant confidently worse than base: closed
+])
+def test_fm_inputs_open_only_after_confident_fm_windows(streak: int, fm_hi: float, own_lo: float, gate: float,
+                                                        expected: tuple[float, int]) -> None:
+    from dataclasses import replace
+
+    from experts.stage import _fm_gate
+
+    ckpt = replace(_dummy_checkpoint("fe"), fm_streak=streak, fm_gate=gate)
+    evaluation = {"fm_vs_base_hi": fm_hi, "base_ne": 0.95, "fm": {"ne": 0.90}, "metrics": {"ne_vs_base_lo": own_lo}}
+    assert _fm_gate(ckpt, evaluation) == expected
+    assert _fm_gate(ckpt, {}) == (0.0, 0)  # a cold start: no evidence, inputs off
+
+
+def _dummy_checkpoint(variant: str):  # type: ignore[no-untyped-def]
+    from experts.train import Checkpoint
+
+    return Checkpoint(ExpertConfig(variant=variant), 4, 4, {}, None, "", "small", "feed")

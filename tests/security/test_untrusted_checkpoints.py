@@ -80,10 +80,11 @@ def test_a_registry_tag_cannot_point_outside_the_lake_or_at_an_uploaded_payload(
         monkeypatch.setattr(experts.registry, "champion", lambda surface, preset, fake=fake: fake)
         with pytest.raises(error):
             compare_and_promote(ws[2].ds, "feed", lake_uri, "small", pipeline_run="t")
-    # a payload uploaded INTO the lake at a checkpoint-shaped path is refused by the weights-only load
-    rel = ckpt_relpath("small", "feed", "base", ws[0].ds)
+    # a payload uploaded INTO the lake at a checkpoint-shaped path is refused by the weights-only load (a
+    # champion of a variant no longer trained is scored from its recorded checkpoint)
+    rel = ckpt_relpath("small", "feed", "kd", ws[0].ds)
     lake.write_bytes(rel, _evil_bytes(marker))
-    fake = SimpleNamespace(tags={"variant": "base", "checkpoint": rel, "trained_through": ws[0].ds}, version="1")
+    fake = SimpleNamespace(tags={"variant": "kd", "checkpoint": rel, "trained_through": ws[0].ds}, version="1")
     monkeypatch.setattr(experts.registry, "champion", lambda surface, preset: fake)
     with pytest.raises(CorruptFile):
         compare_and_promote(ws[2].ds, "feed", lake_uri, "small", pipeline_run="t")

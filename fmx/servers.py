@@ -308,8 +308,10 @@ def _processes(state: ServerState) -> dict[str, dict[str, Any]]:
     ports = {"mlflow": state.config.get("mlflow_port"), "api-server": state.config.get("airflow_port")}
     airflow = _airflow_health(state.airflow_url)
     mlflow = _mlflow_healthy(state.mlflow_url)
-    workers = celery_workers(state.config["broker"]) if state.config.get("executor") == "celery" else set()
-    node = {f"worker-{i}": n for i, n in enumerate(running_config(state.config["home"]).worker_names(), start=1)}
+    workers, node = set(), {}
+    if state.config.get("executor") == "celery":
+        workers = celery_workers(state.config["broker"])
+        node = {f"worker-{i}": n for i, n in enumerate(running_config(state.config["home"]).worker_names(), start=1)}
     out = {}
     for name, (pid, started) in state.pids.items():
         alive = _alive(pid, started)

@@ -2,8 +2,8 @@
 metadata, two Celery worker processes), the lake on an S3-compatible server (moto), and one day's FM training
 under torchrun as two nodes (two launchers, c10d rendezvous on 127.0.0.1) through the `fm_nproc` path.
 
-Redis and PostgreSQL come from Debian's packages (infra/ci-setup.sh); the tests skip, saying so, only when
-their binaries are absent.
+Redis and PostgreSQL come from Debian's packages (infra/ci-setup.sh); the e2e tests skip, saying so, only
+when their binaries are absent. The configuration checks at the end start nothing and run in the default suite.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from features.lake import Lake
 from fm import checkpoint, launch
+from fmx import servers
+from fmx.cli import cli
+from fmx.server_config import free_port
 from tests.e2e.conftest import (
     EXPERTS_DAG,
     FM_DAG,
@@ -37,7 +41,6 @@ from tests.e2e.conftest import (
 from tests.e2e.test_postgres import postgres_url  # noqa: F401  (the throw-away PostgreSQL cluster fixture)
 from tests.fm.conftest import TINY, make_lake, overrides_args, subprocess_env
 
-pytestmark = pytest.mark.e2e
 BUCKET = "fmx-e2e"
 
 
@@ -56,6 +59,7 @@ def s3_lake(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield f"s3://{BUCKET}/lake?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
+@pytest.mark.e2e
 def test_day_on_celery_workers_with_two_torchrun_nodes_and_an_s3_lake(
     postgres_url: str,  # noqa: F811
     redis_url: str,
@@ -88,6 +92,8 @@ def test_day_on_celery_workers_with_two_torchrun_nodes_and_an_s3_lake(
                  **{f"experts.{k}": v for k, v in task_hostnames(srv, EXPERTS_DAG, experts_run).items()}}  # fmt: skip
         assert hosts and all(h.split("@")[0] + "@" in workers for h in hosts.values()), hosts
         assert {h.split("@")[0] + "@" for h in hosts.values()} == workers, f"tasks did not use both workers: {hosts}"
+        procs = servers.status(home)["processes"]
+        assert all(procs[f"worker-{i}"]["healthy"] for i in (1, 2)), procs
 
         # FM_day trained under torchrun as 2 processes on 2 nodes, its checkpoint in the S3 lake.
         runs = {r.info.run_name: r for r in mlflow_runs(srv, day)}
@@ -102,6 +108,7 @@ def test_day_on_celery_workers_with_two_torchrun_nodes_and_an_s3_lake(
     print(f"celery e2e: {time.monotonic() - started:.0f} s wall")
 
 
+@pytest.mark.e2e
 def test_two_torchrun_nodes_match_one_process(tmp_path) -> None:
     """fm.launch with 2 nodes x 1 process: each worker reports world 2 over 2 nodes, and the weights equal the
     single-process run's within float tolerance (as tests/fm/test_ddp.py checks for one node)."""
@@ -125,3 +132,50 @@ def test_two_torchrun_nodes_match_one_process(tmp_path) -> None:
 def test_nproc_must_split_over_the_nodes() -> None:
     with pytest.raises(ValueError, match="does not split evenly over 2 torchrun node"):
         launch.commands(["--ds", "2026-01-01"], nproc=3, nnodes=2)
+
+
+CELERY_DB = "postgresql://fmx:NotOnArgv4711@127.0.0.1:5432/fmx"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"executor": "celery", "broker": "redis://127.0.0.1:6379/0"}, "--executor celery needs --db postgresql"),
+        ({"executor": "celery", "db": CELERY_DB}, "--executor celery needs --broker redis://"),
+        ({"executor": "celery", "db": CELERY_DB, "broker": "http://127.0.0.1:1"}, "--broker must be a redis://"),
+        ({"broker": "redis://127.0.0.1:6379/0"}, "--broker is for --executor celery"),
+        ({"executor": "kubernetes"}, "--executor must be one of"),
+    ],
+)
+def test_a_bad_executor_choice_is_one_clear_error(isolated_home: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(servers.ServerError, match=message):
+        servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port(), **kwargs)
+
+
+def test_fmx_up_celery_without_a_database_is_one_line_and_starts_nothing(isolated_home: Path) -> None:
+    out = CliRunner().invoke(cli, ["up", "--executor", "celery", "--broker", "redis://127.0.0.1:1/0"])
+    assert out.exit_code == 1 and out.output.count("\n") == 1 and out.output.startswith("Error: --executor celery")
+    assert servers.load_state(isolated_home) is None
+
+
+def test_celery_config_reaches_every_process_by_environment_only(isolated_home: Path) -> None:
+    broker = "redis://:BrokerSecret42@127.0.0.1:6379/0"
+    cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port(), db=CELERY_DB,
+                                 executor="celery", broker=broker, workers=3, worker_concurrency=2)  # fmt: skip
+    env = servers.server_env(cfg)
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor" and env["AIRFLOW__CELERY__BROKER_URL"] == broker
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+" + cfg.airflow_db_url()
+    cmds = servers.commands(cfg)
+    names = cfg.worker_names()
+    assert [n for n in cmds if n.startswith("worker-")] == ["worker-1", "worker-2", "worker-3"]
+    assert len(set(names)) == 3 and all(n.startswith(f"fmx-worker-{i}@") for i, n in enumerate(names, start=1))
+    assert cmds["worker-2"][-5:] == ["--celery-hostname", names[1], "--concurrency", "2", "--skip-serve-logs"]
+    for argv in cmds.values():
+        assert "BrokerSecret42" not in " ".join(argv) and "NotOnArgv4711" not in " ".join(argv)
+    worker_env = servers.process_env(cfg, "worker-2")
+    assert worker_env["FMX_WORKER_HOSTNAME"] == names[1]
+    assert worker_env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "fmx.server_config.worker_hostname"
+    assert "FMX_WORKER_HOSTNAME" not in servers.process_env(cfg, "scheduler")
+    local = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port())
+    assert servers.server_env(local)["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor" and not local.worker_names()
+    assert not any(n.startswith("worker-") for n in servers.commands(local))

@@ -105,7 +105,7 @@ def test_day_on_celery_workers_with_two_torchrun_nodes_and_an_s3_lake(
         assert version == tags["fm_version"] and version.startswith(f"small-{day}-")
         state = checkpoint.load(lake, "small", day, "final")
         assert state["model"], "empty FM checkpoint"
-    print(f"celery e2e: {time.monotonic() - started:.0f} s wall")
+    print(f"celery e2e: {time.monotonic() - started:.0f} s wall; tasks per worker: {sorted(hosts.items())}")
 
 
 @pytest.mark.e2e

@@ -62,6 +62,8 @@ class DagRunner:
             self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(str(dags_folder), retries),
         )  # fmt: skip
+        for _ in range(self.workers):  # spawn them all now (the pool spawns on demand, mid-job otherwise)
+            self._pool.submit(_noop)
 
     def __enter__(self) -> DagRunner:
         return self
@@ -229,6 +231,10 @@ def _init_worker(dags_folder: str, retries: bool) -> None:
                 task.retries = 0
     _DAGS.update(bag.dags)
     threading.Thread(target=_preload, daemon=True).start()
+
+
+def _noop() -> None:
+    return None
 
 
 def _preload() -> None:

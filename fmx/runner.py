@@ -213,7 +213,7 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
             # create the day's MLflow parent run (features.tracking.parent_run_id is not locked)
             fm_run = _run_dag(dags, fm_dag, ds, fm_conf(cfg, ds, report.pipeline_run), report, echo,
                               skip="trigger_experts", max_active=1)  # fmt: skip
-            if _xcom(fm_run, "plan") is False:
+            if _day_done(fm_run):
                 report.skipped_days.append(ds)
                 echo(f"  ds={ds} is already done (fmx_fm plan): no experts run; --rerun trains it again")
                 continue
@@ -327,6 +327,12 @@ def _xcoms(run_id: str, dag_id: str, task_ids: Sequence[str] | None = None) -> l
     with create_session() as session:
         rows: list[Any] = list(session.scalars(query))  # XComModel rows
         return [_XCom(r.task_id, r.map_index, XComModel.deserialize_value(r)) for r in rows]
+
+
+def _day_done(fm_run: Any) -> bool:
+    """fmx_fm's plan found the day done: it returned False (a short-circuit's falsy result leaves no XCom)."""
+    found = _xcoms(fm_run.run_id, fm_run.dag_id, ["plan"])
+    return not found or found[0].value is False
 
 
 def _xcom(run: Any, task_id: str) -> Any:

@@ -119,7 +119,8 @@ def test_down_stops_the_whole_process_group(isolated_home: Path) -> None:
         pids={"fake": [leader.pid, psutil.Process(leader.pid).create_time()]},
     )
     servers.save_state(isolated_home, state)
-    assert servers.status(isolated_home)["processes"] == {"fake": "running"}
+    fake = servers.status(isolated_home)["processes"]["fake"]
+    assert fake["state"] == "running" and fake["pid"] == leader.pid
     assert servers.down(isolated_home, timeout=10) == ["fake"]
     leader.wait(timeout=5)
     assert not _running(child)

@@ -64,7 +64,10 @@ class AirflowAPI:
         if found.status_code == 404:
             self.request("POST", "/api/v2/pools", json=body)
         else:
-            self.request("PATCH", f"/api/v2/pools/{name}", json={"slots": slots, "description": description})
+            # Airflow 3.3 validates a PATCH against the full pool body (apache/airflow#73768): send it all,
+            # keeping the pool's own include_deferred
+            body["include_deferred"] = bool(found.json().get("include_deferred", False))
+            self.request("PATCH", f"/api/v2/pools/{name}", json=body)
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120.0) -> dict[str, Any]:
         """Wait until the DAG processor has parsed `dag_id`; return its details.

@@ -78,8 +78,8 @@ def up(
     timeout: float,
 ) -> None:
     """Start Airflow (api-server, scheduler, dag-processor, triggerer; with --executor celery also Celery
-    workers), an MLflow server and fmx's reaper; wait until healthy. The DAGs start paused; the schedule line
-    says which runs unpausing fmx_fm starts."""
+    workers), an MLflow server and fmx's reaper; wait until healthy. fmx_fm starts paused (fmx_experts
+    unpaused: it runs only when triggered); the schedule line says which runs unpausing fmx_fm starts."""
     from fmx import servers
 
     try:

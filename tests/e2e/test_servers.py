@@ -50,6 +50,9 @@ def test_down_stops_every_process(tmp_path: Path) -> None:
         ]
         assert alive == [], f"still running after fmx down: {alive}"
         assert "no servers running" in fmx("down", home=started.home).stdout
+    # a second `fmx up` on the same home (its Airflow DB already has fmx's pool) starts cleanly again
+    with running_servers(tmp_path / "home") as again:
+        assert again.api.request("GET", "/api/v2/pools/fmx_training").json()["slots"] >= 1
 
 
 @pytest.fixture(scope="module")

@@ -213,19 +213,23 @@ def parent_run_id(pipeline_run: str, ds: str, experiment: str = EXPERIMENT) -> s
 
     exp_id = setup(experiment)
     filter_string = f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}' and tags.ds = '{ds}' and tags.`fmx.kind` = 'day'"
-    found = mlflow.search_runs([exp_id], filter_string=filter_string, output_format="list", max_results=1)
-    if found:
-        return found[0].info.run_id
-    client = mlflow.MlflowClient()
-    dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID")
-    run = client.create_run(
-        exp_id,
-        run_name=parent_name(pipeline_run, ds, dag_id),
-        tags={PIPELINE_RUN_TAG: pipeline_run, "ds": ds, "fmx.kind": "day", PIPELINE_TAG: dag_id or "cli",
-              "git_sha": git_sha()},
-    )
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    # stages of one day start concurrently (fmx run's workers, an executor's slots): find-or-create under a
+    # host lock, so they share one parent (across hosts, the oldest parent is found first next time)
+    with host_lock(f"parent-{experiment}-{pipeline_run}-{ds}"):
+        found = mlflow.search_runs([exp_id], filter_string=filter_string, output_format="list", max_results=1,
+                                   order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        client = mlflow.MlflowClient()
+        dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID")
+        run = client.create_run(
+            exp_id,
+            run_name=parent_name(pipeline_run, ds, dag_id),
+            tags={PIPELINE_RUN_TAG: pipeline_run, "ds": ds, "fmx.kind": "day", PIPELINE_TAG: dag_id or "cli",
+                  "git_sha": git_sha()},
+        )
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
 
 
 @contextmanager

@@ -125,3 +125,19 @@ def test_a_parent_carries_the_ds_of_its_children(monkeypatch: pytest.MonkeyPatch
     assert parent.info.run_name == "2026-01-04 · fmx_fm scheduled"
     assert parent.data.tags["fmx.pipeline"] == "fmx_fm" and parent.data.tags["ds"] == run.data.tags["ds"]
     assert parent.info.status == "FINISHED"
+
+
+def _stage_in_process(name: str) -> str:
+    with stage_run(name, pipeline_run="race", ds="2026-01-02", tags={**TAGS, "surface": name}) as run:
+        return str(mlflow.get_run(run.info.run_id).data.tags["mlflow.parentRunId"])
+
+
+def test_stages_starting_at_once_share_one_parent() -> None:
+    """fmx run's workers start a day's stages concurrently: they must find-or-create one parent, not several."""
+    import multiprocessing as mp
+
+    setup()  # the store exists before the processes race
+    with mp.get_context("fork").Pool(4) as pool:
+        parents = pool.map(_stage_in_process, [f"s{i}" for i in range(4)])
+    assert len(set(parents)) == 1
+    assert len(_parent("race", "2026-01-02")) == 1

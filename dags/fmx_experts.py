@@ -38,32 +38,37 @@ def fmx_experts() -> None:
         """The mapped tasks' kwargs: one dict per combination of the day's lists (e.g. surface x variant)."""
         return dagkit.grid(day, axes)
 
-    @task(multiple_outputs=False)
+    @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
     def expert_examples(day: dict, surface: str, preset: str) -> dict:
         from experts.stage import expert_examples as stage
 
+        dagkit.label(surface, preset)
         out = dagkit.timed(stage, ds=day["ds"], surface=surface, lake_uri=day["lake"], preset=preset)
         return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
 
-    @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False)
+    @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False,
+          map_index_template=dagkit.MAP_LABEL)
     def expert_train(day: dict, surface: str, variant: str, preset: str) -> dict:
         from experts.stage import expert_train as stage
 
+        dagkit.label(surface, variant, preset)
         out = dagkit.timed(stage, surface=surface, variant=variant, preset=preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "variant": variant, "preset": preset}
 
-    @task(multiple_outputs=False)
+    @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
     def reference(day: dict, surface: str, preset: str) -> dict:
         """The counting reference (variant `ref`) scored on the same rows: the bar every model must clear."""
         from experts.reference import reference_eval as stage
 
+        dagkit.label(surface, preset)
         out = dagkit.timed(stage, surface=surface, preset=preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
 
-    @task(multiple_outputs=False)
+    @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
     def compare_and_promote(day: dict, surface: str, preset: str) -> dict:
         from experts.stage import compare_and_promote as stage
 
+        dagkit.label(surface, preset)
         out = dagkit.timed(stage, surface=surface, preset=preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
 

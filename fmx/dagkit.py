@@ -291,3 +291,13 @@ def grid(day: Mapping[str, Any], axes: list[str]) -> list[dict[str, str]]:
         raise ValueError(f"unknown grid axes {unknown}; known: {sorted(GRID_LISTS)}")
     lists = [list(day[GRID_LISTS[a]]) for a in axes]
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*lists)]
+
+
+MAP_LABEL = "{{ fmx_label }}"  # a mapped task's name in the Airflow UI (map_index_template), set by `label`
+
+
+def label(*parts: str) -> None:
+    """Name this mapped task instance in the Airflow UI, e.g. ``feed/kd/small`` instead of map index 5."""
+    from airflow.sdk import get_current_context
+
+    get_current_context()["fmx_label"] = "/".join(parts)  # type: ignore[typeddict-unknown-key]

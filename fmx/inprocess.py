@@ -139,12 +139,12 @@ class DagRunner:
         from airflow.serialization.encoders import coerce_to_core_timetable
         from airflow.utils.types import DagRunTriggeredByType, DagRunType
 
-        run_after = timezone.utcnow()
+        run_after = timezone.utcnow()  # also the run's start date: the UI's durations are wall time
         interval = coerce_to_core_timetable(scheduler_dag.timetable).infer_manual_data_interval(
             run_after=logical_date
         )
         return get_or_create_dagrun(
-            dag=scheduler_dag, start_date=logical_date, logical_date=logical_date, data_interval=interval,
+            dag=scheduler_dag, start_date=run_after, logical_date=logical_date, data_interval=interval,
             run_after=run_after, conf=conf, session=session, triggered_by=DagRunTriggeredByType.TEST,
             triggering_user_name="fmx_run",
             run_id=DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=logical_date,

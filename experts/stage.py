@@ -100,18 +100,20 @@ def _kd_scale(cfg: ExpertConfig, evaluation: dict[str, Any]) -> float:
 
 
 def _fm_gate(ckpt: Checkpoint, evaluation: dict[str, Any]) -> tuple[float, int]:
-    """(scale of the FM inputs for this window, FM streak): loopfm / fe read the FM only once it has shown an
-    advantage over the FM-free expert (base) on the rows of `fm_gate_windows` consecutive windows before
-    training on them, with 95% confidence (paired bootstrap); then the scale rises by at most
-    `fm_gate_step` a window towards experts.distill.kd_scale(NE(base), NE(FM)); it drops to 0 when that
-    streak breaks or when the variant scored confidently worse than base. 0 on a cold start (no evidence).
+    """(scale of the FM inputs for this window, FM streak). loopfm / fe read the FM only once it has been
+    ahead of the FM-free expert (base) with 95% confidence (paired bootstrap) on the rows of
+    `fm_gate_windows` consecutive windows before training on them; from then on the scale rises by
+    `fm_gate_step` a window while the FM's NE is below base's, and falls by a step whenever the variant
+    itself scored worse than base with confidence. 0 on a cold start (no evidence).
 
     FM inputs only help an expert when the FM knows what the expert does not, and a newly opened input
     learnt from one small window is mostly noise. Measured on the MovieLens genres (a few hundred rows a
     week; the FM level with base): loopfm with the inputs always on lost 0.016 / 0.013 NE to base on comedy /
-    thriller (0.065 on the first scored day); gated by a single window's advantage, fe still lost 0.004 on
-    family the day after the gate opened; with two confident windows the inputs never open there, while on
-    the built-in stream (FM 0.02-0.07 NE ahead of base every day) they open from the fourth window.
+    thriller (0.065 on the first scored day); opened by a single window's advantage, fe still lost 0.004 on
+    family the day after; with two confident windows the inputs never open there, while on the built-in
+    stream (FM 0.02-0.07 NE ahead of base) they open from the fourth window. Closing the inputs outright
+    when the FM's lead was not confident on one day cost loopfm 0.002 on live the next day (its trunk had
+    learnt with them): only the variant's own confident loss closes them, a step at a time.
     """
     cfg = ckpt.config
     if not (cfg.uses_loop or cfg.uses_tae):
@@ -119,10 +121,12 @@ def _fm_gate(ckpt: Checkpoint, evaluation: dict[str, Any]) -> tuple[float, int]:
     if not evaluation or "fm_vs_base_hi" not in evaluation:
         return 0.0, 0
     streak = ckpt.fm_streak + 1 if evaluation["fm_vs_base_hi"] < 0 else 0
-    if streak < cfg.fm_gate_windows or evaluation["metrics"].get("ne_vs_base_lo", 0.0) > 0:
-        return 0.0, streak
-    return min(ckpt.fm_gate + cfg.fm_gate_step, kd_scale(evaluation["base_ne"], evaluation["fm"]["ne"],
-                                                          cfg.kd_tau)), streak
+    if evaluation["metrics"].get("ne_vs_base_lo", 0.0) > 0:  # the variant hurt with confidence: back off
+        return max(0.0, ckpt.fm_gate - cfg.fm_gate_step), streak
+    if ckpt.fm_gate > 0 or streak >= cfg.fm_gate_windows:
+        fm_ahead = evaluation["fm"]["ne"] < evaluation["base_ne"]
+        return (min(1.0, ckpt.fm_gate + cfg.fm_gate_step) if fm_ahead else ckpt.fm_gate), streak
+    return 0.0, streak
 
 
 def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str = "small",

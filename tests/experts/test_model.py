@@ -175,9 +175,10 @@ def test_fit_bias_recentres_the_mean_prediction_and_next_offset_learns_the_exces
 @pytest.mark.parametrize(("streak", "fm_hi", "own_lo", "gate", "expected"), [
     (0, -0.01, -0.01, 0.0, (0.0, 1)),  # first confident window: not yet
     (1, -0.01, -0.01, 0.0, (0.5, 2)),  # second: opens by one step
-    (2, -0.01, -0.01, 0.5, (1.0, 3)),  # then up to the advantage's weight
-    (3, +0.01, -0.01, 1.0, (0.0, 0)),  # the FM no longer ahead with confidence: closed
-    (3, -0.01, +0.01, 1.0, (0.0, 4)),  # the variant confidently worse than base: closed
+    (2, -0.01, -0.01, 0.5, (1.0, 3)),  # then a step a window while the FM is ahead
+    (3, +0.01, -0.01, 1.0, (1.0, 0)),  # the FM's lead not confident today: an open input stays open
+    (3, -0.01, +0.01, 1.0, (0.5, 4)),  # the variant confidently worse than base: one step back
+    (0, +0.01, -0.01, 0.0, (0.0, 0)),  # no lead, closed: stays closed
 ])
 def test_fm_inputs_open_only_after_confident_fm_windows(streak: int, fm_hi: float, own_lo: float, gate: float,
                                                         expected: tuple[float, int]) -> None:

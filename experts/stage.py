@@ -78,14 +78,15 @@ def _progressive_eval(lake: Lake, window: Window, surface: str, preset: str, ckp
                               "fm": all_metrics(y, fm_probs(data), base_rate), "rows": len(y),
                               "trained_through": ckpt.trained_through}
     base_rel = latest_before(lake, preset, surface, "base", window)
+    base = probs  # without a base expert, the variant itself stands in for the FM gate's comparison
     if base_rel is not None:
         base = probs if ckpt.config.variant == "base" else score_before(
             load_checkpoint(lake, base_rel), data, window, f"expert {surface}/base")
-        ne_base = ne(y, base, base_rate)
-        result["base_ne"] = ne_base
-        result["fm_vs_base_hi"] = ne_diff(y, fm_probs(data), base, base_rate).hi
-        result["metrics"]["gap_closure"] = gap_closure(ne_base, result["metrics"]["ne"], result["fm"]["ne"])
+        result["metrics"]["gap_closure"] = gap_closure(ne(y, base, base_rate), result["metrics"]["ne"],
+                                                       result["fm"]["ne"])
         result["metrics"].update(vs_base_metrics(ne_diff(y, probs, base, base_rate)))
+    result["base_ne"] = ne(y, base, base_rate)
+    result["fm_vs_base_hi"] = ne_diff(y, fm_probs(data), base, base_rate).hi
     result["calib"] = (y, probs)
     return result
 
@@ -101,7 +102,7 @@ def _kd_scale(cfg: ExpertConfig, evaluation: dict[str, Any]) -> float:
 
 def _fm_gate(ckpt: Checkpoint, evaluation: dict[str, Any]) -> tuple[float, int]:
     """(scale of the FM inputs for this window, FM streak). loopfm / fe read the FM only once it has been
-    ahead of the FM-free expert (base) with 95% confidence (paired bootstrap) on the rows of
+    ahead of the FM-free expert (base; without base, the variant itself) with 95% confidence on the rows of
     `fm_gate_windows` consecutive windows before training on them; from then on the scale rises by
     `fm_gate_step` a window while the FM's NE is below base's, and falls by a step whenever the variant
     itself scored worse than base with confidence. 0 on a cold start (no evidence).

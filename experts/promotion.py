@@ -68,20 +68,23 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
     best = min(scores, key=lambda v: scores[v]["logloss"])  # = the lowest NE: same rows, same base rate
     previous = _previous_champion(lake, window, surface, preset)
     champ, champ_ne, vs_champion = None, None, None
+    diffs: dict[str, Interval] = {}  # each variant vs the champion on today's rows (kept for pooling)
     if previous is not None:
         champ = previous["variant"]
-        champ_probs = probs.get(champ)
-        if champ_probs is None:  # the champion's variant is not trained any more: its recorded model
+        if champ in probs:
+            champ_probs, champ_ne = probs[champ], scores[champ]["ne"]
+        else:  # the champion's variant is not trained any more: its recorded model
             champ_probs = score_before(load_checkpoint(lake, previous["checkpoint"]), data, window, "champion")
-        champ_ne = all_metrics(y, champ_probs, base_rate)["ne"]
+            champ_ne = all_metrics(y, champ_probs, base_rate)["ne"]
+        diffs = {v: ne_diff(y, p, champ_probs, base_rate) for v, p in probs.items()}
         if best != champ:
-            today = ne_diff(y, probs[best], champ_probs, base_rate)
-            vs_champion = pool([today, *_earlier_diffs(lake, window, surface, preset, best, champ, pool_days - 1)])
+            earlier = _earlier_diffs(lake, window, surface, preset, best, champ, pool_days - 1)
+            vs_champion = pool([diffs[best], *earlier])
     decision = decide(best, champ, vs_champion, margin)
     record = _winner_record(lake, window, surface, preset, decision.variant)
     version = _update_registry(lake, window, surface, preset, best, decision, record)
     record.update(decision="promoted" if decision.promote else "kept", reason=decision.reason,
-                  scored_champion=champ, vs_champion=_diffs_vs(y, probs, champ_probs if champ else None, base_rate),
+                  scored_champion=champ, vs_champion={v: d.to_dict() for v, d in diffs.items()},
                   **({"version": version} if version else {}))
     write_champion(lake, preset, surface, ds, record)
     transfers = _log_transfers(lake, window, surface, preset, scores)
@@ -120,14 +123,6 @@ def _scores(y: np.ndarray, probs: dict[str, np.ndarray], fm: np.ndarray, base_ra
 def vs_base_metrics(diff: Interval) -> dict[str, float]:
     """The MLflow metrics of an NE difference to base: ne_vs_base, ne_vs_base_lo, ne_vs_base_hi."""
     return {"ne_vs_base": diff.mean, "ne_vs_base_lo": diff.lo, "ne_vs_base_hi": diff.hi}
-
-
-def _diffs_vs(y: np.ndarray, probs: dict[str, np.ndarray], champ_probs: np.ndarray | None, base_rate: float
-              ) -> dict[str, dict[str, Any]]:
-    """Each variant's NE difference to the scored champion on today's rows (kept in the record for pooling)."""
-    if champ_probs is None:
-        return {}
-    return {v: ne_diff(y, p, champ_probs, base_rate).to_dict() for v, p in probs.items()}
 
 
 def _earlier_diffs(lake: Lake, window: Window, surface: str, preset: str, challenger: str, champ: str,

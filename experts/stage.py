@@ -73,20 +73,21 @@ def _progressive_eval(lake: Lake, window: Window, surface: str, preset: str, ckp
     NE - NE(base) on the same rows with its 95% paired-bootstrap interval (ne_vs_base, _lo, _hi)."""
     y = data.label.numpy().astype(np.float64)
     base_rate = training_ctr(lake, window, surface)
-    probs = score_before(ckpt, data, window, f"expert {surface}/{ckpt.config.variant}")
+    probs, fm = score_before(ckpt, data, window, f"expert {surface}/{ckpt.config.variant}"), fm_probs(data)
     result: dict[str, Any] = {"metrics": all_metrics(y, probs, base_rate), "base_rate": base_rate,
-                              "fm": all_metrics(y, fm_probs(data), base_rate), "rows": len(y),
+                              "fm": all_metrics(y, fm, base_rate), "rows": len(y),
                               "trained_through": ckpt.trained_through}
     base_rel = latest_before(lake, preset, surface, "base", window)
     base = probs  # without a base expert, the variant itself stands in for the FM gate's comparison
+    if base_rel is not None and ckpt.config.variant != "base":
+        base = score_before(load_checkpoint(lake, base_rel), data, window, f"expert {surface}/base")
+    ne_base = ne(y, base, base_rate)
     if base_rel is not None:
-        base = probs if ckpt.config.variant == "base" else score_before(
-            load_checkpoint(lake, base_rel), data, window, f"expert {surface}/base")
-        result["metrics"]["gap_closure"] = gap_closure(ne(y, base, base_rate), result["metrics"]["ne"],
-                                                       result["fm"]["ne"])
+        result["metrics"]["gap_closure"] = gap_closure(ne_base, result["metrics"]["ne"], result["fm"]["ne"])
         result["metrics"].update(vs_base_metrics(ne_diff(y, probs, base, base_rate)))
-    result["base_ne"] = ne(y, base, base_rate)
-    result["fm_vs_base_hi"] = ne_diff(y, fm_probs(data), base, base_rate).hi
+    if ckpt.config.uses_loop or ckpt.config.uses_tae:  # what `_fm_gate` reads
+        result["base_ne"] = ne_base
+        result["fm_vs_base_hi"] = ne_diff(y, fm, base, base_rate).hi
     result["calib"] = (y, probs)
     return result
 

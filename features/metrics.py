@@ -40,9 +40,7 @@ def auc(y: ArrayLike, p: ArrayLike) -> float:
 
 
 def logloss(y: ArrayLike, p: ArrayLike) -> float:
-    ya, pa_ = _arrays(y, p)
-    pc = np.clip(pa_, EPS, 1 - EPS)
-    return float(-(ya * np.log(pc) + (1 - ya) * np.log1p(-pc)).mean())
+    return float(row_logloss(y, p).mean())
 
 
 def entropy(base_rate: float) -> float:
@@ -72,7 +70,7 @@ def all_metrics(y: ArrayLike, p: ArrayLike, base_rate: float) -> dict[str, float
 
 
 def row_logloss(y: ArrayLike, p: ArrayLike) -> np.ndarray:
-    """Per-row binary cross-entropy (N,), p clipped as in `logloss` (whose mean it is)."""
+    """Per-row binary cross-entropy (N,), p clipped to [EPS, 1 - EPS]; `logloss` is its mean."""
     ya, pa_ = _arrays(y, p)
     pc = np.clip(pa_, EPS, 1 - EPS)
     return -(ya * np.log(pc) + (1 - ya) * np.log1p(-pc))

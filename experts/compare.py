@@ -22,6 +22,7 @@ from experts.config import VARIANTS
 from experts.promote import Interval, pool
 from experts.reference import VARIANT as REF
 from experts.registry import STAGE_TAG, TRAIN_STAGE, champion
+from features.lineage_runs import newest_finished
 
 COLUMNS = ("auc", "ne", "calibration", "gap_closure", "transfer_ratio")
 VS_BASE = ("ne_vs_base", "ne_vs_base_lo", "ne_vs_base_hi")  # per day: NE - NE(base), 95% paired-bootstrap bounds
@@ -48,11 +49,8 @@ def compare_rows(surface: str | None = None, ds_from: str | None = None, ds_to: 
     groups: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     vs_base: dict[tuple[str, str, str], list[Interval]] = defaultdict(list)
     days: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-    newest: dict[tuple[str, ...], Any] = {}  # a day re-run counts once: its newest FINISHED run
-    for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id)):
-        if run.info.status == "FINISHED":
-            t = run.data.tags
-            newest[(t.get("fm_preset", "?"), t["surface"], t["variant"], t.get("ds", ""))] = run
+    newest = newest_finished(runs, key=lambda r: (r.data.tags.get("fm_preset", "?"), r.data.tags["surface"],
+                                                  r.data.tags["variant"], r.data.tags.get("ds", "")))
     for run in newest.values():
         tags, ds = run.data.tags, run.data.tags.get("ds", "")
         if (ds_from and ds < ds_from) or (ds_to and ds > ds_to):

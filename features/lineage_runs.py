@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,11 +77,16 @@ def day_runs(preset: str, surface: str, variant: str, experiment: str = EXPERIME
            "and attributes.status = 'FINISHED'" + ("" if variant == "fm" else " and tags.evaluated = 'true'"))
     exp_id = experiment_id(experiment)  # first: a client is bound to the tracking URI when it is made
     runs = mlflow.MlflowClient().search_runs([exp_id], flt, max_results=50_000)
-    newest: dict[str, Any] = {}
+    days = [r for r in runs if r.data.tags.get("ds") and (variant != "fm" or "ne" in r.data.metrics)]  # not fm "all"
+    return newest_finished(days, key=lambda r: r.data.tags["ds"])
+
+
+def newest_finished(runs: Iterable[Any], key: Callable[[Any], Hashable]) -> dict[Any, Any]:
+    """{key(run): the newest FINISHED run with that key}: a day re-run counts once (here and in fmx compare)."""
+    newest: dict[Any, Any] = {}
     for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id)):
-        ds = run.data.tags.get("ds")
-        if ds and (variant != "fm" or "ne" in run.data.metrics):  # the fm_export "all" run has none
-            newest[ds] = run
+        if run.info.status == "FINISHED":
+            newest[key(run)] = run
     return newest
 
 

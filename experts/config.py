@@ -48,6 +48,10 @@ class ExpertConfig:
     batch_size: int = 256
     min_steps: int = 64  # a sparse surface's window still gets this many updates (smaller batches, one pass)
     epochs: int = 1
+    # training order: rows of at most this many per shuffle buffer (experts.stream.shuffled_batches); a partition
+    # this small is read whole and shuffled as one permutation. Memory ~3 KB a row (L=20 history of R=32 codes):
+    # 65,536 rows ~ 0.2 GB, about the whole feed partition at 0.1M events a day (issue 12: peak RSS flat in N)
+    shuffle_rows: int = 65_536
     fm_gate_windows: int = 2  # confident FM-over-base windows before loopfm / fe read the FM (experts.stage._fm_gate)
     fm_gate_step: float = 0.5  # the most the FM inputs' scale rises per window
     calib_gain: float = 0.5  # gain of the next-day calibration controller (experts.train.next_offset)

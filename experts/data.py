@@ -1,23 +1,42 @@
-"""expert_examples partitions -> tensors the expert reads (see experts/model.py for shapes)."""
+"""expert_examples partitions -> tensors the expert reads (see experts/model.py for shapes), in bounded memory.
+
+- `ExpertData`: rows as tensors (a read chunk, a shuffle buffer, or a whole small partition).
+- `ExpertSource` (issue 12: windows larger than memory): one partition (one day, one surface) read with
+  pyarrow in record batches of `read_rows` rows, never whole. Construction makes one pass over the label,
+  fm_version, fm_tae and loop_hist_repr columns only, for the per-row labels (N,) float32, the FM versions and
+  the per-partition standardisation (`Standardization`); `chunks` then yields ExpertData in file order (or by
+  Parquet row group, the shuffle unit of experts.stream). A partition of at most `buffer_rows` rows gets
+  exactly `standardize`'s float32 statistics; a larger one float64 accumulations over the batches (equal up
+  to float32 rounding, about 1e-7 relative).
+- `load_examples`: a whole partition in one read (the in-memory reference: tests, benches).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
-from experts.config import OWN_FEATURES
+from experts.config import OWN_FEATURES, ExpertConfig
 from features.expert_examples import build_expert_examples
-from features.lake import Lake
-from features.schemas import CLICK, FM_VERSION
+from features.lake import DATA_FILE, Lake, PartitionNotFound, check_schema
+from features.schemas import CLICK, FM_VERSION, TABLES
 from features.windows import Window
+
+READ_ROWS = 8192  # rows per record batch read; a multiple of the scoring batch (experts.evaluate.predict)
+TENSOR_COLUMNS = [*OWN_FEATURES, "fm_tae", "loop_hist_repr", "loop_hist_click", "fm_logit_click", "counters",
+                  CLICK, FM_VERSION]
+STATS_COLUMNS = [CLICK, FM_VERSION, "fm_tae", "loop_hist_repr"]
 
 
 @dataclass
 class ExpertData:
-    """One window of one surface, as tensors; `fm_versions` are the distinct FM versions of its rows."""
+    """Rows of one window of one surface, as tensors; `fm_versions` are the distinct FM versions of its rows."""
 
     tensors: dict[str, torch.Tensor]
     label: torch.Tensor  # (N,) float32
@@ -37,6 +56,29 @@ class ExpertData:
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v[idx] for k, v in self.tensors.items()}
 
+    def rows(self, idx: torch.Tensor) -> ExpertData:
+        """The rows `idx` (a copy), labels included."""
+        return ExpertData(self.batch(idx), self.label[idx], self.fm_versions)
+
+
+def concat(parts: Iterable[ExpertData], rows: int) -> ExpertData:
+    """The first `rows` rows of `parts`, copied into tensors allocated once (no second copy of the list)."""
+    out: ExpertData | None = None
+    at, versions = 0, set[str]()
+    for part in parts:
+        if out is None:
+            out = ExpertData({k: v.new_empty((rows, *v.shape[1:])) for k, v in part.tensors.items()},
+                             part.label.new_empty(rows), [])
+        take = min(len(part), rows - at)
+        for k, v in part.tensors.items():
+            out.tensors[k][at:at + take] = v[:take]
+        out.label[at:at + take] = part.label[:take]
+        at, versions = at + take, versions | set(part.fm_versions)
+    if out is None or at != rows:
+        raise ValueError(f"expected {rows} rows, got {at}")
+    out.fm_versions = sorted(versions)
+    return out
+
 
 def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """fixed_size_list<float>[W] column -> (N, W) float32."""
@@ -45,28 +87,50 @@ def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), width)
 
 
+def _entries(arr: pa.Array, length: int, width: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, slots, values) of the newest `length` entries of each list (they are ordered oldest -> newest),
+    row-major: entry j of row i sits in slot j; values (M, width) float32, (M,) when width is None."""
+    full = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    lengths = np.minimum(full, length)
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    inner = arr.flatten()
+    if not len(rows):
+        return rows, slots, np.zeros((0,) if width is None else (0, width), np.float32)
+    values = (inner if width is None else inner.flatten()).to_numpy(zero_copy_only=False).astype(np.float32)
+    values = values if width is None else values.reshape(len(inner), width)
+    offsets = arr.offsets.to_numpy()
+    starts = offsets[:-1] - offsets[0] + (full - lengths)  # flatten() starts at the first offset
+    return rows, slots, values[np.repeat(starts, lengths) + slots]
+
+
 def _history(column: pa.ChunkedArray, length: int, width: int | None) -> tuple[np.ndarray, np.ndarray]:
     """list<fixed_size_list<float>[R]> -> (N, L, R) (list<scalar> with width None -> (N, L)), zero padded
     after the entries, and the (N, L) mask."""
     arr = column.combine_chunks()
     n = len(arr)
-    lengths = np.minimum(arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), length)
     out = np.zeros((n, length) if width is None else (n, length, width), dtype=np.float32)
-    mask = np.arange(length)[None, :] < lengths[:, None]  # (N, L)
-    inner = arr.flatten()
-    if len(inner):
-        flat = inner if width is None else inner.flatten()
-        values = flat.to_numpy(zero_copy_only=False).astype(np.float32)
-        values = values if width is None else values.reshape(len(inner), width)
-        offsets = arr.offsets.to_numpy()[:-1]
-        full = np.asarray(arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False))
-        # keep the newest `length` entries of longer lists (they are ordered oldest -> newest)
-        starts = offsets + (full - lengths)
-        rows = np.repeat(np.arange(n), lengths)
-        slots = np.concatenate([np.arange(k) for k in lengths]) if n else np.zeros(0, int)
-        src = np.repeat(starts, lengths) + slots
-        out[rows, slots] = values[src]
+    mask = np.zeros((n, length), dtype=bool)
+    rows, slots, values = _entries(arr, length, width)
+    out[rows, slots] = values
+    mask[rows, slots] = True
     return out, mask
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Column mean and std (floored at 1e-3) of one standardised input, each (1, W) float32."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+
+def moments(x: np.ndarray) -> Moments:
+    """The Moments of the rows of (N, W) float32 `x` (float32 arithmetic, as numpy reduces it)."""
+    return Moments(x.mean(axis=0, keepdims=True), np.maximum(x.std(axis=0, keepdims=True), 1e-3))
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
@@ -79,38 +143,133 @@ def standardize(x: np.ndarray) -> np.ndarray:
     than base on the first scored day; bench/calibration_hypotheses.py). Label-free: serving computes the
     same statistics on the FM version's recent traffic.
     """
-    mean = x.mean(axis=0, keepdims=True)
-    std = np.maximum(x.std(axis=0, keepdims=True), 1e-3)
-    return ((x - mean) / std).astype(np.float32)
+    return moments(x).apply(x)
 
 
-def to_tensors(table: pa.Table, history_length: int) -> ExpertData:
-    """An EXPERT_EXAMPLES table -> ExpertData. Fails on an empty table."""
+@dataclass(frozen=True)
+class Standardization:
+    """A partition's `standardize` statistics: of fm_tae's rows and of the real history entries (None: none)."""
+
+    tae: Moments
+    hist: Moments | None
+
+
+class _Accumulator:
+    """Column Moments of a stream of (n, W) float32 blocks: `moments` of their concatenation when `exact`
+    (the blocks are kept), else float64 running means and squared deviations (Chan et al.'s merge)."""
+
+    def __init__(self, exact: bool) -> None:
+        self.exact, self.n = exact, 0
+        self.parts: list[np.ndarray] = []
+        self.mean, self.m2 = np.zeros(0), np.zeros(0)
+
+    def add(self, x: np.ndarray) -> None:
+        if self.exact or not len(x):
+            self.parts += [x] if len(x) else []
+            return
+        x64 = x.astype(np.float64)
+        n, mean = len(x64), x64.mean(axis=0)
+        m2 = ((x64 - mean) ** 2).sum(axis=0)
+        total = self.n + n
+        delta = mean - self.mean if self.n else np.zeros_like(mean)
+        self.mean = mean if not self.n else self.mean + delta * n / total
+        self.m2 = m2 if not self.n else self.m2 + m2 + delta**2 * self.n * n / total
+        self.n = total
+
+    def result(self) -> Moments | None:
+        if self.exact:
+            return moments(np.concatenate(self.parts)) if self.parts else None
+        if not self.n:
+            return None
+        std = np.maximum(np.sqrt(self.m2 / self.n), 1e-3)
+        return Moments(self.mean[None].astype(np.float32), std[None].astype(np.float32))
+
+
+def to_tensors(table: pa.Table, history_length: int, stats: Standardization | None = None) -> ExpertData:
+    """An EXPERT_EXAMPLES table -> ExpertData, standardised with `stats` (default: this table's own, i.e.
+    `standardize` over its rows). Fails on an empty table."""
     if table.num_rows == 0:
         raise ValueError("expert_examples partition has no rows")
     cats = np.stack([table[c].to_numpy().astype(np.int64) for c in OWN_FEATURES], axis=1)  # (N, F)
-    tae = standardize(_vectors(table["fm_tae"]))
+    tae = _vectors(table["fm_tae"])
     width = table["loop_hist_repr"].type.value_type.list_size
     hist, mask = _history(table["loop_hist_repr"], history_length, width)
-    if mask.any():  # the real entries only; padding stays 0 (and masked)
-        hist[mask] = standardize(hist[mask])
+    stats = stats or Standardization(moments(tae), moments(hist[mask]) if mask.any() else None)
+    if mask.any() and stats.hist is not None:  # the real entries only; padding stays 0 (and masked)
+        hist[mask] = stats.hist.apply(hist[mask])
     clicks, _ = _history(table["loop_hist_click"], history_length, None)  # aligned with hist's slots
     tensors = {
         "cats": torch.from_numpy(cats),
         "loop_repr": torch.from_numpy(hist),
         "loop_mask": torch.from_numpy(mask),
         "loop_click": torch.from_numpy(clicks),
-        "tae": torch.from_numpy(tae),
+        "tae": torch.from_numpy(stats.tae.apply(tae)),
         "fm_logit": torch.from_numpy(table["fm_logit_click"].to_numpy().astype(np.float32)),
         "counters": torch.from_numpy(_vectors(table["counters"])),
     }
     label = torch.from_numpy(table[CLICK].to_numpy().astype(np.float32))
-    versions = sorted(set(table[FM_VERSION].to_pylist()))
+    versions = sorted(pc.unique(table[FM_VERSION]).to_pylist())
     return ExpertData(tensors, label, versions)
 
 
+class ExpertSource:
+    """expert_examples(fm=preset, ds, surface) read in record batches (module docstring); PartitionNotFound
+    when absent, ValueError when empty. `group_rows`: the rows of each Parquet row group, in file order."""
+
+    def __init__(self, lake: Lake, preset: str, ds: str, surface: str, history_length: int,
+                 buffer_rows: int = ExpertConfig.shuffle_rows, read_rows: int = READ_ROWS) -> None:
+        keys = {"fm": preset, "ds": ds, "surface": surface}
+        if not lake.exists("expert_examples", **keys):
+            raise PartitionNotFound(f"expert_examples {keys} does not exist in lake {lake.uri}")
+        self.lake, self.path = lake, f"{lake.partition_dir('expert_examples', **keys)}/{DATA_FILE}"
+        self.history_length, self.buffer_rows, self.read_rows = history_length, buffer_rows, read_rows
+        with lake.fs.open_input_file(self.path) as f:
+            meta = pq.ParquetFile(f)
+            check_schema(TABLES["expert_examples"], meta.schema_arrow, f"expert_examples {keys}")
+            self.group_rows = [meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            self.repr_dim = int(meta.schema_arrow.field("loop_hist_repr").type.value_type.list_size)
+            self.tae_dim = int(meta.schema_arrow.field("fm_tae").type.list_size)
+        if not len(self):
+            raise ValueError("expert_examples partition has no rows")
+        self.label, self.fm_versions, self.stats = self._scan()
+
+    def __len__(self) -> int:
+        return sum(self.group_rows)
+
+    def _tables(self, columns: list[str], groups: Iterable[int] | None = None) -> Iterator[pa.Table]:
+        """Record batches of at most read_rows rows: of `groups` in that order (default: every row, in file order)."""
+        with self.lake.fs.open_input_file(self.path) as f:
+            reader = pq.ParquetFile(f, page_checksum_verification=True)
+            for part in [None] if groups is None else [[g] for g in groups]:
+                for batch in reader.iter_batches(batch_size=self.read_rows, row_groups=part, columns=columns):
+                    yield pa.Table.from_batches([batch])
+
+    def _scan(self) -> tuple[torch.Tensor, list[str], Standardization]:
+        """The first, cheap pass: labels (N,), FM versions, standardisation (module docstring)."""
+        exact = len(self) <= self.buffer_rows
+        tae, hist = _Accumulator(exact), _Accumulator(exact)
+        labels, versions = [], set[str]()
+        for table in self._tables(STATS_COLUMNS):
+            labels.append(table[CLICK].to_numpy().astype(np.float32))
+            versions |= set(pc.unique(table[FM_VERSION]).to_pylist())
+            tae.add(_vectors(table["fm_tae"]))
+            hist.add(_entries(table["loop_hist_repr"].combine_chunks(), self.history_length, self.repr_dim)[2])
+        moments_tae = tae.result()
+        assert moments_tae is not None  # the partition has rows
+        return torch.from_numpy(np.concatenate(labels)), sorted(versions), Standardization(moments_tae, hist.result())
+
+    def chunks(self, groups: Iterable[int] | None = None) -> Iterator[ExpertData]:
+        """ExpertData of at most read_rows rows, standardised with the partition's statistics (see `_tables`)."""
+        for table in self._tables(TENSOR_COLUMNS, groups):
+            yield to_tensors(table, self.history_length, self.stats)
+
+    def whole(self) -> ExpertData:
+        """Every row in file order, as one ExpertData (callers keep this to partitions they may hold)."""
+        return concat(self.chunks(), len(self))
+
+
 def load_examples(lake: Lake, preset: str, ds: str, surface: str, history_length: int) -> ExpertData:
-    """Read expert_examples(fm=preset, ds, surface) as tensors (raises PartitionNotFound when absent)."""
+    """Read expert_examples(fm=preset, ds, surface) whole, as tensors (raises PartitionNotFound when absent)."""
     return to_tensors(lake.read("expert_examples", fm=preset, ds=ds, surface=surface), history_length)
 
 
@@ -119,10 +278,11 @@ def fm_started(lake: Lake, preset: str, window: Window) -> bool:
     return any(p["ds"] <= window.ds for p in lake.partitions("fm_outputs", fm=preset))
 
 
-def examples_for(lake: Lake, window: Window, surface: str, preset: str, history_length: int) -> ExpertData | None:
-    """expert_examples(window, surface) as tensors, built first if missing; None before the FM's first scores."""
+def examples_for(lake: Lake, window: Window, surface: str, preset: str, history_length: int,
+                 buffer_rows: int = ExpertConfig.shuffle_rows) -> ExpertSource | None:
+    """expert_examples(window, surface) as an ExpertSource, built first if missing; None before the FM's first scores."""
     if not lake.exists("expert_examples", fm=preset, ds=window.ds, surface=surface):
         if not fm_started(lake, preset, window):
             return None
         build_expert_examples(lake, window, surface, preset, history_length)
-    return load_examples(lake, preset, window.ds, surface, history_length)
+    return ExpertSource(lake, preset, window.ds, surface, history_length, buffer_rows)

@@ -4,7 +4,8 @@ The stage behind the DAG task ``compare_and_promote`` (re-exported by experts.st
 the pure function `experts.promote.decide`; this module gathers its inputs and writes its outcome:
 
 - every variant's checkpoint trained through a day before ds is scored on ALL rows of
-  expert_examples(ds) (the same rows the progressive evals used), with the FM on those rows;
+  expert_examples(ds) (the same rows the progressive evals used), with the FM on those rows, in one pass
+  over the partition (`score`: per-row probabilities only, never the partition's feature tensors whole);
 - each variant's NE difference to base on those rows with its 95% paired-bootstrap interval
   (`ne_vs_base`), and the best challenger's difference to the champion variant (`vs_champion`),
   optionally pooled with the last `pool_days` - 1 days that compared the same two variants;
@@ -22,13 +23,14 @@ the pure function `experts.promote.decide`; this module gathers its inputs and w
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from experts.config import VARIANTS, ExpertConfig
-from experts.data import ExpertData, examples_for
-from experts.evaluate import fm_probs, gap_closure, score_before, smaller_first, training_ctr, transfer_ratio
+from experts.data import examples_for
+from experts.evaluate import fm_probs, gap_closure, predict, smaller_first, training_ctr, transfer_ratio
 from experts.promote import Decision, Interval, decide, ne_diff, pool
 from experts.records import (
     champion_before,
@@ -38,10 +40,11 @@ from experts.records import (
     strict_json,
     write_champion,
 )
-from experts.train import ckpt_relpath, latest_before, load_checkpoint, trusted_ckpt_relpath
+from experts.stream import Rows, chunks, fitting
+from experts.train import Checkpoint, ckpt_relpath, latest_before, load_checkpoint, trusted_ckpt_relpath
 from features.lake import Lake
 from features.metrics import all_metrics
-from features.windows import Window
+from features.windows import Window, assert_after
 
 
 def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual",
@@ -56,25 +59,29 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
     """
     lake = Lake(lake_uri)
     window = lake.window(ds)
-    data = examples_for(lake, window, surface, preset, ExpertConfig().history_length)
-    if data is None:
+    cfg = ExpertConfig()
+    source = examples_for(lake, window, surface, preset, cfg.history_length, cfg.shuffle_rows)
+    if source is None:
         return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored nothing yet"}
-    probs = _variant_probs(lake, window, surface, preset, data)
-    if not probs:
+    models = _variant_ckpts(lake, window, surface, preset)
+    if not models:
         return {"ds": ds, "surface": surface, "skipped": "no expert trained before this window"}
-    y = data.label.numpy().astype(np.float64)
-    base_rate = training_ctr(lake, window, surface)
-    scores, fm = _scores(y, probs, fm_probs(data), base_rate)
-    best = min(scores, key=lambda v: scores[v]["logloss"])  # = the lowest NE: same rows, same base rate
     previous = _previous_champion(lake, window, surface, preset)
-    champ, champ_ne, vs_champion = None, None, None
+    champ = None if previous is None else previous["variant"]
+    if previous is not None and champ not in models:  # the champion's variant is not trained any more
+        models["champion"] = (load_checkpoint(lake, previous["checkpoint"]), "champion")
+    probs, fm_p = score(models, fitting(source, cfg.shuffle_rows), window)
+    champ_probs = probs.pop("champion", None)
+    y = source.label.numpy().astype(np.float64)
+    base_rate = training_ctr(lake, window, surface)
+    scores, fm = _scores(y, probs, fm_p, base_rate)
+    best = min(scores, key=lambda v: scores[v]["logloss"])  # = the lowest NE: same rows, same base rate
+    champ_ne, vs_champion = None, None
     diffs: dict[str, Interval] = {}  # each variant vs the champion on today's rows (kept for pooling)
-    if previous is not None:
-        champ = previous["variant"]
-        if champ in probs:
+    if champ is not None:
+        if champ_probs is None:
             champ_probs, champ_ne = probs[champ], scores[champ]["ne"]
-        else:  # the champion's variant is not trained any more: its recorded model
-            champ_probs = score_before(load_checkpoint(lake, previous["checkpoint"]), data, window, "champion")
+        else:  # its recorded model
             champ_ne = all_metrics(y, champ_probs, base_rate)["ne"]
         diffs = {v: ne_diff(y, p, champ_probs, base_rate) for v, p in probs.items()}
         if best != champ:
@@ -89,7 +96,7 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
     write_champion(lake, preset, surface, ds, record)
     transfers = _log_transfers(lake, window, surface, preset, scores)
     _log_fm_vs_base(lake, window, surface, preset, fm)
-    run_id = _log_promotion(lake, window, surface, preset, pipeline_run, data, scores[best], best, decision,
+    run_id = _log_promotion(lake, window, surface, preset, pipeline_run, source.fm_versions[0], scores[best], best, decision,
                             champ_ne, vs_champion, version, margin)
     return strict_json({"ds": ds, "surface": surface, "scores": scores, "fm": fm, "best": best,
                         "champion_ne": champ_ne, "vs_champion": vs_champion.to_dict() if vs_champion else None,
@@ -97,14 +104,32 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
                         "champion": record, "version": version, "transfer_ratio": transfers, "run_id": run_id})
 
 
-def _variant_probs(lake: Lake, window: Window, surface: str, preset: str, data: ExpertData) -> dict[str, np.ndarray]:
-    """Predictions on `data` of every variant's newest checkpoint trained through a window before `window`."""
+def _variant_ckpts(lake: Lake, window: Window, surface: str, preset: str) -> dict[str, tuple[Checkpoint, str]]:
+    """Every variant's newest checkpoint trained through a window before `window`, with its name for `score`."""
     out = {}
     for variant in VARIANTS:
         rel = latest_before(lake, preset, surface, variant, window)
         if rel is not None:
-            out[variant] = score_before(load_checkpoint(lake, rel), data, window, f"expert {surface}/{variant}")
+            out[variant] = (load_checkpoint(lake, rel), f"expert {surface}/{variant}")
     return out
+
+
+def score(models: Mapping[str, tuple[Checkpoint, str]], rows: Rows, window: Window
+          ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Serving probabilities (N,) of each named checkpoint on every row of `rows` (rows of `window`) and the FM's
+    (its fm_logit_click), in one pass over the rows. Each (checkpoint, what) must be trained through a window
+    before `window` (leakage guard, as experts.evaluate.score_before)."""
+    built = {}
+    for name, (ckpt, what) in models.items():
+        assert_after(Window.parse(ckpt.trained_through, window.days), window, what)
+        built[name] = ckpt.build()
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in built}
+    fm = []
+    for chunk in chunks(rows):
+        for name, model in built.items():
+            parts[name].append(predict(model, chunk))
+        fm.append(fm_probs(chunk))
+    return {name: np.concatenate(p) for name, p in parts.items()}, np.concatenate(fm)
 
 
 def _scores(y: np.ndarray, probs: dict[str, np.ndarray], fm: np.ndarray, base_rate: float
@@ -193,7 +218,7 @@ def _register(record: dict[str, Any], surface: str, preset: str, aliases: list[s
     return register(run.data.tags["model_uri"], surface, preset, vtags, aliases)
 
 
-def _log_promotion(lake: Lake, window: Window, surface: str, preset: str, pipeline_run: str, data: ExpertData,
+def _log_promotion(lake: Lake, window: Window, surface: str, preset: str, pipeline_run: str, fm_version: str,
                    best_scores: dict[str, float], best: str, decision: Decision, champ_ne: float | None,
                    vs_champion: Interval | None, version: str | None, margin: float) -> str:
     """The promotion run: the decision, its reason and figures (the best challenger's metrics, vs champion)."""
@@ -202,7 +227,7 @@ def _log_promotion(lake: Lake, window: Window, surface: str, preset: str, pipeli
     from experts.registry import PROMOTE_STAGE, STAGE_TAG
     from features.tracking import stage_run
 
-    tags = {"surface": surface, "variant": best, "fm_version": data.fm_versions[0], "fm_preset": preset,
+    tags = {"surface": surface, "variant": best, "fm_version": fm_version, "fm_preset": preset,
             STAGE_TAG: PROMOTE_STAGE, "decision": "promoted" if decision.promote else "kept",
             "reason": decision.reason[:5000], "champion_after": decision.variant,
             "champion_ne": "none" if champ_ne is None else f"{champ_ne:.6f}",

@@ -11,6 +11,11 @@ scored on ALL rows of expert_examples(ds) BEFORE it trains on them; NE's base ra
 events(ds-1, surface). Results also go to ``models/experts/<preset>/<surface>/evals/ds=<D>/<variant>.json``
 in the lake (read by compare_and_promote for the transfer ratio and by the NE-by-day plot).
 
+Memory (issue 12): expert_examples(ds) is an experts.data.ExpertSource; a partition of at most
+``ExpertConfig.shuffle_rows`` rows is read once, whole, and a larger one is streamed by every pass (the
+evaluation's one scoring pass for the model, base and the FM; training through a shuffle buffer,
+experts.stream), holding per-row outputs (labels, scores) only.
+
 Idempotent re-runs: checkpoints are kept per day, expert_train(D) always evaluates and warm-starts
 from the newest checkpoint trained through a day before D (D-1 in the daily flow) and replaces D's
 checkpoint. Re-running D, before or after D+1 ran, gives the same scores.
@@ -29,14 +34,16 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import ExpertData, examples_for, fm_started
 from experts.distill import kd_scale
-from experts.evaluate import fm_probs, gap_closure, score_before, training_ctr
+from experts.evaluate import gap_closure, training_ctr
 from experts.promote import ne_diff
-from experts.promotion import compare_and_promote, vs_base_metrics
+from experts.promotion import compare_and_promote, score, vs_base_metrics
 from experts.records import read_eval, strict_json, write_eval
+from experts.stream import Rows, fitting
 from experts.train import (
     Checkpoint,
     check_lineage,
@@ -68,19 +75,22 @@ def expert_examples(ds: str, surface: str, lake_uri: str, preset: str = "small")
 
 
 def _progressive_eval(lake: Lake, window: Window, surface: str, preset: str, ckpt: Checkpoint,
-                      data: ExpertData) -> dict[str, Any]:
+                      data: Rows) -> dict[str, Any]:
     """Metrics of `ckpt` (trained through < window) on every row of `data`, with the FM, gap closure and
-    NE - NE(base) on the same rows with its 95% paired-bootstrap interval (ne_vs_base, _lo, _hi)."""
+    NE - NE(base) on the same rows with its 95% paired-bootstrap interval (ne_vs_base, _lo, _hi). One pass
+    over the rows scores the model, base and the FM (experts.promotion.score)."""
     y = data.label.numpy().astype(np.float64)
     base_rate = training_ctr(lake, window, surface)
-    probs, fm = score_before(ckpt, data, window, f"expert {surface}/{ckpt.config.variant}"), fm_probs(data)
+    models = {"model": (ckpt, f"expert {surface}/{ckpt.config.variant}")}
+    base_rel = latest_before(lake, preset, surface, "base", window)
+    if base_rel is not None and ckpt.config.variant != "base":
+        models["base"] = (load_checkpoint(lake, base_rel), f"expert {surface}/base")
+    scored, fm = score(models, data, window)
+    probs = scored["model"]
     result: dict[str, Any] = {"metrics": all_metrics(y, probs, base_rate), "base_rate": base_rate,
                               "fm": all_metrics(y, fm, base_rate), "rows": len(y),
                               "trained_through": ckpt.trained_through}
-    base_rel = latest_before(lake, preset, surface, "base", window)
-    base = probs  # without a base expert, the variant itself stands in for the FM gate's comparison
-    if base_rel is not None and ckpt.config.variant != "base":
-        base = score_before(load_checkpoint(lake, base_rel), data, window, f"expert {surface}/base")
+    base = scored.get("base", probs)  # without a base expert, the variant itself stands in for the FM gate's comparison
     ne_base = ne(y, base, base_rate)
     if base_rel is not None:
         result["metrics"]["gap_closure"] = gap_closure(ne_base, result["metrics"]["ne"], result["fm"]["ne"])
@@ -167,9 +177,10 @@ def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: st
 
 def _train_and_log(lake: Lake, window: Window, surface: str, cfg: ExpertConfig, preset: str, rebaseline: bool
                    ) -> dict[str, Any]:
-    data = examples_for(lake, window, surface, preset, cfg.history_length)
-    if data is None:
+    source = examples_for(lake, window, surface, preset, cfg.history_length, cfg.shuffle_rows)
+    if source is None:
         raise RuntimeError(f"expert_examples({window.ds}, {surface}) cannot be built: FM {preset!r} scored nothing")
+    data = fitting(source, cfg.shuffle_rows)  # a partition within the shuffle buffer is read once, whole
     ds, variant = window.ds, cfg.variant
     prev_rel = latest_before(lake, preset, surface, variant, window)
     evaluation: dict[str, Any] = {}
@@ -200,7 +211,7 @@ def _train_and_log(lake: Lake, window: Window, surface: str, cfg: ExpertConfig, 
             "metrics": evaluation.get("metrics", {}), "loss": loss, "checkpoint": rel}
 
 
-def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data: ExpertData,
+def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data: Rows,
                evaluation: dict[str, Any], rel: str, rebaseline: bool) -> None:
     """Into the active expert_train run: its config, tags, progressive metrics, plots and the model."""
     import mlflow
@@ -221,7 +232,13 @@ def _log_train(lake: Lake, window: Window, surface: str, ckpt: Checkpoint, data:
                           (ne_by_day(series, f"NE by day: {surface}/{variant}"), "ne_by_day.png")):
             mlflow.log_figure(fig, name)
             close_figure(fig)
-    mlflow.set_tag("model_uri", log_model(ckpt.build(), data))
+    mlflow.set_tag("model_uri", log_model(ckpt.build(), _first_rows(data)))
+
+
+def _first_rows(data: Rows, n: int = 4) -> ExpertData:
+    """The first `n` rows of `data` in memory (the logged model's input example)."""
+    first = data if isinstance(data, ExpertData) else next(data.chunks())
+    return first.rows(torch.arange(min(n, len(first))))
 
 
 def _ne_history(lake: Lake, preset: str, surface: str, variant: str, window: Window, days: int = 30

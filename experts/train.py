@@ -33,9 +33,9 @@ import pyarrow.fs as pafs
 import torch
 
 from experts.config import ExpertConfig
-from experts.data import ExpertData
 from experts.distill import expert_loss
 from experts.model import Expert
+from experts.stream import Rows, fitting, serving_logits, shuffled_batches
 from features.ema import WeightEMA, serving_weights
 from features.lake import CorruptFile, Lake, UnsafeLake, safe_relpath
 from features.windows import Window
@@ -186,7 +186,7 @@ def _check_version_name(version: str, preset: str, ds: str) -> None:
                              f"cannot supply features for window {ds}")
 
 
-def new_checkpoint(cfg: ExpertConfig, data: ExpertData, preset: str, surface: str) -> Checkpoint:
+def new_checkpoint(cfg: ExpertConfig, data: Rows, preset: str, surface: str) -> Checkpoint:
     torch.manual_seed(cfg.seed)
     model = Expert(cfg, data.repr_dim, data.tae_dim)
     # start the heads at the training window's CTR: with CTRs of a few percent, a head starting at
@@ -211,12 +211,14 @@ def make_optimizer(model: Expert, cfg: ExpertConfig) -> torch.optim.Optimizer:
                               {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
 
 
-def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: list[tuple[str, str]],
+def train_window(ckpt: Checkpoint, rows: Rows, window: Window, lineage: list[tuple[str, str]],
                  kd: float = 1.0, calib_offset: float | None = None, fm_gate: float | None = None
                  ) -> tuple[Checkpoint, float]:
-    """One warm-started pass (cfg.epochs) over `data`, distillation weighted by `kd` (experts.distill.kd_scale);
-    returns the checkpoint trained through `window`, its intercept re-centred on `data` minus `calib_offset`
-    (default: the checkpoint's), its FM inputs scaled by `fm_gate` (default: the checkpoint's)."""
+    """One warm-started pass (cfg.epochs) over `rows` in the order of experts.stream.shuffled_batches (a
+    partition of more than cfg.shuffle_rows rows streamed through a shuffle buffer of that many), distillation
+    weighted by `kd` (experts.distill.kd_scale); returns the checkpoint trained through `window`, its intercept
+    re-centred on `rows` minus `calib_offset` (default: the checkpoint's), its FM inputs scaled by `fm_gate`
+    (default: the checkpoint's)."""
     cfg = ckpt.config
     model = ckpt.build(serving=False)
     model.fm_gate = ckpt.fm_gate if fm_gate is None else fm_gate
@@ -225,14 +227,14 @@ def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: li
     if ckpt.optim is not None:
         opt.load_state_dict(ckpt.optim)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + window.start.toordinal())
+    data = fitting(rows, cfg.shuffle_rows)  # read once when it fits the buffer
     model.train()
     total, steps = 0.0, 0
     # a sparse surface (a few hundred rows a day) would otherwise get a handful of steps per window
     batch_size = max(16, min(cfg.batch_size, math.ceil(len(data) / max(cfg.min_steps, 1))))
     for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(data), generator=gen).split(batch_size):
-            batch = data.batch(idx)
-            loss = expert_loss(model(batch), data.label[idx], batch["fm_logit"], cfg, kd)
+        for batch, label in shuffled_batches(data, gen, batch_size, cfg.shuffle_rows):
+            loss = expert_loss(model(batch), label, batch["fm_logit"], cfg, kd)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -241,15 +243,8 @@ def train_window(ckpt: Checkpoint, data: ExpertData, window: Window, lineage: li
     out = Checkpoint(cfg, ckpt.repr_dim, ckpt.tae_dim, model.state_dict(), opt.state_dict(), window.ds,
                      ckpt.fm_preset, ckpt.surface, lineage, ema.state(), fm_gate=model.fm_gate)
     out.calib_offset = ckpt.calib_offset if calib_offset is None else calib_offset
-    out.calib_bias = fit_bias(_serving_logits(out.build(), data), float(data.label.mean())) - out.calib_offset
+    out.calib_bias = fit_bias(serving_logits(out.build(), data), float(data.label.mean())) - out.calib_offset
     return out, total / max(steps, 1)
-
-
-@torch.no_grad()
-def _serving_logits(model: Expert, data: ExpertData, batch_size: int = 8192) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(data.batch(torch.arange(i, min(i + batch_size, len(data)))))["logit"]
-                      for i in range(0, len(data), batch_size)])
 
 
 def fit_bias(logits: torch.Tensor, ctr: float, steps: int = 30) -> float:

@@ -3,7 +3,10 @@
     .venv/bin/python bench/bench_scale.py [--sizes 0.1M,1M,4M,10M] [--workdir DIR] [--keep]
 
 For each size N (events per day) a fresh lake gets two generated days of N events (the generator refuses
-to mix sizes in one lake); day 1 is ingested and trains FM_1 (setup). Each stage then runs on day 2
+to mix sizes in one lake); day 1 is ingested and gives FM_1 (setup). FM_1 is trained on day 1 of the first
+size only; the other sizes get a copy of it (`fm_copy1`): day 2's stages warm-start from / score with a model
+of the same preset and shape either way, so they do the same work, and the setup at 10M saves a cold-start
+training of ~20 minutes. Each stage then runs on day 2
 in its own subprocess (this script with --child), which reports its peak RSS (getrusage(RUSAGE_SELF)
 .ru_maxrss: the whole process, imports included) and its wall time:
 
@@ -15,7 +18,10 @@ in its own subprocess (this script with --child), which reports its peak RSS (ge
   examples   features.expert_examples.build_expert_examples(day 2, feed)
   expert     experts.stage.expert_train(day 2, feed, base) (MLflow in a temporary sqlite store)
 
-Prints one table row per (size, stage): peak RSS MB, wall s, events/s (N / wall), and for fm_train the
+`--keep` keeps each size's lake in --workdir; `--reuse --stages a,b` reruns only those stages on a kept lake.
+
+Prints one table row per (size, stage): peak RSS MB, wall s, CPU s (user + system: the figure a shared,
+noisy machine disturbs least), events/s (N / wall), and for fm_train the
 training loop's examples/s; then the issue's targets (RSS at the largest size vs the smallest, <= 3 GB,
 training ratio, wall time per event from 1M to the largest size) as held / missed.
 """
@@ -72,6 +78,18 @@ def _fm_cfg(lake_uri: str, **overrides: Any) -> Any:
     return lake_config("small", Lake(lake_uri).meta(), **overrides)
 
 
+def copy_fm1(source_uri: str, lake_uri: str) -> None:
+    """FM_1 of the lake at `source_uri` (final.pt and its versions.json entry) into the lake at `lake_uri`."""
+    from features.lake import Lake
+    from fm import checkpoint
+
+    src, dst = Lake(source_uri), Lake(lake_uri)
+    rel = checkpoint.relpath("small", DAY1.isoformat(), "final")
+    dst.write_bytes(rel, src.read_bytes(rel))
+    entry = checkpoint.read_versions(src, "small")[DAY1.isoformat()]
+    checkpoint.record_version(dst, "small", DAY1.isoformat(), {**entry, "path": dst.path(rel)})
+
+
 def run_stage(stage: str, lake_uri: str, n: int) -> dict[str, Any]:
     """Run one stage on day 2 (or a setup step on day 1) in this process; extra numbers to report."""
     from features.lake import Lake
@@ -111,11 +129,12 @@ def run_stage(stage: str, lake_uri: str, n: int) -> dict[str, Any]:
 
 
 def child(stage: str, lake_uri: str, n: int) -> None:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     extra = run_stage(stage, lake_uri, n)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print("BENCH " + json.dumps({"stage": stage, "rss_mb": rss_mb, "seconds": seconds, **extra}), flush=True)
+    print("BENCH " + json.dumps({"stage": stage, "rss_mb": rss_mb, "seconds": seconds, "cpu_s": cpu, **extra}),
+          flush=True)
 
 
 # ---- parent ----------------------------------------------------------------------------------------
@@ -133,16 +152,30 @@ def spawn(stage: str, lake_uri: str, n: int, env: dict[str, str]) -> dict[str, A
 
 def run_size(n: int, workdir: Path, with_mem: bool) -> list[dict[str, Any]]:
     lake_uri = str(workdir / f"lake-{n}")
-    shutil.rmtree(lake_uri, ignore_errors=True)
+    fm1_lake = workdir / "fm1-lake"  # FM_1 of the first size (see module docstring)
+    reuse = ARGS.reuse and (Path(lake_uri) / "user_history" / f"ds={DAY2.isoformat()}").exists()
+    if not reuse:
+        shutil.rmtree(lake_uri, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / f'mlflow-{n}.db'}", "FMX_HOME": str(workdir / "home")}
-    for setup in ("generate1", "ingest1", "fm_train1"):
+    for setup in () if reuse else ("generate1", "ingest1"):
         got = spawn(setup, lake_uri, n, env)
         if "error" in got:
             return [{"size": n, **got}]
+    if reuse:
+        pass
+    elif fm1_lake.exists():
+        copy_fm1(str(fm1_lake), lake_uri)
+    else:
+        got = spawn("fm_train1", lake_uri, n, env)
+        if "error" in got:
+            return [{"size": n, **got}]
+        shutil.copytree(Path(lake_uri) / "models", fm1_lake / "models")
     rows = []
     for stage in STAGES:
-        if stage == "fm_train_mem" and not with_mem:
+        if (stage == "fm_train_mem" and not with_mem) or stage not in ARGS.stages.split(","):
+            continue
+        if reuse and stage in ("generate", "ingest"):
             continue
         got = spawn(stage, lake_uri, n, env)
         rows.append({"size": n, **got})
@@ -157,11 +190,11 @@ def fmt_row(r: dict[str, Any]) -> str:
         return f"| {r['size']:>10,} | {r['stage']:<12} | failed: {r['error'][:90]} |"
     eps = f"{r['examples_per_s']:,.0f}" if "examples_per_s" in r else ""
     return (f"| {r['size']:>10,} | {r['stage']:<12} | {r['rss_mb']:>8,.0f} | {r['seconds']:>8.1f} | "
-            f"{r['size'] / max(r['seconds'], 1e-9):>10,.0f} | {eps:>10} |")
+            f"{r.get('cpu_s', float('nan')):>8.1f} | {r['size'] / max(r['seconds'], 1e-9):>10,.0f} | {eps:>10} |")
 
 
-HEADER = ("| events/day | stage        | peak RSS MB |   wall s |   events/s | train ex/s |\n"
-          "|-----------:|--------------|---------:|---------:|-----------:|-----------:|")
+HEADER = ("| events/day | stage        | peak RSS MB |   wall s |    CPU s |   events/s | train ex/s |\n"
+          "|-----------:|--------------|---------:|---------:|---------:|-----------:|-----------:|")
 
 
 def targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -183,11 +216,12 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     big = [n for n in sizes if n >= 1_000_000]
     if len(big) >= 2:
         for stage in ("ingest", "fm_export", "fm_train", "examples", "expert"):
-            per = {n: r["seconds"] / n for r in ok for n in [r["size"]] if r["stage"] == stage and n in big}
-            if len(per) == len(big):
-                ratio = per[big[-1]] / per[big[0]]
-                out.append(f"wall s per event {stage} {big[-1]:,} vs {big[0]:,}: x{ratio:.2f} (target within 1.2): "
-                           f"{'held' if 1 / 1.2 <= ratio <= 1.2 else 'missed'}")
+            for key, what in (("seconds", "wall"), ("cpu_s", "CPU")):
+                per = {r["size"]: r[key] / r["size"] for r in ok if r["stage"] == stage and r["size"] in big}
+                if len(per) == len(big) and all(v == v for v in per.values()):
+                    ratio = per[big[-1]] / per[big[0]]
+                    out.append(f"{what} s per event {stage} {big[-1]:,} vs {big[0]:,}: x{ratio:.2f} (target within "
+                               f"1.2): {'held' if 1 / 1.2 <= ratio <= 1.2 else 'missed'}")
     return out
 
 
@@ -198,6 +232,9 @@ def main() -> None:
     p.add_argument("--mem-at", default="1M", help="size at which the in-memory training baseline also runs")
     p.add_argument("--workdir", default=None, help="where the lakes go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep each size's lake")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a kept lake of the same size in --workdir (day 2 ingested): skip its setup")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--lake", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)

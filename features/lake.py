@@ -54,6 +54,9 @@ from features.schemas import TABLES, TableSpec, Vector, describe, type_matches
 from features.windows import Window
 
 DATA_FILE = "data.parquet"
+# rows per Parquet row group of every partition written: a reader (Lake.iter_batches) decodes a row group at a
+# time, so this, not the partition's size, bounds a streamed read (pyarrow's default is 1Mi rows)
+ROW_GROUP_ROWS = 65_536
 META_FILE = "_lake.json"
 TMP_PREFIX = ".tmp-"
 LOCKS_DIR = "_locks"
@@ -209,7 +212,7 @@ class Lake:
             self.fs.create_dir(directory, recursive=True)
             self._remove_stale_tmp(directory)
             tmp = f"{directory}/{_tmp_name()}"
-            pq.write_table(arrow, tmp, filesystem=self.fs, write_page_checksum=True)
+            pq.write_table(arrow, tmp, filesystem=self.fs, write_page_checksum=True, row_group_size=ROW_GROUP_ROWS)
             self.fs.move(tmp, f"{directory}/{DATA_FILE}")
         return f"{directory}/{DATA_FILE}"
 
@@ -474,7 +477,7 @@ class ChunkWriter:
             self.writer = pq.ParquetWriter(self.tmp, arrow.schema, filesystem=self.fs, write_page_checksum=True)
         elif arrow.schema != self.writer.schema:
             arrow = arrow.cast(self.writer.schema)
-        self.writer.write_table(arrow)
+        self.writer.write_table(arrow, row_group_size=ROW_GROUP_ROWS)
         self.rows += arrow.num_rows
 
     def close(self) -> None:

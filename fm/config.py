@@ -77,7 +77,7 @@ class FMConfig:
     stream: bool = True  # read the window as a stream of record batches (memory set by the sizes below)
     stream_chunk: int = 65_536  # events per feature chunk (point-in-time features are computed per chunk)
     shuffle_rows: int = 8_192  # rows per row group of the window's example cache (the unit of the shuffle)
-    shuffle_buffer: int = 8  # row groups per shuffle buffer (rows are permuted within a buffer)
+    shuffle_buffer: int = 4  # row groups per shuffle buffer (rows are permuted within a buffer)
     stream_shards: int = 4  # virtual shards of the example cache; the DDP world size must divide it
     # ---- export ---------------------------------------------------------------------------------
     export_batch: int = 4096

@@ -20,7 +20,8 @@ Used when ``FMConfig.stream`` is set (issue 12: windows larger than memory).
   (N rows in all, n_v in shard v, B = cfg.batch_size): every shard is consumed in proportion, the batch
   holds about B rows and the pass has ceil(N / B) steps. The batch is a pure function of s, so the
   checkpoint's step is the stream position (resume reads no earlier rows). Memory: at most two buffers
-  (shuffle_buffer x shuffle_rows rows) per shard read.
+  (shuffle_buffer x shuffle_rows rows) per shard read, held with
+  the cache's narrow int8 columns (widened per batch).
 - Sharded DDP: with W ranks (V % W == 0) rank r reads only shards [r V/W, (r+1) V/W): a disjoint set of
   groups; the global batch is the shards' parts in shard order, so rank r holds the r-th contiguous slice,
   as fm.train's global batch semantics require. A 1-process run reads every shard and sees the same
@@ -125,7 +126,8 @@ def _to_batch(t: dict[str, Tensor]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(cols)
 
 
-def _from_batch(batch: pa.RecordBatch, cfg: FMConfig) -> dict[str, Tensor]:
+def _from_batch(batch: pa.RecordBatch, widen: bool = True) -> dict[str, Tensor]:
+    """A cache record batch as tensors; `widen=False` keeps the narrow columns (_NARROW) as int8."""
     out = {}
     for k in BATCH_KEYS:
         col = batch.column(k)
@@ -134,8 +136,12 @@ def _from_batch(batch: pa.RecordBatch, cfg: FMConfig) -> dict[str, Tensor]:
         else:
             values = col.to_numpy(zero_copy_only=False)
         arr = torch.from_numpy(values.copy())
-        out[k] = arr.long() if k in _NARROW else arr
+        out[k] = arr.long() if widen and k in _NARROW else arr
     return out
+
+
+def _widen(rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.long() if k in _NARROW else v for k, v in rows.items()}
 
 
 def _add_sums(sums: dict[str, list[float]], data: WindowData, surfaces: tuple[str, ...]) -> None:
@@ -258,7 +264,7 @@ class ExampleStream:
             for key in [k for k in self.loaded if k[0] == v and k[1] < j]:  # passed: never read again
                 del self.loaded[key]
             K = self.cfg.shuffle_buffer
-            parts = [_from_batch(self.reader.get_batch(g), self.cfg) for g in self.order[v][j * K:(j + 1) * K]]
+            parts = [_from_batch(self.reader.get_batch(g), widen=False) for g in self.order[v][j * K:(j + 1) * K]]
             rows = {k: torch.cat([p[k] for p in parts]) for k in BATCH_KEYS}
             perm = torch.randperm(len(rows[SURFACE]), generator=_generator(self.cfg.seed, self.ds, v, j))
             self.loaded[(v, j)] = {k: t.index_select(0, perm) for k, t in rows.items()}
@@ -280,8 +286,8 @@ class ExampleStream:
         """This rank's part of global batch `step` (its shards' rows, in shard order)."""
         parts = [p for v in self.mine for p in self._shard_rows(v, self.offset(v, step), self.offset(v, step + 1))]
         if not parts:
-            return _from_batch(self.reader.get_batch(0).slice(0, 0), self.cfg)
-        return {k: torch.cat([p[k] for p in parts]) for k in BATCH_KEYS}
+            return _from_batch(self.reader.get_batch(0).slice(0, 0))
+        return _widen({k: torch.cat([p[k] for p in parts]) for k in BATCH_KEYS})
 
     def close(self) -> None:
         self.source.close()

@@ -3,6 +3,9 @@ against the whole partition in memory."""
 
 from __future__ import annotations
 
+import gc
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +14,7 @@ from experts.config import ExpertConfig
 from experts.data import ExpertSource, concat, load_examples, standardize
 from experts.evaluate import fm_probs, predict
 from experts.promotion import score
-from experts.stream import serving_logits, shuffled_batches
+from experts.stream import fitting, serving_logits, shuffled_batches
 from experts.train import new_checkpoint, train_window
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
@@ -44,6 +47,7 @@ def test_streamed_standardisation_equals_the_whole_partitions(lake_days: tuple[L
     whole = load_examples(lake, "small", ws[1].ds, "feed", 20)
     tiny = _source(lake, ws[1], TINY)
     assert len(tiny.group_rows) > 2 and len(tiny) == len(whole) > 5 * TINY
+    assert tiny.cache is not None and os.path.exists(tiny.cache.path)  # larger than its buffer: converted once
     streamed = concat(tiny.chunks(), len(tiny))
     for key in ("tae", "loop_repr"):
         np.testing.assert_allclose(streamed.tensors[key], whole.tensors[key], atol=1e-5, rtol=0)
@@ -54,8 +58,12 @@ def test_streamed_standardisation_equals_the_whole_partitions(lake_days: tuple[L
     reference = standardize(np.stack(raw.to_numpy(zero_copy_only=False)).astype(np.float32))
     np.testing.assert_allclose(streamed.tensors["tae"].numpy(), reference, atol=1e-5, rtol=0)
     # within the buffer: the statistics and every tensor exactly as the whole partition's
-    exact = _source(lake, ws[1]).whole()
-    assert all(torch.equal(exact.tensors[k], whole.tensors[k]) for k in whole.tensors)
+    exact = _source(lake, ws[1])
+    assert exact.cache is None and all(torch.equal(exact.whole().tensors[k], whole.tensors[k]) for k in whole.tensors)
+    path = tiny.cache.path
+    del tiny
+    gc.collect()
+    assert not os.path.exists(os.path.dirname(path))  # the cache goes with its source
 
 
 def test_a_partition_within_the_buffer_trains_exactly_as_in_memory(lake_days: tuple[Lake, list[Window]]) -> None:
@@ -97,10 +105,13 @@ def test_streamed_scores_equal_the_in_memory_scores(lake_days: tuple[Lake, list[
     ckpt, _ = train_window(new_checkpoint(ExpertConfig(variant="fe"), day1, "small", "feed"), day1, ws[1],
                            [(ws[1].ds, day1.fm_versions[0])], fm_gate=1.0)
     expected = predict(ckpt.build(), whole2)
-    for source, tol in ((_source(lake, ws[2]), 0.0), (_source(lake, ws[2], TINY), 1e-6)):
+    # within the buffer the stages read the partition whole (fitting): exactly today's scores; streamed, the
+    # chunks are other predict batches and the statistics float64 sums: equal to float32 rounding
+    whole_read = fitting(_source(lake, ws[2]), ExpertConfig().shuffle_rows)
+    for source, tol in ((whole_read, 0.0), (_source(lake, ws[2], TINY), 1e-6)):
         probs, fm = score({"fe": (ckpt, "expert feed/fe")}, source, ws[2])
         np.testing.assert_allclose(probs["fe"], expected, atol=tol, rtol=0)
-        np.testing.assert_array_equal(fm, fm_probs(whole2))
+        np.testing.assert_allclose(fm, fm_probs(whole2), atol=tol, rtol=0)  # sigmoid: vector body vs scalar tail
         np.testing.assert_allclose(serving_logits(ckpt.build(), source), serving_logits(ckpt.build(), whole2),
                                    atol=10 * tol, rtol=0)
     with pytest.raises(ValueError, match="leakage guard"):

@@ -7,10 +7,15 @@ mark-success pattern — but syncs the bundle once per job, and hands each ready
 worker processes that run it with Airflow's own in-process task runner (`run_task_in_process`: the
 Execution API's state changes, XCom and task-SDK context, as under `DAG.test()`). Mapped task instances
 that are ready together (experts of different surfaces and variants) run concurrently, one per worker.
+Several DagRuns can be driven at once (`start` + `step`): one loop schedules them all and waits on the
+workers' futures (no polling), so that one run's ready tasks fill the workers another run leaves idle.
 
-Workers are spawned (not forked: the parent holds SQLite connections and threads), parse the DAG folder
-once, and import the stage modules in a background thread while they wait for work, so that a task's
-first import of torch/polars/mlflow does not land on the critical path. The metadata DB is SQLite in WAL
+Workers are forked from a forkserver (not from this process: it holds SQLite connections and threads) that
+imported the stage modules and Airflow's task runner once (fmx.preloaded): each worker starts with them, so
+a task's first import of torch/polars/mlflow does not land on the critical path, and two workers do not
+pay the same ~10 s of CPU each at the start of the job. Each worker parses the DAG folder once. A worker's SIGTERM goes
+back to the default after each task (the task runner points it at the task's on_kill), so `close` ends
+workers at once. The metadata DB is SQLite in WAL
 mode: workers write short transactions (task state, XCom) beside the scheduler loop.
 
 The pool is this runner's only concurrency bound (as under `DAG.test()`, Airflow pools are not consulted):
@@ -21,15 +26,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-PRELOAD = ("polars", "pyarrow.parquet", "torch", "mlflow", "fm.stage", "experts.stage", "experts.reference")
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,23 @@ class TaskRef:
     dag_version_id: str
 
 
+@dataclass
+class _Active:
+    """A DagRun this runner drives: its ids (the ORM row is re-read at every step) and its tasks in flight."""
+
+    dag_id: str
+    run_id: str
+    limit: int  # task instances of this run in flight at most
+    pattern: re.Pattern[str] | None  # task ids marked success instead of run
+    running: dict[tuple[str, int], Future] = field(default_factory=dict)
+
+
 class DagRunner:
     """Runs DAG runs of `dags` (parsed once by the caller) with `workers` worker processes.
 
-    Call `sync()` once before the first run (writes the bundle to the metadata DB), `run()` per DAG run,
-    `close()` at the end (or use it as a context manager).
+    Call `sync()` once before the first run (writes the bundle to the metadata DB); then either `run()` one
+    DagRun to its end, or `start()` several and `step()` until they end: their ready task instances share
+    the pool, the runs started first served first. `close()` at the end (or use it as a context manager).
     """
 
     def __init__(self, dags: Mapping[str, Any], dags_folder: Path, workers: int, retries: bool = True) -> None:
@@ -58,9 +74,11 @@ class DagRunner:
         self.dags = dict(dags)
         self.workers = max(1, workers)
         self._scheduler_dags: dict[str, Any] = {}
+        self._active: list[_Active] = []
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["fmx.preloaded"])  # imported once, in the forkserver
         self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(str(dags_folder), retries),
+            self.workers, mp_context=context, initializer=_init_worker, initargs=(str(dags_folder), retries),
         )  # fmt: skip
         for _ in range(self.workers):  # spawn them all now (the pool spawns on demand, mid-job otherwise)
             self._pool.submit(_noop)
@@ -103,35 +121,73 @@ class DagRunner:
     def run(
         self, dag_id: str, logical_date: datetime, conf: dict, mark_success: str = "", max_active: int = 0
     ) -> Any:
-        """One DagRun of `dag_id` to its end; returns the DagRun (state success/failed).
+        """One DagRun of `dag_id` to its end (beside any run already started); returns the DagRun."""
+        run_id = self.start(dag_id, logical_date, conf, mark_success, max_active)
+        while True:
+            for run in self.step():
+                if run.run_id == run_id:
+                    return run
 
-        Task ids matching `mark_success` are marked success instead of run; `max_active` bounds the task
-        instances in flight (0: the pool's size).
+    def start(
+        self, dag_id: str, logical_date: datetime, conf: dict, mark_success: str = "", max_active: int = 0,
+        ahead: bool = False,
+    ) -> str:
+        """Create a DagRun of `dag_id` (as a trigger would) for `step()` to drive; returns its run id.
+
+        Task ids matching `mark_success` are marked success instead of run; `max_active` bounds the run's
+        task instances in flight (0: the pool's size); `ahead`: its ready tasks go before those of the runs
+        started earlier (else after).
         """
-        from airflow.models.dagrun import DagRun
         from airflow.serialization.definitions.dag import SerializedDAG
         from airflow.utils.session import create_session
-        from airflow.utils.state import DagRunState, TaskInstanceState
 
         scheduler_dag = self._scheduler_dags[dag_id]
         SerializedDAG.clear_dags(
             dags=[scheduler_dag], start_date=logical_date, end_date=logical_date, dag_run_state=False
         )
         with create_session() as session:
-            run = self._create_run(scheduler_dag, logical_date, conf, session)
-            limit = max_active or self.workers
-            pattern = re.compile(mark_success) if mark_success else None
-            running: dict[tuple[str, int], Future] = {}
-            while run.state == DagRunState.RUNNING:
-                ready = self._schedule(run, session, exclude=running)
+            run_id = self._create_run(scheduler_dag, logical_date, conf, session).run_id
+        pattern = re.compile(mark_success) if mark_success else None
+        active = _Active(dag_id, run_id, max_active or self.workers, pattern)
+        self._active.insert(0 if ahead else len(self._active), active)
+        return run_id
+
+    def step(self) -> list[Any]:
+        """DAG.test()'s loop, once over every started run: schedule what its dependencies allow, hand ready
+        task instances to free workers (earlier runs first), then block until a task in flight ends.
+        Returns the DagRuns that ended in this step (state success or failed)."""
+        from airflow.utils.session import create_session
+        from airflow.utils.state import DagRunState, TaskInstanceState
+
+        ended: list[_Active] = []
+        ready_any = False
+        with create_session() as session:
+            for active in list(self._active):
+                run = self._get_run(active, session)
+                ready = self._schedule(run, session, exclude=active.running)
+                ready_any = ready_any or bool(ready)
                 for ti in ready:
-                    if pattern is not None and pattern.fullmatch(ti.task_id):
+                    if active.pattern is not None and active.pattern.fullmatch(ti.task_id):
                         ti.state = TaskInstanceState.SUCCESS
-                    elif len(running) < limit:
-                        running[(ti.task_id, ti.map_index)] = self._dispatch(ti, session)
+                    elif len(active.running) < active.limit and self._in_flight() < self.workers:
+                        active.running[(ti.task_id, ti.map_index)] = self._dispatch(ti, session)
                 session.commit()
-                self._wait(run, running, session, idle=not ready and run.state == DagRunState.RUNNING)
-            return session.scalar(_select_run(DagRun, run.dag_id, run.run_id))
+                if run.state != DagRunState.RUNNING and not active.running:
+                    self._active.remove(active)
+                    ended.append(active)
+            if not ended:
+                self._wait(session, idle=not ready_any)
+            return [self._get_run(active, session) for active in ended]  # read after every other run's expiry
+
+    def _get_run(self, active: _Active, session: Any) -> Any:
+        from airflow.models.dagrun import DagRun
+
+        run = session.scalar(_select_run(DagRun, active.dag_id, active.run_id))
+        run.dag = self._scheduler_dags[active.dag_id]  # what create_dagrun set on the row it returned
+        return run
+
+    def _in_flight(self) -> int:
+        return sum(len(active.running) for active in self._active)
 
     def _create_run(self, scheduler_dag: Any, logical_date: datetime, conf: dict, session: Any) -> Any:
         from airflow.models.dagrun import DagRun, get_or_create_dagrun
@@ -179,19 +235,19 @@ class DagRunner:
                       str(ti.dag_version_id))  # fmt: skip
         return self._pool.submit(_run_in_worker, ref)
 
-    @staticmethod
-    def _wait(run: Any, running: dict[tuple[str, int], Future], session: Any, idle: bool) -> None:
+    def _wait(self, session: Any, idle: bool) -> None:
         """Block until a task in flight ends (a worker that died fails its task); sleep when nothing runs."""
-        if not running:
-            if idle:
+        futures = {future: (active, key) for active in self._active for key, future in active.running.items()}
+        if not futures:
+            if idle and self._active:
                 time.sleep(0.5)  # e.g. a retry waiting out its delay, as DAG.test() does
             return
-        done, _ = wait(list(running.values()), return_when=FIRST_COMPLETED)
-        for key, future in list(running.items()):
-            if future in done:
-                del running[key]
-                if future.exception() is not None:
-                    _fail(session, run, *key, future.exception())
+        done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+        for future in done:
+            active, key = futures[future]
+            del active.running[key]
+            if future.exception() is not None:
+                _fail(session, active, *key, future.exception())
 
 
 def _select_run(model: Any, dag_id: str, run_id: str) -> Any:
@@ -200,14 +256,16 @@ def _select_run(model: Any, dag_id: str, run_id: str) -> Any:
     return select(model).where(model.dag_id == dag_id, model.run_id == run_id)
 
 
-def _fail(session: Any, run: Any, task_id: str, map_index: int, exc: BaseException | None) -> None:
+def _fail(session: Any, active: _Active, task_id: str, map_index: int, exc: BaseException | None) -> None:
     """A task whose worker raised (or died) ends failed unless the Execution API already finished it."""
     import logging
 
+    from airflow.models.dagrun import DagRun
     from airflow.utils.state import State
 
     logging.getLogger("fmx.runner").error("task %s[%s] crashed its worker: %s", task_id, map_index, exc)
     session.expire_all()
+    run = session.scalar(_select_run(DagRun, active.dag_id, active.run_id))
     for ti in run.get_task_instances(session=session):
         if (ti.task_id, ti.map_index) == (task_id, map_index) and ti.state not in State.finished:
             ti.state = State.FAILED
@@ -219,9 +277,7 @@ _DAGS: dict[str, Any] = {}
 
 
 def _init_worker(dags_folder: str, retries: bool) -> None:
-    """Parse the DAG folder once (task objects run here); import the stage modules in the background."""
-    import threading
-
+    """Parse the DAG folder once (task objects run here); the imports came with the fork (fmx.preloaded)."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=dags_folder)
@@ -230,29 +286,10 @@ def _init_worker(dags_folder: str, retries: bool) -> None:
             for task in dag.tasks:
                 task.retries = 0
     _DAGS.update(bag.dags)
-    threading.Thread(target=_preload, daemon=True).start()
 
 
 def _noop() -> None:
     return None
-
-
-def _preload() -> None:
-    """Import the stage modules and fill MLflow's module -> package map (built on a process's first
-    log_model, ~3 s) while the worker waits for work; a failure here only means the task pays it later."""
-    import importlib
-
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-    try:
-        from mlflow.utils import requirements_utils
-
-        requirements_utils._init_packages_to_modules_map()  # and the module map
-    except Exception:  # noqa: BLE001 - a private helper of MLflow: a warm-up only, never required
-        pass
 
 
 def _run_in_worker(ref: TaskRef) -> str:
@@ -266,7 +303,14 @@ def _run_in_worker(ref: TaskRef) -> str:
         id=UUID(ref.id), task_id=ref.task_id, dag_id=ref.dag_id, run_id=ref.run_id,
         try_number=ref.try_number, map_index=ref.map_index, dag_version_id=UUID(ref.dag_version_id),
     )  # fmt: skip
-    result = run_task_in_process(ti=ti, task=_DAGS[ref.dag_id].get_task(ref.task_id))
+    # The task runner points SIGTERM at the task's on_kill (and the process lives on): put it back after the
+    # task, or `DagRunner.close`'s terminate would call a finished task's on_kill and wait for the worker
+    # to wind down on its own (14 s at the end of a job, measured).
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = run_task_in_process(ti=ti, task=_DAGS[ref.dag_id].get_task(ref.task_id))
+    finally:
+        signal.signal(signal.SIGTERM, before)
     return str(result.state)
 
 

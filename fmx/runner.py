@@ -22,6 +22,7 @@ imports airflow in this process (`fmx run` does it first).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -122,14 +123,60 @@ def configure_airflow(fmx_home: Path) -> Path:
     env = airflow_env(fmx_home)
     if "airflow.configuration" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:
         raise RuntimeError("airflow was imported before configure_airflow(): run the job in a fresh process")
-    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
+    db_file, template = home / "airflow.db", migrated_template()
+    fresh = not db_file.exists()
+    if fresh and template.exists() and not _copy_db(template, db_file):
+        db_file.unlink(missing_ok=True)  # an unreadable template: migrate from scratch
     from airflow.utils import db
 
-    db.upgradedb()  # a no-op when the DB is already at head (~0.5 s)
-    (Path(env["AIRFLOW_HOME"]) / "airflow.db").chmod(0o600)  # metadata (conf, XCom) is private to its owner
+    db.upgradedb()  # a no-op when the DB is already at head (~0.3 s); a new one: ~2-4 s
+    db_file.chmod(0o600)  # metadata (conf, XCom) is private to its owner
+    if fresh and not template.exists():
+        _save_template(db_file, template)
     ensure_pool()
-    return Path(env["AIRFLOW_HOME"])
+    return home
+
+
+def migrated_template() -> Path:
+    """Where a freshly migrated, empty metadata DB of this Airflow version is kept, to be copied rather than
+    migrated again by every new $FMX_HOME: $XDG_CACHE_HOME/fmx (default ~/.cache/fmx)."""
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmx"
+    return cache / f"airflow-{version('apache-airflow')}-empty.db"
+
+
+def _copy_db(source: Path, target: Path) -> bool:
+    """Copy SQLite DB `source` to `target` (mode 0600) with SQLite's backup API (consistent, WAL content
+    included); False when it could not (a cache that is not there or not readable is not an error)."""
+    import sqlite3
+
+    try:
+        target.touch(mode=0o600)
+        src, dst = sqlite3.connect(source), sqlite3.connect(target)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+    except (OSError, sqlite3.Error):
+        return False
+    return True
+
+
+def _save_template(db_file: Path, template: Path) -> None:
+    """Keep the just-migrated `db_file` (nothing run in it yet) as the template; a cache, so best effort."""
+    tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if _copy_db(db_file, tmp):
+        tmp.replace(template)  # atomic: a concurrent job reads the old state or the whole new one
+    tmp.unlink(missing_ok=True)
 
 
 def ensure_pool(name: str = dagkit.TRAINING_POOL, slots: int = dagkit.TRAINING_POOL_SLOTS) -> None:
@@ -187,8 +234,14 @@ def job_days(cfg: JobConfig) -> list[str]:
     return windows[: cfg.days]
 
 
-def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
-    """Run fmx_fm then fmx_experts for each day of the job; Airflow must be configured first."""
+def run_job(
+    cfg: JobConfig, echo: Callable[[str], None] = print, warm_up: Callable[[], object] | None = None
+) -> JobReport:
+    """Run fmx_fm then fmx_experts for each day of the job; Airflow must be configured first.
+
+    `warm_up` (e.g. the imports of the closing report) runs in a thread once the first fmx_fm run has
+    ended: the workers are warm then, and this process only waits on them.
+    """
     from airflow.dag_processing.dagbag import DagBag
 
     from fmx.inprocess import DagRunner, default_workers
@@ -207,19 +260,56 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = print) -> JobReport:
     report = JobReport(days=days, pipeline_run=f"fmx-run-{datetime.now(UTC):%Y%m%dT%H%M%S}")
     with DagRunner(bag.dags, DAGS_FOLDER, cfg.workers or default_workers(), cfg.retries) as dags:
         dags.sync()
-        for ds in days:
-            echo(f"== day {ds}")
-            # one FM task at a time: fmx_fm is a chain per preset, and concurrent presets would race to
-            # create the day's MLflow parent run (features.tracking.parent_run_id is not locked)
-            fm_run = _run_dag(dags, fm_dag, ds, fm_conf(cfg, ds, report.pipeline_run), report, echo,
-                              skip="trigger_experts", max_active=1)  # fmt: skip
-            if _day_done(fm_run):
-                report.skipped_days.append(ds)
-                echo(f"  ds={ds} is already done (fmx_fm plan): no experts run; --rerun trains it again")
-                continue
-            _run_dag(dags, experts_dag, ds, _xcom(fm_run, "experts_conf"), report, echo)
+        _run_days(dags, fm_dag, experts_dag, cfg, report, echo, warm_up)
     report.wall_s = time.perf_counter() - started
     return report
+
+
+def _run_days(dags: Any, fm_dag: Any, experts_dag: Any, cfg: JobConfig, report: JobReport,
+              echo: Callable[[str], None], warm_up: Callable[[], object] | None = None) -> None:  # fmt: skip
+    """Day D's fmx_fm run, then its fmx_experts run; day D+1's fmx_fm starts beside day D's fmx_experts.
+
+    What a scheduler does with fmx_fm's max_active_runs=1 and the trigger: one run of each DAG at a time, in
+    day order, so fmx_fm is at most one day ahead of the experts. After a failed run nothing new starts;
+    the run beside it ends first, then JobFailed is raised.
+    """
+    todo = list(report.days)  # days whose fmx_fm run is still to start
+    waiting: list[tuple[str, dict]] = []  # (ds, conf) of the fmx_experts runs still to start
+    active: dict[str, tuple[str, str]] = {}  # run_id -> (dag_id, ds) of the runs in flight, one per DAG
+    failure: JobFailed | None = None
+    while True:
+        if failure is None and waiting and EXPERTS_DAG not in _dag_ids(active):
+            ds, conf = waiting.pop(0)
+            active[_start(dags, experts_dag, ds, conf)] = (EXPERTS_DAG, ds)
+        if failure is None and todo and not waiting and FM_DAG not in _dag_ids(active):
+            ds = todo.pop(0)
+            echo(f"== day {ds}")
+            # one FM task at a time: fmx_fm is a chain per preset, and concurrent presets would race to
+            # create the day's MLflow parent run (features.tracking.parent_run_id is not locked). Its tasks
+            # go first: the next experts run waits for this chain, not the other way round.
+            active[_start(dags, fm_dag, ds, fm_conf(cfg, ds, report.pipeline_run), skip="trigger_experts",
+                          max_active=1, ahead=True)] = (FM_DAG, ds)  # fmt: skip
+        if not active:
+            break
+        for run in dags.step():
+            _, ds = active.pop(run.run_id)
+            try:
+                _check_run(fm_dag if run.dag_id == FM_DAG else experts_dag, run, ds, report, echo)
+            except JobFailed as exc:
+                failure = failure or exc
+                continue
+            if run.dag_id != FM_DAG:
+                continue
+            if warm_up is not None:
+                threading.Thread(target=warm_up, daemon=True).start()
+                warm_up = None
+            if _day_done(run):
+                report.skipped_days.append(ds)
+                echo(f"  ds={ds} is already done (fmx_fm plan): no experts run; --rerun trains it again")
+            else:
+                waiting.append((ds, _xcom(run, "experts_conf")))
+    if failure is not None:
+        raise failure
 
 
 def fm_conf(cfg: JobConfig, ds: str, pipeline_run: str) -> dict[str, Any]:
@@ -231,10 +321,14 @@ def fm_conf(cfg: JobConfig, ds: str, pipeline_run: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _run_dag(
-    dags: Any, dag: Any, ds: str, conf: dict, report: JobReport, echo: Callable[[str], None], skip: str = "",
-    max_active: int = 0,
-) -> Any:
+def _dag_ids(active: dict[str, tuple[str, str]]) -> set[str]:
+    return {dag_id for dag_id, _ in active.values()}
+
+
+def _start(
+    dags: Any, dag: Any, ds: str, conf: dict, skip: str = "", max_active: int = 0, ahead: bool = False
+) -> str:
+    """Start day `ds`'s run of `dag` with `conf`, validated against the DAG's Params first; its run id."""
     import copy
 
     from airflow.sdk.exceptions import ParamValidationError
@@ -246,9 +340,14 @@ def _run_dag(
     except ParamValidationError as exc:
         raise JobFailed(f"{dag.dag_id}: bad run conf for ds={ds}: {exc}") from None
     logical = datetime.fromisoformat(ds).replace(tzinfo=UTC)
-    run = dags.run(dag.dag_id, logical, conf, mark_success=skip, max_active=max_active)
+    return dags.start(dag.dag_id, logical, conf, mark_success=skip, max_active=max_active, ahead=ahead)
+
+
+def _check_run(dag: Any, run: Any, ds: str, report: JobReport, echo: Callable[[str], None]) -> None:
+    """Record and print an ended run's task timings; JobFailed when it did not succeed (or ran nothing)."""
     timings = _timings(run, dag, ds)
     report.tasks.extend(timings)
+    echo(f"  -- {dag.dag_id} ds={ds}: {run.state}")
     for t in timings:
         stage = f" (stage {t.stage_s:.1f} s)" if t.stage_s else ""
         echo(f"  {dag.dag_id}.{t.task:<40} {t.state:<8} done in {t.task_s:6.1f} s{stage}")
@@ -260,7 +359,6 @@ def _run_dag(
         raise JobFailed(
             f"{dag.dag_id} run for ds={ds} ended {run.state}; failed tasks: {failed} (see {log_dir})"
         )
-    return run
 
 
 NOT_RUN = ("None", "scheduled", "queued", "up_for_reschedule", "deferred")

@@ -31,6 +31,7 @@ MLFLOW_USER = "admin"
 POOL = "fmx_training"
 POOL_SLOTS = 1  # one FM training at a time: each day warm-starts from the previous day's checkpoint
 PREFERRED_PORTS = {"airflow": 8080, "mlflow": 5000}
+LOCAL_EXECUTOR = "fmx.executor.PreloadingLocalExecutor"  # fmx.executor.EXECUTOR_PATH (that module imports airflow)
 
 
 class ServerError(RuntimeError):
@@ -440,7 +441,8 @@ def server_env(cfg: ServerConfig) -> dict[str, str]:
         AIRFLOW_HOME=str(cfg.airflow_home),
         AIRFLOW__CORE__DAGS_FOLDER=str(cfg.dags_folder),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__EXECUTOR="CeleryExecutor" if cfg.executor == "celery" else "LocalExecutor",
+        # LocalExecutor: Airflow's, with the stage modules imported before its workers fork (fmx/executor.py)
+        AIRFLOW__CORE__EXECUTOR="CeleryExecutor" if cfg.executor == "celery" else LOCAL_EXECUTOR,
         AIRFLOW__CORE__PARALLELISM=str(cfg.parallelism),
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{cfg.airflow_url}/execution/",
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{AIRFLOW_USER}:admin",

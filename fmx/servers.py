@@ -5,7 +5,8 @@
 - ``mlflow server`` (tracking + artifact proxy; SQLite ``$FMX_HOME/mlflow.db`` and artifacts under
   ``$FMX_HOME/mlartifacts`` — the same store `features.tracking` uses without a server),
 - ``airflow api-server`` (127.0.0.1, one worker), ``airflow scheduler --skip-serve-logs``,
-  ``airflow dag-processor`` and ``airflow triggerer --skip-serve-logs`` (deferred tasks and sensors) (LocalExecutor, AIRFLOW_HOME ``$FMX_HOME/airflow``, DAGs from the repo's
+  ``airflow dag-processor`` and ``airflow triggerer --skip-serve-logs`` (deferred tasks and sensors) (LocalExecutor
+  with the stage modules imported before it forks, fmx/executor.py; AIRFLOW_HOME ``$FMX_HOME/airflow``, DAGs from the repo's
   ``dags/``, SQLite metadata; examples off; parallelism 4; the simple auth manager with one ``admin``
   user whose password lives in ``$FMX_HOME/servers/passwords.json``; pool ``fmx_training``),
 - ``python -m fmx.reaper``: ends the runs that pausing a DAG strands (Airflow never schedules a paused
@@ -45,6 +46,7 @@ from typing import Any, BinaryIO
 from fmx.airflow_api import AirflowAPI
 from fmx.server_config import (  # re-exported: fmx.servers is the module callers use
     AIRFLOW_USER,
+    LOCAL_EXECUTOR,
     POOL,
     POOL_SLOTS,
     PREFERRED_PORTS,
@@ -75,7 +77,7 @@ HEALTH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 
 __all__ = [
-    "AIRFLOW_USER", "POOL", "POOL_SLOTS", "PREFERRED_PORTS", "ServerConfig", "ServerError", "ServerState",
+    "AIRFLOW_USER", "LOCAL_EXECUTOR", "POOL", "POOL_SLOTS", "PREFERRED_PORTS", "ServerConfig", "ServerError", "ServerState",
     "airflow_cli", "airflow_password", "describe_schedule", "down", "load_state", "mlflow_credentials", "password_file",
     "resolve_config", "resolve_home", "running_config", "server_env", "status", "up",
 ]  # fmt: skip

@@ -177,5 +177,5 @@ def test_celery_config_reaches_every_process_by_environment_only(isolated_home: 
     assert worker_env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "fmx.server_config.worker_hostname"
     assert "FMX_WORKER_HOSTNAME" not in servers.process_env(cfg, "scheduler")
     local = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port())
-    assert servers.server_env(local)["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor" and not local.worker_names()
+    assert servers.server_env(local)["AIRFLOW__CORE__EXECUTOR"] == servers.LOCAL_EXECUTOR and not local.worker_names()
     assert not any(n.startswith("worker-") for n in servers.commands(local))

@@ -70,7 +70,7 @@ def test_server_env_configures_airflow_and_keeps_secrets_stable(
     )  # a caller's Airflow config must not leak in
     cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port(), schedule=False)
     env = servers.server_env(cfg)
-    assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor" and env["AIRFLOW__CORE__PARALLELISM"] == "4"
+    assert env["AIRFLOW__CORE__EXECUTOR"] == servers.LOCAL_EXECUTOR and env["AIRFLOW__CORE__PARALLELISM"] == "4"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"{cfg.airflow_url}/execution/"
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(cfg.dags_folder)
     assert (

@@ -23,6 +23,7 @@ First window of a lake (no FM yet): nothing is written; the result has fm_versio
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,7 +38,7 @@ from features.ema import serving_weights
 from features.expert_examples import invalidate_loop_state
 from features.history import asof_snapshot
 from features.lake import Lake
-from features.metrics import all_metrics
+from features.metrics import MetricSums, all_metrics
 from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, USER_EMBEDDINGS, USER_ID
 from features.threads import torch_threads
 from features.windows import Window, assert_after
@@ -178,16 +179,26 @@ def _head_metrics(table: pa.Table, data: WindowData, task: str, train_rate: dict
 def surface_metrics(per_surface: dict[str, tuple[np.ndarray, np.ndarray]], train_rate: dict[str, float]
                     ) -> tuple[dict, dict]:
     """Metrics and base rate per surface from its (labels, logits) (see `progressive_metrics`)."""
-    overall = float(np.mean(list(train_rate.values())))  # a surface the FM never trained on
-    metrics, rates = {}, {}
+    rates, metrics = _base_rates(per_surface, train_rate), {}
     for s, (y, logit) in sorted(per_surface.items()):
         p = 1 / (1 + np.exp(-logit.astype(np.float64)))
-        rates[s] = train_rate.get(s, overall)
         if 0 < rates[s] < 1:
             metrics[s] = all_metrics(y, p, rates[s])
         else:  # no positive (or only positives) in the training window: NE is undefined, the rest is not
             metrics[s] = all_metrics(y, p, 0.5) | {"ne": float("nan")}
     return metrics, rates
+
+
+def summed_metrics(per_surface: dict[str, MetricSums], train_rate: dict[str, float]) -> tuple[dict, dict]:
+    """`surface_metrics` of a streamed window, from each surface's MetricSums (its rows in fixed memory)."""
+    rates = _base_rates(per_surface, train_rate)
+    return {s: sums.result(rates[s]) for s, sums in sorted(per_surface.items())}, rates
+
+
+def _base_rates(surfaces: Iterable[str], train_rate: dict[str, float]) -> dict[str, float]:
+    """Each surface's base rate: its training rate, or the trained surfaces' mean for one the FM never trained on."""
+    overall = float(np.mean(list(train_rate.values())))
+    return {s: train_rate.get(s, overall) for s in surfaces}
 
 
 def embedding_tables(bundle: FMBundle, lake: Lake, window: Window, data: WindowData | dict[str, np.ndarray],
@@ -256,13 +267,14 @@ def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window |
 def _export_stream(cfg: FMConfig, window: Window, lake: Lake, bundle: FMBundle, state: dict) -> ExportResult:
     """`_export` over the window read chunk by chunk (fm.stream): each chunk is scored and appended to its
     surfaces' fm_outputs partitions (chunked writers; every partition replaced atomically at the end).
-    Kept for the metrics: per event the two logits and labels (16 bytes), and the window's distinct ids."""
+    Kept for the metrics: per surface and head a features.metrics.MetricSums (fixed size), and the window's
+    distinct ids."""
     version = state["fm_version"]
     feats = replace(FMConfig.from_dict(state["cfg"]), stream_chunk=cfg.stream_chunk)
     stale = invalidate_loop_state(lake, cfg.preset, window, version)  # before the rows they derive from change
     if stale:
         log.info("fm export %s: fm_outputs were from another FM version; deleted loop_state %s", window.ds, stale)
-    heads: dict[str, dict[str, list[np.ndarray]]] = {}
+    heads: dict[tuple[str, str], MetricSums] = {}  # (surface, task) -> sums over the window's rows
     ids: dict[str, np.ndarray] = {USER_ID: np.zeros(0, np.int64), ITEM_ID: np.zeros(0, np.int64)}
     compression = _Compression()
     with ExitStack() as stack:
@@ -277,19 +289,17 @@ def _export_stream(cfg: FMConfig, window: Window, lake: Lake, bundle: FMBundle, 
                         lake.chunked_writer(FM_OUTPUTS.name, fm=cfg.preset, ds=window.ds, surface=s))
                 rows = data.surface_names == s
                 writers[s].write(table.filter(pa.array(rows)))
-                got = heads.setdefault(s, {"click": [], "like": [], "logit_click": [], "logit_like": []})
-                for task in ("click", "like"):
-                    got[task].append(data.tensors[task].numpy()[rows])
-                    got[f"logit_{task}"].append(scores["logits"][rows, 0 if task == "click" else 1].astype(np.float32))
+                for col, task in enumerate(("click", "like")):
+                    sums = heads.setdefault((s, task), MetricSums())
+                    sums.add(data.tensors[task].numpy()[rows], scores["logits"][rows, col])
             for key in ids:
                 ids[key] = np.unique(np.concatenate([ids[key], data.tensors[key].numpy()]))
     rows_out = {s: int(w.rows) for s, w in writers.items()}
     for name, emb in embedding_tables(bundle, lake, window, ids, version).items():
         lake.write(name, emb, fm=cfg.preset, ds=window.ds)
-    arrays = {s: {k: np.concatenate(v) for k, v in h.items()} for s, h in heads.items()}
-    metrics, rates = surface_metrics({s: (a["click"], a["logit_click"]) for s, a in arrays.items()}, state["train_ctr"])
+    metrics, rates = summed_metrics({s: m for (s, t), m in heads.items() if t == "click"}, state["train_ctr"])
     if state.get("train_like_rate") is not None:
-        like, _ = surface_metrics({s: (a["like"], a["logit_like"]) for s, a in arrays.items()}, state["train_like_rate"])
+        like, _ = summed_metrics({s: m for (s, t), m in heads.items() if t == "like"}, state["train_like_rate"])
         for s, m in like.items():
             metrics[s] |= {f"like_{k}": v for k, v in m.items()}
     return ExportResult(version, window.ds, rows_out, metrics, rates, compression.result(), None,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -80,7 +81,12 @@ class DagRunner:
         self._pool = ProcessPoolExecutor(
             self.workers, mp_context=context, initializer=_init_worker, initargs=(str(dags_folder), retries),
         )  # fmt: skip
-        for _ in range(self.workers):  # spawn them all now (the pool spawns on demand, mid-job otherwise)
+        # Start them all now (the pool starts them on demand, mid-job otherwise), from a thread: a start waits
+        # for the forkserver's imports (~7 s), which the DAG sync and the first run's set-up need not.
+        threading.Thread(target=self._start_workers, daemon=True).start()
+
+    def _start_workers(self) -> None:
+        for _ in range(self.workers):
             self._pool.submit(_noop)
 
     def __enter__(self) -> DagRunner:

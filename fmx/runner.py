@@ -2,13 +2,15 @@
 
 Airflow's own machinery runs every task: a metadata DB (SQLite under $FMX_HOME/airflow, migrated
 once), DAG runs with a logical date and a validated conf, dependency checks, dynamic task mapping,
-XCom, the task SDK's runner. What a scheduler would add is played here in a fixed order: for each day
-D, one `fmx_fm` run (logical date D), then the `fmx_experts` run its `trigger_experts` task would have
-started, with the conf that task would have passed (`trigger_experts` itself is marked success, so no
-run is left queued for a scheduler that is not there). A day fmx_fm's `plan` found done (and not
-`rerun`) triggers no experts run either. The DAGs are parsed and written to the DB once per job;
-task instances run in a pool of worker processes (`JobConfig.workers`, default one per core), so the
-experts' mapped tasks of different surfaces and variants run concurrently; fmx_fm's run one at a time.
+XCom, the task SDK's runner. What a scheduler would add is played here as a scheduler would order it: for
+each day D, one `fmx_fm` run (logical date D), then the `fmx_experts` run its `trigger_experts` task would
+have started, with the conf that task would have passed (`trigger_experts` itself is marked success, so no
+run is left queued for a scheduler that is not there); day D+1's fmx_fm run starts beside day D's
+fmx_experts run (one run of each DAG at a time, as max_active_runs=1 and the trigger give). A day fmx_fm's
+`plan` found done (and not `rerun`) triggers no experts run either. The DAGs are parsed and written to the
+DB once per job; task instances run in a pool of worker processes (`JobConfig.workers`, default one per
+core), so the experts' mapped tasks of different surfaces and variants run concurrently, and fill the
+workers fmx_fm's chain (one task at a time, served first) leaves idle.
 
 Work vs orchestration: a stage's own wall time is measured inside its task (`dagkit.timed`: start and
 duration); the job's stage work is the wall time during which at least one stage ran (the union of
@@ -117,7 +119,10 @@ def airflow_env(fmx_home: Path) -> dict[str, str]:
 
 
 def configure_airflow(fmx_home: Path) -> Path:
-    """Point this process's Airflow at $FMX_HOME/airflow, migrate its DB once, ensure the training pool."""
+    """Point this process's Airflow at $FMX_HOME/airflow, migrate its DB once, ensure the training pool.
+
+    A new DB starts as a copy of the migrated empty one of this Airflow version (`migrated_template`), made
+    by the first new home: a fresh migration costs ~2-4 s, checking a copy at head ~0.3 s (measured)."""
     import sys
 
     env = airflow_env(fmx_home)

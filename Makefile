@@ -18,7 +18,7 @@ run: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy features fm experts fmx dags
+	$(BIN)/mypy common features fm experts fmx dags
 	$(BIN)/python -m pytest -q
 	infra/ci-setup.sh
 	$(BIN)/python -m pytest -q -m e2e tests/e2e

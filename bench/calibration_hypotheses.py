@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.metrics import calibration, ne
 from experts.config import ExpertConfig
 from experts.data import load_examples
 from experts.evaluate import predict, training_ctr
 from experts.train import latest_before, load_checkpoint
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
-from features.metrics import calibration, ne
 from fm.config import lake_config
 from fm.export import export_fm
 

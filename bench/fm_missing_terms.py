@@ -21,9 +21,9 @@ import numpy as np
 import polars as pl
 from fm_ne_table import _logit, oracle_logloss  # bench/ is on sys.path when run as a script
 
+from common.metrics import entropy
 from features.generate import GeneratorConfig, explain_window
 from features.lake import Lake
-from features.metrics import entropy
 from features.windows import Window
 
 GROUPS = {

@@ -26,10 +26,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from common.metrics import entropy
 from features.generate import GeneratorConfig, bayes_metrics_by_surface, explain_window, generate
 from features.history import build_user_history
 from features.lake import Lake
-from features.metrics import entropy
 from fm.config import lake_config
 from fm.export import export_fm
 from fm.train import parse_overrides, run_training

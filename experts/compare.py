@@ -3,7 +3,7 @@
 Reads the expert_train runs (tag ``fmx.stage = expert_train``) of the tracking store, keeps those
 whose ``ds`` lies in [ds_from, ds_to] and that were evaluated (cold starts have no metrics), and
 averages each metric per (fm_preset, surface, variant) over the days that have it. A day run twice counts
-once (its newest FINISHED run), as on the lineage runs of the MLflow UI (features.lineage_runs: their
+once (its newest FINISHED run), as on the lineage runs of the MLflow UI (common.lineage_runs: their
 ``mean_<metric>`` is this table's row over all days). The FM itself
 appears as variant ``fm`` (its fm_export per-surface runs: the same rows, the same base rate), and the counting
 reference as variant ``ref`` (experts.reference runs, tag variant=ref, evaluated=true: every event of the
@@ -18,11 +18,11 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from common.lineage_runs import newest_finished
 from experts.config import VARIANTS
 from experts.promote import Interval, pool
 from experts.reference import VARIANT as REF
 from experts.registry import STAGE_TAG, TRAIN_STAGE, champion
-from features.lineage_runs import newest_finished
 
 COLUMNS = ("auc", "ne", "calibration", "gap_closure", "transfer_ratio")
 VS_BASE = ("ne_vs_base", "ne_vs_base_lo", "ne_vs_base_hi")  # per day: NE - NE(base), 95% paired-bootstrap bounds
@@ -32,7 +32,7 @@ def compare_rows(surface: str | None = None, ds_from: str | None = None, ds_to: 
     """One row per (fm_preset, surface, variant): the mean of COLUMNS over the range, days, champion flag."""
     import mlflow
 
-    from features.tracking import setup
+    from common.tracking import setup
 
     exp_id = setup()
     flt = f"tags.`{STAGE_TAG}` = '{TRAIN_STAGE}' and tags.evaluated = 'true'"

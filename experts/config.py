@@ -55,7 +55,7 @@ class ExpertConfig:
     fm_gate_windows: int = 2  # confident FM-over-base windows before loopfm / fe read the FM (experts.stage._fm_gate)
     fm_gate_step: float = 0.5  # the most the FM inputs' scale rises per window
     calib_gain: float = 0.5  # gain of the next-day calibration controller (experts.train.next_offset)
-    ema_decay: float = 0.99  # the expert serves an EMA of its weights (features.ema; 0: the last iterate)
+    ema_decay: float = 0.99  # the expert serves an EMA of its weights (common.ema; 0: the last iterate)
     seed: int = 0
 
     def __post_init__(self) -> None:

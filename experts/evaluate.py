@@ -3,7 +3,7 @@
 NE's base rate is the CTR of the surface's TRAINING window (the window before the scored one, i.e. the
 last window the model trained on): `training_ctr`. Every model is scored on rows it never trained on
 (the caller asserts trained_through < scored window). The metric functions themselves (auc, logloss,
-ne, calibration) are the project's shared ones in features.metrics (`all_metrics`).
+ne, calibration) are the project's shared ones in common.metrics (`all_metrics`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 
 from numpy.typing import ArrayLike
 
-from features.metrics import entropy, paired_bootstrap_mean, row_logloss
+from common.metrics import entropy, paired_bootstrap_mean, row_logloss
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from common.metrics import all_metrics
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import examples_for
 from experts.evaluate import fm_probs, gap_closure, predict, smaller_first, training_ctr, transfer_ratio
@@ -43,7 +44,6 @@ from experts.records import (
 from experts.stream import Rows, chunks, fitting
 from experts.train import Checkpoint, ckpt_relpath, latest_before, load_checkpoint, trusted_ckpt_relpath
 from features.lake import Lake
-from features.metrics import all_metrics
 from features.windows import Window, assert_after
 
 
@@ -224,8 +224,8 @@ def _log_promotion(lake: Lake, window: Window, surface: str, preset: str, pipeli
     """The promotion run: the decision, its reason and figures (the best challenger's metrics, vs champion)."""
     import mlflow
 
+    from common.tracking import stage_run
     from experts.registry import PROMOTE_STAGE, STAGE_TAG
-    from features.tracking import stage_run
 
     tags = {"surface": surface, "variant": best, "fm_version": fm_version, "fm_preset": preset,
             STAGE_TAG: PROMOTE_STAGE, "decision": "promoted" if decision.promote else "kept",
@@ -281,7 +281,7 @@ def _log_fm_vs_base(lake: Lake, window: Window, surface: str, preset: str, fm: d
     """The FM's NE difference to base on these rows, onto the FM's per-surface export run of ds (if any)."""
     import mlflow
 
-    from features.tracking import setup
+    from common.tracking import setup
 
     if "ne_vs_base" not in fm:
         return

@@ -28,7 +28,7 @@ nested MLflow run ``reference/<surface>`` per call under the (pipeline_run, ds) 
 ds, surface, variant="ref", fm_version="none", fm_preset=<preset> (the reference does not depend on the
 FM; the tag places its row in each preset's block of `fmx compare`), fmx.stage="reference",
 evaluated, base_rate_source; metrics auc, logloss, ne, calibration, base_rate at step = window index;
-then the lineage run ``lineage/<preset>/<surface>/ref`` (features.lineage_runs: the same metrics by day).
+then the lineage run ``lineage/<preset>/<surface>/ref`` (common.lineage_runs: the same metrics by day).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from common.metrics import all_metrics
 from features.lake import Lake
-from features.metrics import all_metrics
 from features.schemas import CLICK, ITEM_ID, USER_ID
 from features.windows import Window
 
@@ -173,11 +173,10 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
     """Progressive metrics of the counting reference on (ds, surface), logged to MLflow (see module doc)."""
     import mlflow
 
+    from common.lineage_runs import sync as sync_lineage
+    from common.tracking import stage_run
     from experts.records import strict_json
     from experts.registry import STAGE_TAG
-    from features.lineage_runs import lake_steps
-    from features.lineage_runs import sync as sync_lineage
-    from features.tracking import stage_run
 
     lake = Lake(lake_uri)
     window = lake.window(ds)
@@ -193,7 +192,7 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
         step = lake.step(window)
         mlflow.log_metrics({k: v for k, v in res["metrics"].items() if math.isfinite(v)}, step=step)
         mlflow.log_metric("base_rate", res["base_rate"], step=step)
-    sync_lineage(preset, surface, VARIANT, lake_steps(lake))  # the day run is FINISHED: add it to the trend
+    sync_lineage(preset, surface, VARIANT, lake.steps())  # the day run is FINISHED: add it to the trend
     m = res["metrics"]
     return strict_json({"ds": ds, "surface": surface, "evaluated": True, "ne": m["ne"], "auc": m["auc"],
                         "calibration": m["calibration"], "rows": res["rows"]})

@@ -55,7 +55,7 @@ def find_train_run(ds: str, surface: str, variant: str, preset: str) -> Any | No
     """The newest expert_train run for (ds, surface, variant, fm preset), or None."""
     import mlflow
 
-    from features.tracking import setup
+    from common.tracking import setup
 
     exp_id = setup()
     flt = (f"tags.`{STAGE_TAG}` = '{TRAIN_STAGE}' and tags.ds = '{ds}' and tags.surface = '{surface}' "

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.metrics import all_metrics, ne
+from common.threads import torch_threads
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import ExpertData, examples_for, fm_started
 from experts.distill import kd_scale
@@ -56,8 +58,6 @@ from experts.train import (
 )
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
-from features.metrics import all_metrics, ne
-from features.threads import torch_threads
 from features.windows import Window
 
 __all__ = ["VARIANTS", "compare_and_promote", "expert_examples", "expert_train"]
@@ -156,10 +156,9 @@ def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str
 
 def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str, pipeline_run: str,
                   rebaseline: bool, overrides: dict[str, Any] | None) -> dict:
+    from common.lineage_runs import sync as sync_lineage
+    from common.tracking import stage_run
     from experts.registry import STAGE_TAG, TRAIN_STAGE
-    from features.lineage_runs import lake_steps
-    from features.lineage_runs import sync as sync_lineage
-    from features.tracking import stage_run
 
     lake = Lake(lake_uri)
     window = lake.window(ds)
@@ -168,10 +167,10 @@ def _expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: st
     cfg = ExpertConfig(variant=variant).with_overrides(**(overrides or {}))
     tags = {"surface": surface, "variant": variant, "fm_version": "pending", "fm_preset": preset,
             STAGE_TAG: TRAIN_STAGE}
-    # the work runs inside the run: a failure ends it FAILED with the error (features.tracking.stage_run)
+    # the work runs inside the run: a failure ends it FAILED with the error (common.tracking.stage_run)
     with stage_run(f"expert/{preset}/{surface}/{variant}", pipeline_run=pipeline_run, ds=ds, tags=tags) as run:
         out = _train_and_log(lake, window, surface, cfg, preset, rebaseline)
-    sync_lineage(preset, surface, variant, lake_steps(lake))  # the day run is FINISHED: add it to the trend
+    sync_lineage(preset, surface, variant, lake.steps())  # the day run is FINISHED: add it to the trend
     return strict_json({**out, "run_id": str(run.info.run_id)})
 
 

@@ -32,11 +32,11 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from common.ema import WeightEMA, serving_weights
 from experts.config import ExpertConfig
 from experts.distill import expert_loss
 from experts.model import Expert
 from experts.stream import Rows, fitting, serving_logits, shuffled_batches
-from features.ema import WeightEMA, serving_weights
 from features.lake import CorruptFile, Lake, UnsafeLake, safe_relpath
 from features.windows import Window
 
@@ -60,14 +60,14 @@ class Checkpoint:
     fm_preset: str
     surface: str
     fm_versions: list[tuple[str, str]] = field(default_factory=list)  # (ds, fm_version), oldest first
-    ema: dict[str, Any] | None = None  # features.ema.WeightEMA state: the weights the expert serves
+    ema: dict[str, Any] | None = None  # common.ema.WeightEMA state: the weights the expert serves
     calib_bias: float = 0.0  # added to the serving head's bias (`fit_bias` minus `calib_offset`)
     calib_offset: float = 0.0  # learnt next-day over-prediction (log), beyond the CTR's own move (`next_offset`)
     fm_gate: float = 1.0  # the FM inputs' scale this model trained and serves with (experts.stage._fm_gate)
     fm_streak: int = 0  # consecutive windows on which the FM beat base with confidence (experts.stage._fm_gate)
 
     def build(self, serving: bool = True) -> Expert:
-        """The expert with its serving weights (the EMA, features.ema, and `calib_bias`), or the raw ones to train on."""
+        """The expert with its serving weights (the EMA, common.ema, and `calib_bias`), or the raw ones to train on."""
         model = Expert(self.config, self.repr_dim, self.tae_dim)
         model.load_state_dict(serving_weights({"model": self.model, "ema": self.ema}) if serving else self.model)
         model.fm_gate = self.fm_gate

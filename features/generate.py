@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from common.metrics import auc, logloss, ne
 from features.lake import Lake
 from features.schemas import CLICK, EVENTS, ITEM_ID, ITEMS, LIKE, P_CLICK, SURFACE, TS, USER_ID, USERS
 from features.windows import Window, window_series
@@ -445,15 +446,6 @@ def generate(lake: Lake, cfg: GeneratorConfig, days: int, start: date = DEFAULT_
 
 
 # ---- the Bayes ceiling ---------------------------------------------------------------------------
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC with tied scores counted half (Mann-Whitney on average ranks)."""
-    pos = y.sum()
-    if pos == 0 or pos == len(y):
-        return float("nan")
-    ranks = pl.Series(p).rank("average").to_numpy()
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos)))
-
-
 def bayes_metrics(events: pl.DataFrame) -> dict[str, float]:
     """AUC, log loss and NE of the true `p_click` against `click`: the ceiling no model can beat.
 
@@ -461,12 +453,10 @@ def bayes_metrics(events: pl.DataFrame) -> dict[str, float]:
     (recorded as "base_rate"). Returns {"rows", "base_rate", "mean_p_click", "auc", "logloss", "ne"}.
     """
     y = events[CLICK].to_numpy().astype(np.float64)
-    p = np.clip(events[P_CLICK].to_numpy().astype(np.float64), 1e-7, 1 - 1e-7)
+    p = events[P_CLICK].to_numpy().astype(np.float64)
     ctr = float(y.mean()) if len(y) else float("nan")
-    logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    entropy = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
-    return {"rows": float(len(y)), "base_rate": ctr, "mean_p_click": float(p.mean()), "auc": _auc(y, p),
-            "logloss": logloss, "ne": float(logloss / entropy)}
+    return {"rows": float(len(y)), "base_rate": ctr, "mean_p_click": float(p.mean()), "auc": auc(y, p),
+            "logloss": logloss(y, p), "ne": ne(y, p, ctr)}
 
 
 def bayes_metrics_by_surface(events: pl.DataFrame) -> dict[str, dict[str, float]]:

@@ -33,12 +33,13 @@ Trust model (the lake is input, not code; see also `check_lake_uri`):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date
 from typing import Any
@@ -50,6 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from common.home import fmx_home
 from features.schemas import TABLES, TableSpec, Vector, describe, type_matches
 from features.windows import Window
 
@@ -155,7 +157,7 @@ def safe_relpath(relpath: str) -> str:
 
 def default_lake_uri() -> str:
     """``$FMX_LAKE`` (e.g. an s3:// URI shared by every worker), else ``$FMX_HOME/lake`` (FMX_HOME: ``./.fmx``)."""
-    return os.environ.get("FMX_LAKE") or os.path.join(os.environ.get("FMX_HOME", ".fmx"), "lake")
+    return os.environ.get("FMX_LAKE") or str(fmx_home() / "lake")
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -339,6 +341,12 @@ class Lake:
         """`window`'s index since the lake's origin (meta origin; 0 without one): the MLflow step of its metrics."""
         origin = self.meta().get("origin")
         return window.index(date.fromisoformat(origin)) if origin else 0
+
+    def steps(self) -> Callable[[str], int]:
+        """ds -> `step` of its window, with the metadata read once (a lineage sync maps every day it has)."""
+        frozen, meta = copy.copy(self), self.meta()
+        frozen.meta = lambda: meta  # type: ignore[method-assign]
+        return lambda ds: frozen.step(frozen.window(ds))
 
     def update_meta(self, **values: Any) -> dict[str, Any]:
         """Merge `values` into the metadata (read-modify-write under the metadata's lease)."""

@@ -69,7 +69,7 @@ class FMConfig:
     seed: int = 0
     ckpt_every: int = 200  # steps between mid-window checkpoints
     log_every: int = 100  # steps between progress lines on stderr
-    ema_decay: float = 0.995  # serving weights = EMA of the trained ones (features.ema.WeightEMA; 0: the last iterate)
+    ema_decay: float = 0.995  # serving weights = EMA of the trained ones (common.ema.WeightEMA; 0: the last iterate)
     like_weight: float = 0.5  # loss weight of the like task
     threads: int = 1  # torch intra-op threads while training / exporting (restored afterwards): torch's
     # default (one per core) oversubscribes a shared machine where polars, Airflow and others also run

@@ -34,13 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from features.ema import serving_weights
+from common.ema import serving_weights
+from common.metrics import MetricSums, all_metrics
+from common.threads import torch_threads
 from features.expert_examples import invalidate_loop_state
 from features.history import asof_snapshot
 from features.lake import Lake
-from features.metrics import MetricSums, all_metrics
 from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, USER_EMBEDDINGS, USER_ID
-from features.threads import torch_threads
 from features.windows import Window, assert_after
 from fm import checkpoint, stream
 from fm.compress import quantize_int8
@@ -267,7 +267,7 @@ def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window |
 def _export_stream(cfg: FMConfig, window: Window, lake: Lake, bundle: FMBundle, state: dict) -> ExportResult:
     """`_export` over the window read chunk by chunk (fm.stream): each chunk is scored and appended to its
     surfaces' fm_outputs partitions (chunked writers; every partition replaced atomically at the end).
-    Kept for the metrics: per surface and head a features.metrics.MetricSums (fixed size), and the window's
+    Kept for the metrics: per surface and head a common.metrics.MetricSums (fixed size), and the window's
     distinct ids."""
     version = state["fm_version"]
     feats = replace(FMConfig.from_dict(state["cfg"]), stream_chunk=cfg.stream_chunk)

@@ -4,7 +4,7 @@
   nested MLflow run "fm_export" (tags surface="all", variant="fm", fm_version, fm_preset) with one child
   run per surface (tag surface=<s>) holding that surface's progressive metrics under the exact keys
   auc, logloss, ne, calibration, at step = window index since the lake's origin; then each surface's
-  lineage run ``lineage/<preset>/<surface>/fm`` (features.lineage_runs, its NE & co. by day). Returns
+  lineage run ``lineage/<preset>/<surface>/fm`` (common.lineage_runs, its NE & co. by day). Returns
   {"fm_version", "ds", "metrics": {surface: {...}}, "rows": {surface: n}, "base_rates", "compression",
   "skipped"}; on the lake's first window fm_version is None and skipped says why (nothing written).
 Both build the FMConfig from the preset and the lake's meta surfaces (fm.config.lake_config), so an imported
@@ -26,10 +26,9 @@ from typing import Any
 
 import polars as pl
 
+from common.lineage_runs import sync as sync_lineage
+from common.tracking import stage_run
 from features.lake import Lake
-from features.lineage_runs import lake_steps
-from features.lineage_runs import sync as sync_lineage
-from features.tracking import stage_run
 from fm import checkpoint, launch
 from fm.config import lake_config
 from fm.export import BASE_RATE_SOURCE, export_fm
@@ -57,7 +56,7 @@ def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str =
                 mlflow.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step)  # drop NaN
                 mlflow.log_metric("base_rate", res.base_rates[surface], step=step)
     for surface in res.metrics:  # the stage run is FINISHED: each surface's day joins the FM's trend
-        sync_lineage(preset, surface, "fm", lake_steps(lake))
+        sync_lineage(preset, surface, "fm", lake.steps())
     return {"fm_version": res.fm_version, "ds": ds, "metrics": res.metrics, "rows": res.rows,
             "base_rates": res.base_rates, "base_rate_source": BASE_RATE_SOURCE, "compression": res.compression,
             "skipped": res.skipped}

@@ -48,9 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from features.ema import WeightEMA, serving_weights
+from common.ema import WeightEMA, serving_weights
+from common.threads import torch_threads
 from features.lake import Lake
-from features.threads import torch_threads
 from features.windows import Window
 from fm import checkpoint, stream
 from fm.config import FMConfig, lake_config

@@ -58,7 +58,7 @@ def run_cmd(
     from functools import partial
     from importlib import import_module
 
-    from features.tracking import fmx_home, tracking_uri
+    from common.tracking import fmx_home, tracking_uri
     from fmx import runner
 
     started = time.perf_counter()

@@ -290,7 +290,7 @@ def _run_days(dags: Any, fm_dag: Any, experts_dag: Any, cfg: JobConfig, report: 
             ds = todo.pop(0)
             echo(f"== day {ds}")
             # one FM task at a time: fmx_fm is a chain per preset, and concurrent presets would race to
-            # create the day's MLflow parent run (features.tracking.parent_run_id is not locked). Its tasks
+            # create the day's MLflow parent run (common.tracking.parent_run_id is not locked). Its tasks
             # go first: the next experts run waits for this chain, not the other way round.
             active[_start(dags, fm_dag, ds, fm_conf(cfg, ds, report.pipeline_run), skip="trigger_experts",
                           max_active=1, ahead=True)] = (FM_DAG, ds)  # fmt: skip

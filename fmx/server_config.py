@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from common.home import fmx_home
+
 AIRFLOW_USER = "admin"
 MLFLOW_USER = "admin"
 POOL = "fmx_training"
@@ -106,8 +108,8 @@ class ServerState:
 
 
 def resolve_home() -> Path:
-    """$FMX_HOME (default ./.fmx), absolute."""
-    return Path(os.environ.get("FMX_HOME", ".fmx")).absolute()
+    """$FMX_HOME (default ./.fmx), absolute (common.home.fmx_home)."""
+    return fmx_home()
 
 
 def resolve_config(

@@ -3,7 +3,7 @@
 `up(cfg)` starts, each in its own process group with its output in ``$FMX_HOME/servers/logs/<name>.log``:
 
 - ``mlflow server`` (tracking + artifact proxy; SQLite ``$FMX_HOME/mlflow.db`` and artifacts under
-  ``$FMX_HOME/mlartifacts`` — the same store `features.tracking` uses without a server),
+  ``$FMX_HOME/mlartifacts`` — the same store `common.tracking` uses without a server),
 - ``airflow api-server`` (127.0.0.1, one worker), ``airflow scheduler --skip-serve-logs``,
   ``airflow dag-processor`` and ``airflow triggerer --skip-serve-logs`` (deferred tasks and sensors) (LocalExecutor
   with the stage modules imported before it forks, fmx/executor.py; AIRFLOW_HOME ``$FMX_HOME/airflow``, DAGs from the repo's

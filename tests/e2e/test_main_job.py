@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 BAD_CONF_SCRIPT = """
 import json
 from fmx import runner
-from features.tracking import fmx_home
+from common.tracking import fmx_home
 runner.configure_airflow(fmx_home())
 from airflow.dag_processing.dagbag import DagBag
 from airflow.models.dagrun import DagRun
@@ -73,7 +73,7 @@ def test_run_logs_tagged_mlflow_runs(job: tuple[Path, str], monkeypatch: pytest.
     import mlflow
 
     monkeypatch.setenv("FMX_HOME", str(job[0]))
-    from features.tracking import setup
+    from common.tracking import setup
 
     exp_id = setup()
     runs = mlflow.search_runs([exp_id], output_format="list", max_results=1000)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from common.tracking import PIPELINE_RUN_TAG, REQUIRED_TAGS
 from features.lake import Lake
-from features.tracking import PIPELINE_RUN_TAG, REQUIRED_TAGS
 from fmx import servers
 from fmx.airflow_api import AirflowAPIError
 from tests.e2e.conftest import (

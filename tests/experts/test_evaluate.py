@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
+from common.metrics import all_metrics
 from experts.config import ExpertConfig
 from experts.evaluate import gap_closure, smaller_first, transfer_ratio
 from experts.train import Checkpoint, FMLineageError, check_lineage
-from features.metrics import all_metrics
 
 
 def test_metrics_match_sklearn() -> None:

@@ -10,11 +10,11 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
+from common.lineage_runs import LINEAGE_TAG, lineage_experiment
+from common.tracking import experiment_id
 from experts.reference import reference_eval
 from experts.stage import _ne_history, expert_train
 from features.lake import Lake
-from features.lineage_runs import LINEAGE_TAG, lineage_experiment
-from features.tracking import experiment_id
 from tests.experts.synth import make_lake
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.metrics import all_metrics
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import load_examples
 from experts.distill import expert_loss, scale_grad
@@ -14,7 +15,6 @@ from experts.model import Expert, flops_per_example, param_count
 from experts.train import new_checkpoint, train_window
 from features.counters import DENSE_NAMES
 from features.expert_examples import build_expert_examples
-from features.metrics import all_metrics
 from tests.experts.synth import make_lake
 
 

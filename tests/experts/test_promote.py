@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.metrics import ne, paired_bootstrap_mean
 from experts.promote import Interval, decide, ne_diff, pool
-from features.metrics import ne, paired_bootstrap_mean
 
 
 def _rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

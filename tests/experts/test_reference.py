@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from common.tracking import setup
 from experts import reference as ref
 from experts.compare import compare_rows, format_table
 from features.lake import Lake
 from features.schemas import CLICK
-from features.tracking import setup
 
 DAYS = ("2026-01-01", "2026-01-02", "2026-01-03")
 SURFACE = "feed"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from common.tracking import METRIC_KEYS, setup
 from experts.config import VARIANTS
 from experts.registry import champion, registered_name
 from experts.stage import compare_and_promote, expert_examples, expert_train
 from experts.train import FMLineageError
-from features.tracking import METRIC_KEYS, setup
 from fmx.cli import cli
 from tests.experts.synth import make_lake, write_fm
 

@@ -6,9 +6,9 @@ import math
 
 import mlflow
 
+from common.lineage_runs import LINEAGE_TAG, lineage_experiment
+from common.tracking import experiment_id
 from features.lake import Lake
-from features.lineage_runs import LINEAGE_TAG, lineage_experiment
-from features.tracking import experiment_id
 from fm.stage import fm_export, fm_train
 from tests.fm.conftest import make_lake
 

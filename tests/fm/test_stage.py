@@ -7,7 +7,7 @@ import json
 import mlflow
 from click.testing import CliRunner
 
-from features import tracking
+from common import tracking
 from fm.stage import fm_export, fm_train
 from fmx.cli import cli
 from tests.fm.conftest import make_lake

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from features.ema import serving_weights
+from common.ema import serving_weights
 from features.lake import Lake
 from fm import checkpoint
 from fm.data import load_window
@@ -111,7 +111,7 @@ def test_serving_weights_are_the_ema_of_the_trained_ones(lake_uri: str) -> None:
 
 
 def test_torch_threads_is_applied_and_restored() -> None:
-    from features.threads import torch_threads
+    from common.threads import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(before + 1):

@@ -26,7 +26,7 @@ def test_sqlite_defaults_live_under_fmx_home(isolated_home: Path) -> None:
         cfg.home == isolated_home and cfg.dags_folder == Path(servers.__file__).resolve().parents[1] / "dags"
     )
     assert cfg.airflow_db_url() == f"sqlite:///{isolated_home}/airflow/airflow.db"
-    assert cfg.mlflow_db_url() == f"sqlite:///{isolated_home}/mlflow.db"  # the store features.tracking uses
+    assert cfg.mlflow_db_url() == f"sqlite:///{isolated_home}/mlflow.db"  # the store common.tracking uses
 
 
 def test_postgres_url_gives_one_database_per_service(isolated_home: Path) -> None:
@@ -158,7 +158,7 @@ def test_mlflow_server_authenticates_and_no_secret_is_on_a_command_line(
 ) -> None:
     """MLflow's basic-auth app with a per-FMX_HOME admin password (0600); the store URL (with a PostgreSQL
     password) in the environment, never in argv; tasks and fmx's clients get the credentials by env."""
-    import features.tracking as tracking
+    import common.tracking as tracking
     from fmx.server_config import commands, mlflow_credentials, mlflow_server_env, private_dirs
 
     cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port(),

@@ -12,14 +12,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from features.tracking import OWNER_TAG, StageBusy, setup, stage_run
+from common.tracking import OWNER_TAG, StageBusy, setup, stage_run
 
 REPO = Path(__file__).resolve().parents[2]
 TAGS = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": "small"}
 
 _STAGE = """
 import os, signal, sys, time
-from features.tracking import stage_run
+from common.tracking import stage_run
 with stage_run("fm_train", pipeline_run="p1", ds="2026-01-02",
                tags={"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": "small"}) as run:
     print(run.info.run_id, flush=True)
@@ -34,7 +34,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def test_two_commands_on_a_fresh_home_create_the_store_once(tmp_path: Path) -> None:
-    code = "from features.tracking import setup; print(setup())"
+    code = "from common.tracking import setup; print(setup())"
     for round_ in range(3):
         home = tmp_path / f"home{round_}"
         procs = [subprocess.Popen([sys.executable, "-c", code], env=_env(home), stdout=subprocess.PIPE,
@@ -85,7 +85,7 @@ def test_artifacts_land_in_fmx_home_whatever_the_cwd(
     """One artifact root: $FMX_HOME/mlartifacts, never ./mlruns of the caller's (or a task's) cwd."""
     import mlflow
 
-    from features.tracking import setup
+    from common.tracking import setup
 
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()

@@ -67,7 +67,7 @@ def calibration(y: ArrayLike, p: ArrayLike) -> float:
 
 
 def all_metrics(y: ArrayLike, p: ArrayLike, base_rate: float) -> dict[str, float]:
-    """{auc, logloss, ne, calibration} — the keys features.tracking.METRIC_KEYS expects."""
+    """{auc, logloss, ne, calibration} — the keys common.tracking.METRIC_KEYS expects."""
     return {"auc": auc(y, p), "logloss": logloss(y, p), "ne": ne(y, p, base_rate), "calibration": calibration(y, p)}
 
 

@@ -16,7 +16,7 @@ day runs and brings the lineage run in line with it:
   ``transfer_ratio``, which compare_and_promote logs onto an expert_train run after the fact, reaches the
   lineage at the lineage's next sync (the next day's expert_train).
 - metrics: each `DAY_KEYS` value of the day at step = `step_of(ds)` (the lake's window index,
-  features.lake.Lake.step) and timestamp = the day (ds 00:00 UTC), so MLflow's charts plot it against
+  features.lake.Lake.steps) and timestamp = the day (ds 00:00 UTC), so MLflow's charts plot it against
   step or wall time; ``mean_<k>`` (`METRIC_KEYS`): the running mean over the lineage's days up to that
   day — its latest value is ``fmx compare``'s mean over all days; ``days``: the number of days so far.
 
@@ -31,14 +31,12 @@ deletes the others. Everything read from MLflow is data: tags and metric values 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Hashable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from features.lake import Lake
-from features.tracking import DAY_KEYS, EXPERIMENT, METRIC_KEYS, experiment_id, host_lock
+from common.tracking import DAY_KEYS, EXPERIMENT, METRIC_KEYS, experiment_id, host_lock
 
 LINEAGE_TAG = "fmx.lineage"
 NOTE = "mlflow.note.content"
@@ -55,13 +53,6 @@ def lineage_experiment(experiment: str = EXPERIMENT) -> str:
 
 def lineage_key(preset: str, surface: str, variant: str) -> str:
     return f"{preset}/{surface}/{variant}"
-
-
-def lake_steps(lake: Lake) -> Callable[[str], int]:
-    """ds -> `Lake.step` of its window, with the lake's metadata read once (a sync maps every day it has)."""
-    frozen, meta = copy.copy(lake), lake.meta()
-    frozen.meta = lambda: meta  # type: ignore[method-assign]
-    return lambda ds: frozen.step(frozen.window(ds))
 
 
 def day_ms(ds: str) -> int:

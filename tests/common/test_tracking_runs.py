@@ -10,8 +10,8 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from features import tracking
-from features.tracking import ERROR_TAG, StageBusy, parent_name, setup, stage_run
+from common import tracking
+from common.tracking import ERROR_TAG, StageBusy, parent_name, setup, stage_run
 
 TAGS = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": "small"}
 

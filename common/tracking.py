@@ -15,7 +15,7 @@ Defaults: tracking URI ``sqlite:///$FMX_HOME/mlflow.db`` and artifacts under ``$
 (absolute, so a task's cwd does not matter); `MLFLOW_TRACKING_URI` overrides the store.
 
 Metric keys are exactly `METRIC_KEYS` (plus ``base_rate`` on FM and reference runs); every stage run carries
-the tags in `REQUIRED_TAGS`. Lineage runs (features.lineage_runs: one per model, stepped by day, in the
+the tags in `REQUIRED_TAGS`. Lineage runs (common.lineage_runs: one per model, stepped by day, in the
 experiment ``fmx-lineage``) use `LINEAGE_KEYS`.
 Only stage wrappers and loggers call this module — never model or loss code.
 
@@ -38,10 +38,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from common.home import fmx_home
+
 EXPERIMENT = "fmx"
 METRIC_KEYS = ("auc", "logloss", "ne", "calibration", "gap_closure", "transfer_ratio", "ne_vs_base", "ne_vs_base_lo",
                "ne_vs_base_hi", "kd_scale", "fm_gate")
-DAY_KEYS = (*METRIC_KEYS, "base_rate")  # what a lineage run copies from its day runs (features.lineage_runs)
+DAY_KEYS = (*METRIC_KEYS, "base_rate")  # what a lineage run copies from its day runs (common.lineage_runs)
 LINEAGE_KEYS = (*DAY_KEYS, *(f"mean_{k}" for k in METRIC_KEYS), "days")  # a lineage run's metric keys
 REQUIRED_TAGS = ("ds", "surface", "variant", "fm_version")
 PIPELINE_RUN_TAG = "fmx.pipeline_run"
@@ -56,10 +58,6 @@ STALE_RUN_S = 24 * 3600.0  # a RUNNING run this old, from another host, is taken
 
 class StageBusy(RuntimeError):
     """The same stage for the same window is running right now in a live process on this host."""
-
-
-def fmx_home() -> Path:
-    return Path(os.environ.get("FMX_HOME", ".fmx")).absolute()
 
 
 def tracking_uri() -> str:

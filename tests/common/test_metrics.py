@@ -1,4 +1,4 @@
-"""features.metrics against scikit-learn, including tied scores."""
+"""common.metrics against scikit-learn, including tied scores."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from features.metrics import MetricSums, all_metrics, auc, calibration, entropy, logloss, ne
+from common.metrics import MetricSums, all_metrics, auc, calibration, entropy, logloss, ne
 from fm.compress import dequantize_int8, quantize_int8
 
 
@@ -47,7 +47,7 @@ def test_int8_quantisation_error_bound() -> None:
 
 
 def test_metric_sums_in_chunks_equal_the_whole_arrays() -> None:
-    """A streamed window's metrics (features.metrics.MetricSums, bounded memory) match all_metrics on the same
+    """A streamed window's metrics (common.metrics.MetricSums, bounded memory) match all_metrics on the same
     rows: sums to float rounding, AUC exact below the row bound and within 1e-4 past it (histogram); a
     degenerate base rate gives NaN NE."""
     rng = np.random.default_rng(3)

@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from features.lineage_runs import LINEAGE_TAG, day_ms, lineage_experiment, sync
-from features.tracking import EXPERIMENT, experiment_id, stage_run
+from common.lineage_runs import LINEAGE_TAG, day_ms, lineage_experiment, sync
+from common.tracking import EXPERIMENT, experiment_id, stage_run
 
 REPO = Path(__file__).resolve().parents[2]
 DAYS = ("2026-01-02", "2026-01-03", "2026-01-04")
@@ -106,7 +106,7 @@ def test_a_duplicate_lineage_run_is_deleted_and_the_oldest_kept() -> None:
 _RACE = """
 import sys, time
 from datetime import date
-from features.lineage_runs import sync
+from common.lineage_runs import sync
 time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
 print(sync("small", "feed", "base", lambda ds: (date.fromisoformat(ds) - date(2026, 1, 1)).days))
 """

@@ -211,7 +211,8 @@ def build_counter_state(lake: Lake, window: Window) -> str:
         new = state if state is not None else pl.LazyFrame(schema=_state_schema())
     else:
         new = advance_counters(events, state)
-    return lake.write(COUNTER_STATE.name, new.select(STATE_COLUMNS).collect(), ds=window.ds)
+    # polars's streaming engine: the window's events are aggregated in batches, not loaded whole
+    return lake.write(COUNTER_STATE.name, new.select(STATE_COLUMNS).collect(engine="streaming"), ds=window.ds)
 
 
 def build_counters_through(lake: Lake, window: Window) -> str:

@@ -48,9 +48,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from features.lake import Lake
+from features.lake import Lake, UnsortedSource, merge_by_time
 from features.schemas import EVENTS, TS, USER_HISTORY, USER_ID
 from features.windows import Window, window_series
+
+STATE_CHUNK = 65_536  # events per chunk when a window's state is built (build_user_history)
 
 EVENT_ID = "event_id"
 HISTORY_PAYLOAD = ("item_id", "surface", "click")  # the columns of schemas.USER_HISTORY
@@ -220,17 +222,33 @@ def read_user_history(lake: Lake, window: Window, length: int = HISTORY_LENGTH) 
 def build_user_history(lake: Lake, window: Window, length: int = HISTORY_LENGTH) -> str:
     """Write user_history(ds=window.ds) from events(ds=window.ds, every surface) + the previous state.
 
-    Reads only this window's events and the previous window's state. A window without any events
-    partition (a gap in an imported log) carries the previous state forward unchanged. Returns the path.
+    Reads only this window's events, streamed in time order (chunks of about STATE_CHUNK events: memory is
+    the state plus a chunk, whatever the window's size; partitions not sorted by ts are read whole), and the
+    previous window's state. A window without
+    any events partition (a gap in an imported log) carries the previous state forward unchanged. Returns
+    the path.
     """
     parts = lake.partitions(EVENTS.name, ds=window.ds)
     state = read_user_history(lake, window, length)
-    if parts:
+    try:
+        new_state = _streamed_state(lake, window, parts, state, length)
+    except UnsortedSource:  # a partition not in time order (not written by fmx): read the window whole
         events = lake.scan_many(EVENTS.name, parts).select(EVENT_ID, USER_ID, TS, *HISTORY_PAYLOAD)
-    else:
-        events = _empty_events()
-    new_state = advance_state(events, state, length, HISTORY_PAYLOAD).collect()
+        new_state = advance_state(events, state, length, HISTORY_PAYLOAD).collect()
     return lake.write(USER_HISTORY.name, new_state, ds=window.ds)
+
+
+def _streamed_state(lake: Lake, window: Window, parts: list[dict[str, str]], state: pl.LazyFrame | None,
+                    length: int) -> pl.DataFrame:
+    """advance_state over `window`'s events read in time-ordered chunks (features.lake.merge_by_time)."""
+    stream = HistoryStream(state, length, HISTORY_PAYLOAD)
+    columns = [EVENT_ID, USER_ID, TS, *HISTORY_PAYLOAD]
+    sources = [lake.iter_batches(EVENTS.name, columns, max(1, STATE_CHUNK // max(1, len(parts))), **p) for p in parts]
+    for chunk in merge_by_time(sources, TS, EVENT_ID, f"events(ds={window.ds}) in {lake.uri}"):
+        stream.advance(chunk)
+    if stream.state is None:  # no events: the previous state carries forward (or an empty one)
+        return advance_state(_empty_events(), state, length, HISTORY_PAYLOAD).collect()
+    return stream.state.sort(USER_ID)
 
 
 def _empty_events() -> pl.LazyFrame:
@@ -275,17 +293,28 @@ class HistoryStream:
 
     def features(self, chunk: pl.DataFrame) -> pl.DataFrame:
         """history_features of `chunk` (its order), given every earlier chunk; then advance the state."""
-        users = chunk.select(pl.col(USER_ID).unique())
-        mine = None if self.state is None else self.state.join(users, on=USER_ID, how="semi")
-        if mine is not None and mine.height == 0:
-            mine = None
-        events = chunk.lazy()
-        out = history_features(events, None if mine is None else mine.lazy(), self.length, self.payload).collect()
-        advanced = advance_state(events, None if mine is None else mine.lazy(), self.length, self.payload).collect()
+        mine = self._mine(chunk)
+        out = history_features(chunk.lazy(), None if mine is None else mine.lazy(), self.length, self.payload)
+        collected = out.collect()
+        self._advance(chunk, mine)
+        return collected
+
+    def advance(self, chunk: pl.DataFrame) -> None:
+        """Advance the state by `chunk` (the next events, as for `features`) without computing features."""
+        self._advance(chunk, self._mine(chunk))
+
+    def _mine(self, chunk: pl.DataFrame) -> pl.DataFrame | None:
+        """The carried state of `chunk`'s users (None when none of them has one)."""
+        if self.state is None:
+            return None
+        mine = self.state.join(chunk.select(pl.col(USER_ID).unique()), on=USER_ID, how="semi")
+        return mine if mine.height else None
+
+    def _advance(self, chunk: pl.DataFrame, mine: pl.DataFrame | None) -> None:
+        advanced = advance_state(chunk.lazy(), None if mine is None else mine.lazy(), self.length, self.payload).collect()
         if self.state is None:
             self.state = advanced
-        else:
-            advanced = advanced.with_columns(pl.col("hist_ts").cast(self.state.schema["hist_ts"]))
-            kept = self.state.join(users, on=USER_ID, how="anti")
-            self.state = pl.concat([kept, advanced.select(kept.columns)], how="vertical_relaxed")
-        return out
+            return
+        advanced = advanced.with_columns(pl.col("hist_ts").cast(self.state.schema["hist_ts"]))
+        kept = self.state.join(chunk.select(pl.col(USER_ID).unique()), on=USER_ID, how="anti")
+        self.state = pl.concat([kept, advanced.select(kept.columns)], how="vertical_relaxed")

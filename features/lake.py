@@ -502,6 +502,10 @@ class ChunkWriter:
             pass
 
 
+class UnsortedSource(ValueError):
+    """A source of `merge_by_time` is not in time order."""
+
+
 def merge_by_time(sources: list[Iterator[pl.DataFrame]], ts: str, tiebreak: str,
                   what: str) -> Iterator[pl.DataFrame]:
     """K-way merge of frame streams, each sorted by (`ts`, `tiebreak`), into one stream in that order.
@@ -521,7 +525,7 @@ def merge_by_time(sources: list[Iterator[pl.DataFrame]], ts: str, tiebreak: str,
         if got.height == 0:
             return
         if not got[ts].is_sorted() or (last[i] is not None and got[ts][0] < last[i]):
-            raise ValueError(f"{what}: source {i} is not sorted by {ts}; streaming reads need time-ordered "
+            raise UnsortedSource(f"{what}: source {i} is not sorted by {ts}; streaming reads need time-ordered "
                              "partitions (the generator and the importers write them so)")
         last[i] = got[ts][-1]
         held = buffers[i]

@@ -5,7 +5,7 @@
 LAKE is a generated lake that holds `fm_outputs` for D (e.g. the one bench/fm_ne_table.py or
 bench/expert_table.py made; `--seed`/`--scale` must be those of the generator). For each FM preset it
 fits a logistic regression of D's clicks on the FM's click logit alone, then on the logit plus one true
-term of the click logit (features.generate.explain_window), and prints the NE of each (base rate = D's
+term of the click logit (features.explain.explain_window), and prints the NE of each (base rate = D's
 CTR, all surfaces). A term the FM has learned adds nothing; the NE drop a term buys is what the FM is
 missing of it. Groups: intent (the user's current category), personal (the user's own taste and
 surface bias beyond their segment), item (the item's own vector beyond its category), and the
@@ -22,7 +22,8 @@ import polars as pl
 from fm_ne_table import _logit, oracle_logloss  # bench/ is on sys.path when run as a script
 
 from common.metrics import entropy
-from features.generate import GeneratorConfig, explain_window
+from features.explain import explain_window
+from features.generate import GeneratorConfig
 from features.lake import Lake
 from features.windows import Window
 

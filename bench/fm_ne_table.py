@@ -9,7 +9,7 @@ on D with FM_{D-1}), then train on D. Prints one row per (surface, day) and a pe
   window; exactly what fm_export logs to MLflow);
 - `Bayes`: the generator's true p_click on D, with the SAME base rate (CTR of D-1), so the two are
   directly comparable (the gap is the FM's excess log loss in units of the same entropy);
-- `Bayes(D)`: the true p_click with D's own CTR as base rate (features.generate.bayes_metrics), for
+- `Bayes(D)`: the true p_click with D's own CTR as base rate (features.explain.bayes_metrics), for
   reference: the day-to-day swing of the CTR moves both NE columns, not this one.
 
 The summary gives, per preset, the mean NE over days and surfaces, over the last 3 days, and the mean
@@ -27,7 +27,8 @@ import polars as pl
 import torch
 
 from common.metrics import entropy
-from features.generate import GeneratorConfig, bayes_metrics_by_surface, explain_window, generate
+from features.explain import bayes_metrics_by_surface, explain_window
+from features.generate import GeneratorConfig, generate
 from features.history import build_user_history
 from features.lake import Lake
 from fm.config import lake_config
@@ -77,7 +78,7 @@ def _population(f: pl.DataFrame, affinity: str, intent: bool) -> np.ndarray:
     return known if intent else known - f["term_intent"]
 
 
-ORACLES = {  # name -> the part of the true logit it knows (features.generate.explain_window's terms)
+ORACLES = {  # name -> the part of the true logit it knows (features.explain.explain_window's terms)
     # per-user taste unknown (the user's segment's centre instead); items, intent and context known
     "Seg": lambda f: _population(f, "segment_affinity", intent=True),
     # ... and the user's current intent unknown as well

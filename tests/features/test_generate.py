@@ -9,14 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.generate import (
-    GeneratorConfig,
-    bayes_metrics,
-    bayes_metrics_by_surface,
-    explain_window,
-    generate,
-    generate_window,
-)
+from features.explain import bayes_metrics, bayes_metrics_by_surface, explain_window
+from features.generate import GeneratorConfig, generate, generate_window
 from features.lake import Lake
 from features.schemas import TABLES
 from features.windows import Window, window_series

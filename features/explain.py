@@ -39,7 +39,7 @@ def explain_window(lake: Lake, cfg: GeneratorConfig, window: Window) -> pl.DataF
     origin = date.fromisoformat(meta["origin"])
     day = day_inputs(lake, cfg, window, origin)
     world, users, items = day.world, day.users, day.items
-    ev, terms, _ = simulate_day(cfg, world, users, items, day.carry, day.index)
+    ev, terms, _ = simulate_day(cfg, world, users, items, day.carry, day.day)
     seg_u = 0.9 * world["segment_centre"][users["segment"][ev["user"]]]
     v, centre = items["v"][ev["item"]], world["category_centre"][items["category"][ev["item"]]]
     extra = {f"term_{k}": t for k, t in terms.items()} | {

@@ -74,7 +74,7 @@ def generate_window(lake: Lake, cfg: GeneratorConfig, window: Window) -> dict[st
     origin = _check_lake(lake, cfg, window)
     day = day_inputs(lake, cfg, window, origin)
     users, items = day.users, day.items
-    ev, _, _ = simulate_day(cfg, day.world, users, items, day.carry, day.index)
+    ev, _, _ = simulate_day(cfg, day.world, users, items, day.carry, day.day)
     events = events_frame(ev, window)
     counts = {}
     for surface in cfg.surfaces:

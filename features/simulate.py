@@ -42,9 +42,9 @@ _CANDIDATES = 3
 
 
 class Day(NamedTuple):
-    """What one day's simulation starts from: its index since the origin, the world, the populations, the carry-over."""
+    """What one day's simulation starts from: its index since the origin, the world, populations, carry-over."""
 
-    index: int
+    day: int  # index since the origin
     world: Arrays
     users: Arrays
     items: Arrays

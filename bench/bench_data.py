@@ -51,13 +51,13 @@ def bench_generator(lake: Lake, cfg: GeneratorConfig) -> None:
 
 
 def bench_parquet(lake: Lake, repeat: int, scratch: str) -> None:
-    frame = lake.scan("events", ds=DAY2.ds, surface="feed").collect()
+    frame = lake.scan(EVENTS.name, ds=DAY2.ds, surface="feed").collect()
     table = conform(EVENTS, frame.to_arrow(), "bench")
     raw_path = os.path.join(scratch, "raw.parquet")
     t_lake, t_raw = float("inf"), float("inf")
     for _ in range(repeat):  # alternate the two, so that machine load hits both alike
         t_raw = min(t_raw, _best(lambda: pq.write_table(table, raw_path), 1))
-        t_lake = min(t_lake, _best(lambda: lake.write("events", frame, ds="2099-01-01", surface="feed"), 1))
+        t_lake = min(t_lake, _best(lambda: lake.write(EVENTS.name, frame, ds="2099-01-01", surface="feed"), 1))
     mb = os.path.getsize(raw_path) / 1e6
     print(f"parquet     : {table.num_rows:,} rows, {mb:.1f} MB file; Lake.write {mb / t_lake:,.1f} MB/s "
           f"({t_lake:.3f}s), raw pq.write_table {mb / t_raw:,.1f} MB/s ({t_raw:.3f}s); "
@@ -96,7 +96,7 @@ where t.event_id is not null
 
 def bench_history(lake: Lake, length: int, repeat: int) -> None:
     def day(w: Window) -> pl.DataFrame:
-        frame = lake.scan_many("events", lake.partitions("events", ds=w.ds)).collect()
+        frame = lake.scan_many(EVENTS.name, lake.partitions(EVENTS.name, ds=w.ds)).collect()
         return frame.select("event_id", "user_id", "ts", *HISTORY_PAYLOAD)
 
     events_frame = day(DAY2)

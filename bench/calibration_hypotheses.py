@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from common.metrics import calibration, ne
+from experts.checkpoint import latest_before, load_checkpoint
 from experts.config import ExpertConfig
 from experts.data import load_examples
 from experts.evaluate import predict, training_ctr
-from experts.train import latest_before, load_checkpoint
 from features.expert_examples import build_expert_examples
 from features.lake import Lake
+from features.schemas import FM_OUTPUTS
 from fm.config import lake_config
 from fm.export import export_fm
 
@@ -39,8 +40,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fmx-skew-")) / "lake"
     shutil.copytree(args.lake, tmp)
     lake = Lake(str(tmp))
-    days = sorted({p["ds"] for p in lake.partitions("fm_outputs", fm=args.preset)})
-    surfaces = sorted({p["surface"] for p in lake.partitions("fm_outputs", fm=args.preset)})
+    days = sorted({p["ds"] for p in lake.partitions(FM_OUTPUTS.name, fm=args.preset)})
+    surfaces = sorted({p["surface"] for p in lake.partitions(FM_OUTPUTS.name, fm=args.preset)})
     print("| day | surface | CTR(D-1)/CTR(D) | variant | calib (FM_{D-1} feats) | calib (FM_{D-2} feats) "
           "| NE (D-1) | NE (D-2) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -26,6 +26,7 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
     `fm_overrides` (FMConfig fields) bypass fm.stage (which takes no overrides), as for an imported lake."""
     from experts.stage import compare_and_promote, expert_examples, expert_train
     from features.lake import Lake
+    from features.schemas import EVENTS, EXPERT_EXAMPLES
     from features.stage import ingest, lake_windows
     from fm.config import FMConfig
     from fm.export import export_fm
@@ -51,7 +52,7 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
         t1 = time.time()
         for preset in presets:
             for surface in experts_on:
-                if not lake.exists("events", ds=ds, surface=surface):
+                if not lake.exists(EVENTS.name, ds=ds, surface=surface):
                     continue
                 if "skipped" in expert_examples(ds, surface, lake_uri, preset):
                     continue
@@ -59,7 +60,7 @@ def _pipeline(lake_uri: str, presets: list[str], variants: list[str], max_window
                     expert_train(ds, surface, v, lake_uri, preset, pipeline_run="bench", overrides=overrides)
         for preset in presets:
             for surface in experts_on:
-                if lake.exists("expert_examples", fm=preset, ds=ds, surface=surface):
+                if lake.exists(EXPERT_EXAMPLES.name, fm=preset, ds=ds, surface=surface):
                     compare_and_promote(ds, surface, lake_uri, preset, pipeline_run="bench")
         if log:
             print(f"{ds}: fm {t1 - t0:.0f}s, experts {time.time() - t1:.0f}s", flush=True)

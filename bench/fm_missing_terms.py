@@ -25,6 +25,7 @@ from common.metrics import entropy
 from features.explain import explain_window
 from features.generate import GeneratorConfig
 from features.lake import Lake
+from features.schemas import FM_OUTPUTS
 from features.windows import Window
 
 GROUPS = {
@@ -58,11 +59,11 @@ def main() -> None:
     )
     print(f"{'FM':8}{'FM alone':>10}" + "".join(f"{g:>11}" for g in GROUPS) + f"{'Bayes':>8}")
     for preset in [q for q in args.presets.split(",") if q]:
-        parts = lake.partitions("fm_outputs", ds=args.ds, fm=preset)
+        parts = lake.partitions(FM_OUTPUTS.name, ds=args.ds, fm=preset)
         if not parts:
             print(f"{preset:8} no fm_outputs for {args.ds} in {lake.uri}")
             continue
-        out = lake.scan_many("fm_outputs", parts).select("event_id", "fm_logit_click").collect()
+        out = lake.scan_many(FM_OUTPUTS.name, parts).select("event_id", "fm_logit_click").collect()
         j = f.join(out, on="event_id")
         y = j["click"].to_numpy().astype(np.float64)
         h = entropy(float(y.mean()))

@@ -31,6 +31,7 @@ from features.explain import bayes_metrics_by_surface, explain_window
 from features.generate import GeneratorConfig, generate
 from features.history import build_user_history
 from features.lake import Lake
+from features.schemas import EVENTS
 from fm.config import lake_config
 from fm.export import export_fm
 from fm.train import parse_overrides, run_training
@@ -120,8 +121,8 @@ def print_ne_table(lake: Lake, windows: list, presets: list[str], ne: dict[tuple
     print(f"{'surface':8}{'day':>12}" + "".join(f"{c:>12}" for c in cols) + f"{'Bayes(D)':>10}")
     gaps: dict[tuple[str, str], list[float]] = {}
     for prev, w in zip(windows, windows[1:], strict=False):
-        events = lake.scan_many("events", lake.partitions("events", ds=w.ds)).collect()
-        before = lake.scan_many("events", lake.partitions("events", ds=prev.ds)).collect()
+        events = lake.scan_many(EVENTS.name, lake.partitions(EVENTS.name, ds=w.ds)).collect()
+        before = lake.scan_many(EVENTS.name, lake.partitions(EVENTS.name, ds=prev.ds)).collect()
         ctr = {str(s[0]): float(g["click"].mean()) for s, g in before.group_by("surface")}  # type: ignore[arg-type]
         explained = explain_window(lake, gen, w) if gen else None
         rows = []

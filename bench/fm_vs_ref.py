@@ -19,6 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from features.lake import Lake
+from features.schemas import EVENTS
 from fm.config import lake_config
 from fm.export import export_fm
 from fm.train import parse_overrides, run_training
@@ -41,7 +42,7 @@ def run(lake_uri: str, windows: int, preset: str, overrides: dict) -> tuple[list
     """(the windows run, {(model, surface, ds): metrics} for model in (fm, ref), every scored window)."""
     lake = Lake(lake_uri)
     cfg = lake_config(preset, lake.meta(), **overrides)
-    days = sorted({p["ds"] for p in lake.partitions("events")})[:windows]
+    days = sorted({p["ds"] for p in lake.partitions(EVENTS.name)})[:windows]
     found: dict[tuple[str, str, str], dict] = {}
     for ds in days:
         t0 = time.time()

@@ -39,13 +39,19 @@ from features.lake import DATA_FILE, Lake, PartitionNotFound, merge_by_time
 from features.schemas import (
     CLICK,
     EVENT_ID,
+    EVENTS,
+    EXPERT_EXAMPLES,
+    FM_OUTPUTS,
     FM_VERSION,
     ITEM_FEATURES,
     ITEM_ID,
+    ITEMS,
+    LOOP_STATE,
     SURFACE,
     TS,
     USER_FEATURES,
     USER_ID,
+    USERS,
 )
 from features.windows import Window
 
@@ -71,13 +77,13 @@ class EmptySurface(ValueError):
 
 def fm_surfaces(lake: Lake, window: Window, preset: str) -> list[str]:
     """Surfaces the FM `preset` scored for `window` (may be empty)."""
-    return [p["surface"] for p in lake.partitions("fm_outputs", fm=preset, ds=window.ds)]
+    return [p["surface"] for p in lake.partitions(FM_OUTPUTS.name, fm=preset, ds=window.ds)]
 
 
 def _events(lake: Lake, window: Window, surface: str) -> pl.LazyFrame:
-    if not lake.exists("events", ds=window.ds, surface=surface):
+    if not lake.exists(EVENTS.name, ds=window.ds, surface=surface):
         raise EmptySurface(f"surface {surface!r} has no events partition for window {window} in {lake.uri}")
-    return lake.scan("events", ds=window.ds, surface=surface)
+    return lake.scan(EVENTS.name, ds=window.ds, surface=surface)
 
 
 def _fm(lake: Lake, window: Window, preset: str, surface: str) -> pl.LazyFrame:
@@ -89,7 +95,7 @@ def _fm(lake: Lake, window: Window, preset: str, surface: str) -> pl.LazyFrame:
         )
     if surface not in scored:
         raise SurfaceNotScored(f"FM {preset!r} scored window {window} for surfaces {scored}, not for {surface!r}")
-    return lake.scan("fm_outputs", fm=preset, ds=window.ds, surface=surface)
+    return lake.scan(FM_OUTPUTS.name, fm=preset, ds=window.ds, surface=surface)
 
 
 def _one_version(frame: pl.DataFrame, what: str) -> str:
@@ -103,7 +109,7 @@ def _loop_rows(lake: Lake, window: Window, preset: str) -> pl.DataFrame:
     """Every FM-scored event of the window (all surfaces): event_id, user_id, ts, repr, click, surface."""
     frames = []
     for surface in fm_surfaces(lake, window, preset):
-        fm = lake.scan("fm_outputs", fm=preset, ds=window.ds, surface=surface).select(
+        fm = lake.scan(FM_OUTPUTS.name, fm=preset, ds=window.ds, surface=surface).select(
             EVENT_ID, USER_ID, TS, SURFACE, FM_VERSION, "fm_repr", "fm_repr_scale"
         )
         labels = _events(lake, window, surface).select(EVENT_ID, CLICK)
@@ -122,7 +128,7 @@ def build_loop_state(lake: Lake, window: Window, preset: str, length: int = 20) 
     state = loop_state_before(lake, window, preset, length)
     rows = _loop_rows(lake, window, preset).lazy()
     new = advance_state(rows, state, length, LOOP_PAYLOAD).collect()
-    return lake.write("loop_state", new, fm=preset, ds=window.ds)
+    return lake.write(LOOP_STATE.name, new, fm=preset, ds=window.ds)
 
 
 def invalidate_loop_state(lake: Lake, preset: str, window: Window, new_version: str) -> list[str]:
@@ -132,12 +138,12 @@ def invalidate_loop_state(lake: Lake, preset: str, window: Window, new_version: 
     scored = fm_surfaces(lake, window, preset)
     if not scored:
         return []
-    old = lake.read("fm_outputs", columns=[FM_VERSION], fm=preset, ds=window.ds, surface=scored[0])[FM_VERSION]
+    old = lake.read(FM_OUTPUTS.name, columns=[FM_VERSION], fm=preset, ds=window.ds, surface=scored[0])[FM_VERSION]
     if len(old) and old[0].as_py() == new_version:
         return []
-    stale = [p["ds"] for p in lake.partitions("loop_state", fm=preset) if p["ds"] >= window.ds]
+    stale = [p["ds"] for p in lake.partitions(LOOP_STATE.name, fm=preset) if p["ds"] >= window.ds]
     for ds in stale:
-        lake.delete("loop_state", fm=preset, ds=ds)
+        lake.delete(LOOP_STATE.name, fm=preset, ds=ds)
     return stale
 
 
@@ -145,15 +151,15 @@ def loop_state_before(lake: Lake, window: Window, preset: str, length: int = 20)
     """The LOOP_STATE at the end of window.prev(), building missing states back to the FM's first window."""
     missing: list[Window] = []
     w = window.prev()
-    while not lake.exists("loop_state", fm=preset, ds=w.ds) and fm_surfaces(lake, w, preset):
+    while not lake.exists(LOOP_STATE.name, fm=preset, ds=w.ds) and fm_surfaces(lake, w, preset):
         missing.append(w)
         w = w.prev()
     for todo in reversed(missing):
         build_loop_state(lake, todo, preset, length)
     prev = window.prev()
-    if not lake.exists("loop_state", fm=preset, ds=prev.ds):
+    if not lake.exists(LOOP_STATE.name, fm=preset, ds=prev.ds):
         return None  # the FM scored nothing before this window: empty history
-    return lake.scan("loop_state", fm=preset, ds=prev.ds)
+    return lake.scan(LOOP_STATE.name, fm=preset, ds=prev.ds)
 
 
 def _side(lake: Lake, window: Window, table: str, key: str, columns: tuple[str, ...]) -> pl.LazyFrame | None:
@@ -188,8 +194,8 @@ def expert_frame(lake: Lake, window: Window, surface: str, preset: str, history_
     state = loop_state_before(lake, window, preset, history_length)
     hist = history_features(_loop_rows(lake, window, preset).lazy(), state, history_length, LOOP_PAYLOAD)
     hist = hist.select(EVENT_ID, pl.col("hist_repr").alias("loop_hist_repr"), pl.col("hist_click").alias("loop_hist_click"))
-    out = _with_side(joined.lazy(), _side(lake, window, "users", USER_ID, USER_FEATURES), USER_ID, USER_FEATURES)
-    out = _with_side(out, _side(lake, window, "items", ITEM_ID, ITEM_FEATURES), ITEM_ID, ITEM_FEATURES)
+    out = _with_side(joined.lazy(), _side(lake, window, USERS.name, USER_ID, USER_FEATURES), USER_ID, USER_FEATURES)
+    out = _with_side(out, _side(lake, window, ITEMS.name, ITEM_ID, ITEM_FEATURES), ITEM_ID, ITEM_FEATURES)
     out = out.join(_counters(lake, window), on=EVENT_ID, how="left")
     out = out.join(hist, on=EVENT_ID, how="left").with_columns(
         pl.col("loop_hist_click").fill_null(pl.lit([], pl.List(pl.Int8))),
@@ -206,12 +212,12 @@ def build_expert_examples(lake: Lake, window: Window, surface: str, preset: str,
     None builds the whole frame in memory (`expert_frame`). Both write the same rows."""
     if chunk_rows is None:
         frame = expert_frame(lake, window, surface, preset, history_length)
-        return lake.write("expert_examples", frame, fm=preset, ds=window.ds, surface=surface)
+        return lake.write(EXPERT_EXAMPLES.name, frame, fm=preset, ds=window.ds, surface=surface)
     frames = stream_expert_frames(lake, window, surface, preset, history_length, chunk_rows)
-    with lake.chunked_writer("expert_examples", fm=preset, ds=window.ds, surface=surface) as writer:
+    with lake.chunked_writer(EXPERT_EXAMPLES.name, fm=preset, ds=window.ds, surface=surface) as writer:
         for frame in frames:
             writer.write(frame)
-    return f"{lake.partition_dir('expert_examples', fm=preset, ds=window.ds, surface=surface)}/{DATA_FILE}"
+    return f"{lake.partition_dir(EXPERT_EXAMPLES.name, fm=preset, ds=window.ds, surface=surface)}/{DATA_FILE}"
 
 
 # ---- streaming (issue 12: windows larger than memory) ---------------------------------------------------
@@ -221,12 +227,12 @@ def _scored_batches(lake: Lake, window: Window, preset: str, event_surface: str,
                     scored: list[str]) -> Iterator[pl.DataFrame]:
     """events(ds, surface) batches with their fm_outputs columns alongside (null where the surface is not
     scored). fm_outputs are written in the events' order, one row per event; rows that do not line up raise."""
-    events = lake.iter_batches("events", None, batch_rows, ds=window.ds, surface=event_surface)
+    events = lake.iter_batches(EVENTS.name, None, batch_rows, ds=window.ds, surface=event_surface)
     if event_surface not in scored:
         for batch in events:
             yield batch.with_columns(pl.lit(None, pl.String).alias(FM_VERSION))
         return
-    fm = lake.iter_batches("fm_outputs", [EVENT_ID, FM_VERSION, "fm_logit_click", "fm_tae", "fm_repr", "fm_repr_scale"],
+    fm = lake.iter_batches(FM_OUTPUTS.name, [EVENT_ID, FM_VERSION, "fm_logit_click", "fm_tae", "fm_repr", "fm_repr_scale"],
                            batch_rows, fm=preset, ds=window.ds, surface=event_surface)
     for batch in events:
         got = next(fm, None)
@@ -241,17 +247,17 @@ def stream_expert_frames(lake: Lake, window: Window, surface: str, preset: str, 
     """`expert_frame`'s rows in chunks, in (ts, event_id) order, from the window's events (every surface)
     merged by time with their fm_outputs; counters and LoopFM history from states carried across chunks
     (features.counters.CounterStream, features.history.HistoryStream). Memory: the states plus a chunk."""
-    if not lake.exists("events", ds=window.ds, surface=surface):
+    if not lake.exists(EVENTS.name, ds=window.ds, surface=surface):
         raise EmptySurface(f"surface {surface!r} has no events partition for window {window} in {lake.uri}")
     _fm(lake, window, preset, surface)  # MissingFMOutputs / SurfaceNotScored before any work
     scored = fm_surfaces(lake, window, preset)
-    parts = [p["surface"] for p in lake.partitions("events", ds=window.ds)]
+    parts = [p["surface"] for p in lake.partitions(EVENTS.name, ds=window.ds)]
     per_part = max(1, chunk_rows // len(parts))
     sources = [_scored_batches(lake, window, preset, s, per_part, scored) for s in parts]
     counts = CounterStream(read_counter_state(lake, window))
     hist = HistoryStream(loop_state_before(lake, window, preset, history_length), history_length, LOOP_PAYLOAD)
-    users = _side(lake, window, "users", USER_ID, USER_FEATURES)
-    items = _side(lake, window, "items", ITEM_ID, ITEM_FEATURES)
+    users = _side(lake, window, USERS.name, USER_ID, USER_FEATURES)
+    items = _side(lake, window, ITEMS.name, ITEM_ID, ITEM_FEATURES)
     sides = [(None if f is None else f.collect().lazy(), k, c)
              for f, k, c in ((users, USER_ID, USER_FEATURES), (items, ITEM_ID, ITEM_FEATURES))]
     versions: set[str] = set()

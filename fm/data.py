@@ -37,12 +37,12 @@ from torch import Tensor
 from features.counters import dense_counters, window_counters
 from features.history import asof_snapshot, history_features, read_user_history
 from features.lake import Lake, PartitionNotFound
-from features.schemas import CLICK, EVENT_ID, ITEM_ID, LIKE, SURFACE, TS, USER_ID
+from features.schemas import CLICK, EVENT_ID, EVENTS, ITEM_ID, ITEMS, LIKE, SURFACE, TS, USER_ID, USERS
 from features.windows import Window
 from fm.config import FMConfig
 
 PAYLOAD = (ITEM_ID, SURFACE, CLICK)
-SIDE = {"users": (USER_ID, ("segment", "region")), "items": (ITEM_ID, ("category", "brand"))}
+SIDE = {USERS.name: (USER_ID, ("segment", "region")), ITEMS.name: (ITEM_ID, ("category", "brand"))}
 BATCH_KEYS = (
     "user_id", "item_id", "segment", "region", "category", "brand", "position", "device", "surface",
     "hist_item", "hist_category", "hist_brand", "hist_surface", "hist_click", "hist_mask", "counters", "click",
@@ -68,10 +68,10 @@ class WindowData:
 
 
 def read_events(lake: Lake, window: Window) -> pl.LazyFrame:
-    parts = lake.partitions("events", ds=window.ds)
+    parts = lake.partitions(EVENTS.name, ds=window.ds)
     if not parts:
         raise PartitionNotFound(f"no events partitions for window {window} in lake {lake.uri}; ingest it first")
-    return lake.scan_many("events", parts)
+    return lake.scan_many(EVENTS.name, parts)
 
 
 def load_window(lake: Lake, window: Window, cfg: FMConfig) -> WindowData:
@@ -90,7 +90,7 @@ def load_window(lake: Lake, window: Window, cfg: FMConfig) -> WindowData:
             continue
         side = snap.select(key, *cols).sort(key).collect()
         frame = frame.join(side.lazy(), on=key, how="left", maintain_order="left")
-        item_side = side if table == "items" else item_side
+        item_side = side if table == ITEMS.name else item_side
     return to_window_data(frame.collect(), cfg, item_side)
 
 

@@ -40,7 +40,7 @@ from common.threads import torch_threads
 from features.expert_examples import invalidate_loop_state
 from features.history import asof_snapshot
 from features.lake import Lake
-from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, USER_EMBEDDINGS, USER_ID
+from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, ITEMS, USER_EMBEDDINGS, USER_ID, USERS
 from features.windows import Window, assert_after
 from fm import checkpoint, stream
 from fm.compress import quantize_int8
@@ -207,8 +207,8 @@ def embedding_tables(bundle: FMBundle, lake: Lake, window: Window, data: WindowD
     `data` is the window, or {user_id, item_id: the window's distinct ids} for a streamed one)."""
     out = {}
     for table, source, key, cols, embed in (
-        (USER_EMBEDDINGS.name, "users", USER_ID, ("segment", "region"), bundle.fm.user_embedding),
-        (ITEM_EMBEDDINGS.name, "items", ITEM_ID, ("category", "brand"), bundle.fm.item_embedding),
+        (USER_EMBEDDINGS.name, USERS.name, USER_ID, ("segment", "region"), bundle.fm.user_embedding),
+        (ITEM_EMBEDDINGS.name, ITEMS.name, ITEM_ID, ("category", "brand"), bundle.fm.item_embedding),
     ):
         snap = asof_snapshot(lake, source, window)
         if snap is None:

@@ -29,6 +29,7 @@ import polars as pl
 from common.lineage_runs import sync as sync_lineage
 from common.tracking import stage_run
 from features.lake import Lake
+from features.schemas import EVENTS
 from fm import checkpoint, launch
 from fm.config import lake_config
 from fm.export import BASE_RATE_SOURCE, export_fm
@@ -100,7 +101,7 @@ def _train_under_torchrun(lake: Lake, ds: str, preset: str, cold_start: bool, np
         raise RuntimeError(f"FM training of {ds} under torchrun: {exc}") from None
     mlflow.set_tags({"ddp_world_size": str(ran.world), "ddp_nodes": str(ran.nodes)})
     entry = checkpoint.read_versions(lake, preset)[ds]
-    examples = int(lake.scan_many("events", lake.partitions("events", ds=ds)).select(pl.len()).collect().item())
+    examples = int(lake.scan_many(EVENTS.name, lake.partitions(EVENTS.name, ds=ds)).select(pl.len()).collect().item())
     return TrainResult(entry["fm_version"], entry.get("parent"), int(entry.get("steps", 0)), examples,
                        ran.seconds, float("nan"), 0)
 

@@ -45,7 +45,7 @@ from torch import Tensor
 from features.counters import CounterStream, read_counter_state
 from features.history import HistoryStream, asof_snapshot, read_user_history
 from features.lake import Lake, PartitionNotFound, merge_by_time
-from features.schemas import CLICK, EVENT_ID, ITEM_ID, SURFACE, TS, USER_ID
+from features.schemas import CLICK, EVENT_ID, EVENTS, ITEM_ID, ITEMS, SURFACE, TS, USER_ID
 from features.windows import Window
 from fm.config import FMConfig
 from fm.data import BATCH_KEYS, PAYLOAD, SIDE, WindowData, to_window_data
@@ -65,11 +65,11 @@ def _sides(lake: Lake, window: Window) -> dict[str, pl.DataFrame | None]:
 def window_frames(lake: Lake, window: Window, cfg: FMConfig,
                   sides: dict[str, pl.DataFrame | None] | None = None) -> Iterator[pl.DataFrame]:
     """load_window's frame, chunk by chunk in (ts, event_id) order (see module docstring)."""
-    parts = lake.partitions("events", ds=window.ds)
+    parts = lake.partitions(EVENTS.name, ds=window.ds)
     if not parts:
         raise PartitionNotFound(f"no events partitions for window {window} in lake {lake.uri}; ingest it first")
     per_part = max(1, cfg.stream_chunk // len(parts))
-    sources = [lake.iter_batches("events", None, per_part, **p) for p in parts]
+    sources = [lake.iter_batches(EVENTS.name, None, per_part, **p) for p in parts]
     hist = HistoryStream(read_user_history(lake, window), cfg.hist_len, PAYLOAD)
     counts = CounterStream(read_counter_state(lake, window))
     sides = _sides(lake, window) if sides is None else sides
@@ -91,7 +91,7 @@ def iter_window_data(lake: Lake, window: Window, cfg: FMConfig) -> Iterator[Wind
     """WindowData per chunk of `window_frames` (each row as load_window's row of the same event)."""
     sides = _sides(lake, window)
     for frame in window_frames(lake, window, cfg, sides):
-        yield to_window_data(frame, cfg, sides["items"])
+        yield to_window_data(frame, cfg, sides[ITEMS.name])
 
 
 # ---- the example cache -------------------------------------------------------------------------------

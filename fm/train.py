@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from common.ema import WeightEMA, serving_weights
 from common.threads import torch_threads
 from features.lake import Lake
+from features.schemas import EVENTS
 from features.windows import Window
 from fm import checkpoint, stream
 from fm.config import FMConfig, lake_config
@@ -96,7 +97,7 @@ def check_surfaces(saved: tuple[str, ...], wanted: tuple[str, ...], what: str) -
 
 
 def is_first_window(lake: Lake, window: Window) -> bool:
-    return not any(p["ds"] < window.ds for p in lake.partitions("events"))
+    return not any(p["ds"] < window.ds for p in lake.partitions(EVENTS.name))
 
 
 def permutation(seed: int, ds: str, n: int) -> Tensor:

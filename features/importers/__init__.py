@@ -56,6 +56,7 @@ from features.importers.state import (
 from features.importers.validate import validate
 from features.importers.write import assign_windows, write_windows
 from features.lake import Lake
+from features.schemas import QUARANTINE
 from features.windows import Window, parse_window_length
 
 __all__ = ["ImportFailed", "Mapping", "import_source", "require_complete_import", "resolve_mapping"]
@@ -167,7 +168,7 @@ def import_source(
     rows, surface = _surface(m, rows, items)
     good, bad = validate(m, names, rows, surface)
     lake, iid = Lake(lake_uri), import_id(m, files)
-    where = lake.write("quarantine", bad, import_id=iid)
+    where = lake.write(QUARANTINE.name, bad, import_id=iid)
     share = bad.height / rows.height
     if share > max_bad_share or good.height == 0:
         raise _failure(bad, rows.height, share, max_bad_share, where)

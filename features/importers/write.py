@@ -16,6 +16,7 @@ import polars as pl
 
 from features.history import build_user_history
 from features.lake import Lake
+from features.schemas import EVENTS, ITEMS, USERS
 from features.windows import Window
 
 
@@ -81,15 +82,15 @@ def write_windows(
         for (surface,), part in chunk.partition_by("surface", as_dict=True).items():
             # a log has no true click probability (the generator's ceiling): null
             part = part.drop("__w").with_columns(pl.lit(None, pl.Float32).alias("p_click"))
-            lake.write("events", part, ds=window.ds, surface=str(surface))
+            lake.write(EVENTS.name, part, ds=window.ds, surface=str(surface))
             written.add((window.ds, str(surface)))
         lake.write(
-            "users",
+            USERS.name,
             snapshot(first_user, users, "user_id", ("segment", "region"), origin, days, k),
             ds=window.ds,
         )
         lake.write(
-            "items",
+            ITEMS.name,
             snapshot(first_item, items, "item_id", ("category", "brand"), origin, days, k),
             ds=window.ds,
         )

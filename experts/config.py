@@ -1,4 +1,5 @@
-"""The expert's configuration: one frozen dataclass, resolved into MLflow params and every checkpoint.
+"""The expert's configuration: one frozen dataclass, resolved into MLflow params and every checkpoint;
+and `ExpertKey`, the typed reference to the one expert (day, surface, variant, FM preset) a stage works on.
 
 Variants (`VARIANTS`) switch FM-fed parts on and off; everything else is shared so that variants
 differ only in the FM knowledge they consume.
@@ -13,6 +14,21 @@ VARIANTS = ("base", "loopfm", "kd", "fe", "loopfm_kd")
 
 # Hashed categorical inputs the expert embeds (its "own features"), in a fixed order.
 OWN_FEATURES = ("user_id", "item_id", "segment", "region", "category", "brand", "position", "device")
+
+
+@dataclass(frozen=True)
+class ExpertKey:
+    """One expert's day: window `ds`, `surface`, `variant` and the FM `preset` whose outputs it reads."""
+
+    ds: str
+    surface: str
+    variant: str
+    preset: str = "small"
+
+    @property
+    def name(self) -> str:
+        """``<preset>/<surface>/<variant>`` (MLflow run names, log lines)."""
+        return f"{self.preset}/{self.surface}/{self.variant}"
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class ExpertConfig:
     # this small is read whole and shuffled as one permutation. Memory ~3 KB a row (L=20 history of R=32 codes):
     # 65,536 rows ~ 0.2 GB, about the whole feed partition at 0.1M events a day (issue 12: peak RSS flat in N)
     shuffle_rows: int = 65_536
-    fm_gate_windows: int = 2  # confident FM-over-base windows before loopfm / fe read the FM (experts.stage._fm_gate)
+    fm_gate_windows: int = 2  # confident FM-over-base windows before loopfm / fe read the FM (experts.train.fm_gate)
     fm_gate_step: float = 0.5  # the most the FM inputs' scale rises per window
     calib_gain: float = 0.5  # gain of the next-day calibration controller (experts.train.next_offset)
     ema_decay: float = 0.99  # the expert serves an EMA of its weights (common.ema; 0: the last iterate)

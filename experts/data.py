@@ -11,6 +11,8 @@
   rounding, about 1e-7 relative) and is converted once more, into a tensor cache on local disk (`_TensorCache`,
   ~3 KB a row) that every later pass reads.
 - `load_examples`: a whole partition in one read (the in-memory reference: tests, benches).
+- `examples_for`: the ExpertSource a stage reads for its window; it never builds the partition (the
+  expert_examples stage is the table's only writer) and says which command does when it is missing.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ import pyarrow.parquet as pq
 import torch
 
 from experts.config import OWN_FEATURES, ExpertConfig
-from features.expert_examples import build_expert_examples
 from features.lake import DATA_FILE, Lake, PartitionNotFound, check_schema, parquet_reader
-from features.schemas import CLICK, FM_VERSION, TABLES
+from features.schemas import CLICK, EXPERT_EXAMPLES, FM_OUTPUTS, FM_VERSION
 from features.windows import Window
 
 READ_ROWS = 8192  # rows per record batch read; a multiple of the scoring batch (experts.evaluate.predict)
@@ -225,13 +226,13 @@ class ExpertSource:
     def __init__(self, lake: Lake, preset: str, ds: str, surface: str, history_length: int,
                  buffer_rows: int = ExpertConfig.shuffle_rows, read_rows: int = READ_ROWS) -> None:
         keys = {"fm": preset, "ds": ds, "surface": surface}
-        if not lake.exists("expert_examples", **keys):
-            raise PartitionNotFound(f"expert_examples {keys} does not exist in lake {lake.uri}")
-        self.lake, self.path = lake, f"{lake.partition_dir('expert_examples', **keys)}/{DATA_FILE}"
+        if not lake.exists(EXPERT_EXAMPLES.name, **keys):
+            raise PartitionNotFound(f"{EXPERT_EXAMPLES.name} {keys} does not exist in lake {lake.uri}")
+        self.lake, self.path = lake, f"{lake.partition_dir(EXPERT_EXAMPLES.name, **keys)}/{DATA_FILE}"
         self.history_length, self.buffer_rows, self.read_rows = history_length, buffer_rows, read_rows
         with lake.fs.open_input_file(self.path) as f:
             meta = pq.ParquetFile(f)
-            check_schema(TABLES["expert_examples"], meta.schema_arrow, f"expert_examples {keys}")
+            check_schema(EXPERT_EXAMPLES, meta.schema_arrow, f"{EXPERT_EXAMPLES.name} {keys}")
             self.group_rows = [meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)]
             self.repr_dim = int(meta.schema_arrow.field("loop_hist_repr").type.value_type.list_size)
             self.tae_dim = int(meta.schema_arrow.field("fm_tae").type.list_size)
@@ -346,19 +347,29 @@ def _unflat(col: pa.Array, shape: tuple[int, ...]) -> torch.Tensor:
 
 def load_examples(lake: Lake, preset: str, ds: str, surface: str, history_length: int) -> ExpertData:
     """Read expert_examples(fm=preset, ds, surface) whole, as tensors (raises PartitionNotFound when absent)."""
-    return to_tensors(lake.read("expert_examples", fm=preset, ds=ds, surface=surface), history_length)
+    return to_tensors(lake.read(EXPERT_EXAMPLES.name, fm=preset, ds=ds, surface=surface), history_length)
 
 
 def fm_started(lake: Lake, preset: str, window: Window) -> bool:
     """Whether FM `preset` scored any window up to and including `window`."""
-    return any(p["ds"] <= window.ds for p in lake.partitions("fm_outputs", fm=preset))
+    return any(p["ds"] <= window.ds for p in lake.partitions(FM_OUTPUTS.name, fm=preset))
+
+
+class ExamplesMissing(PartitionNotFound):
+    """expert_examples(fm, ds, surface) was not built although the FM scored that window or an earlier one."""
 
 
 def examples_for(lake: Lake, window: Window, surface: str, preset: str, history_length: int,
                  buffer_rows: int = ExpertConfig.shuffle_rows) -> ExpertSource | None:
-    """expert_examples(window, surface) as an ExpertSource, built first if missing; None before the FM's first scores."""
-    if not lake.exists("expert_examples", fm=preset, ds=window.ds, surface=surface):
+    """expert_examples(window, surface) as an ExpertSource; None before the FM's first scores.
+
+    Only the expert_examples stage (experts.stage.expert_examples) writes the table: a missing partition
+    after the FM's first scores is `ExamplesMissing`, one line naming it and the command that builds it."""
+    if not lake.exists(EXPERT_EXAMPLES.name, fm=preset, ds=window.ds, surface=surface):
         if not fm_started(lake, preset, window):
             return None
-        build_expert_examples(lake, window, surface, preset, history_length)
+        raise ExamplesMissing(
+            f"{EXPERT_EXAMPLES.name}(fm={preset}, ds={window.ds}, surface={surface}) does not exist in lake {lake.uri}: "
+            f"build it first with `fmx experts examples --ds {window.ds} --surface {surface} --preset {preset}` "
+            "(the DAG's expert_examples task)")
     return ExpertSource(lake, preset, window.ds, surface, history_length, buffer_rows)

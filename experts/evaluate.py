@@ -13,11 +13,11 @@ import math
 import numpy as np
 import torch
 
+from experts.checkpoint import Checkpoint
 from experts.data import ExpertData
 from experts.model import Expert
-from experts.train import Checkpoint
 from features.lake import Lake
-from features.schemas import CLICK
+from features.schemas import CLICK, EVENTS
 from features.windows import Window, assert_after
 
 FM_SIZE_ORDER = ("small", "base", "large")  # FM presets from smaller to larger (for the transfer ratio)
@@ -48,9 +48,9 @@ def fm_probs(data: ExpertData) -> np.ndarray:
 def training_ctr(lake: Lake, window: Window, surface: str) -> float:
     """CTR of events(window.prev(), surface): the base rate of NE for window `window` (documented choice)."""
     prev = window.prev()
-    if not lake.exists("events", ds=prev.ds, surface=surface):
+    if not lake.exists(EVENTS.name, ds=prev.ds, surface=surface):
         raise FileNotFoundError(f"NE base rate: events for surface {surface!r} window {prev} are missing")
-    clicks = lake.read("events", columns=[CLICK], ds=prev.ds, surface=surface)[CLICK].to_numpy()
+    clicks = lake.read(EVENTS.name, columns=[CLICK], ds=prev.ds, surface=surface)[CLICK].to_numpy()
     if len(clicks) == 0:
         raise ValueError(f"NE base rate: surface {surface!r} has no events in window {prev}")
     return float(np.mean(clicks))

@@ -129,7 +129,7 @@ class Expert(nn.Module):
             fm_width += cfg.fm_proj
         if fm_width:
             self.fm_in = nn.Linear(fm_width, cfg.hidden[0], bias=False)
-        self.fm_gate = 1.0  # scales the FM inputs (and their gradient): set per window by the stage (experts.stage._fm_gate)
+        self.fm_gate = 1.0  # scales the FM inputs (and their gradient): set per window by the stage (experts.train.fm_gate)
         if cfg.uses_kd:
             self.aux_head = nn.Linear(width, 1)
             self.adapter = StudentAdapter(cfg.adapter_hidden)

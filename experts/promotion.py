@@ -28,22 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from common.jsonsafe import strict_json
 from common.metrics import all_metrics
+from experts.checkpoint import Checkpoint, ckpt_relpath, latest_before, load_checkpoint, trusted_ckpt_relpath
 from experts.config import VARIANTS, ExpertConfig
 from experts.data import examples_for
 from experts.evaluate import fm_probs, gap_closure, predict, smaller_first, training_ctr, transfer_ratio
 from experts.promote import Decision, Interval, decide, ne_diff, pool
-from experts.records import (
-    champion_before,
-    decided_after,
-    read_champion,
-    read_eval,
-    strict_json,
-    write_champion,
-)
+from experts.records import champion_before, decided_after, read_champion, read_eval, write_champion
 from experts.stream import Rows, chunks, fitting
-from experts.train import Checkpoint, ckpt_relpath, latest_before, load_checkpoint, trusted_ckpt_relpath
 from features.lake import Lake
+from features.schemas import FM_OUTPUTS
 from features.windows import Window, assert_after
 
 
@@ -247,7 +242,7 @@ def _transfer(lake: Lake, preset: str, surface: str, ds: str, variant: str) -> t
     mine = read_eval(lake, preset, surface, ds, variant)
     if mine is None:
         return None
-    for other in sorted(p["fm"] for p in lake.partitions("fm_outputs", ds=ds, surface=surface)):
+    for other in sorted(p["fm"] for p in lake.partitions(FM_OUTPUTS.name, ds=ds, surface=surface)):
         theirs = read_eval(lake, other, surface, ds, variant) if other != preset else None
         if theirs is None or theirs["rows"] != mine["rows"]:
             continue

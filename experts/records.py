@@ -10,33 +10,19 @@ Both are small JSON files under ``models/experts/<preset>/<surface>/``, one per 
   record BEFORE D (`champion_before`): a re-run of D, even after D+1 ran, scores the same model as
   the first run did, never one trained on D itself.
 
-Every value is strict JSON (`strict_json`: NaN/inf -> null).
+Every value is strict JSON (common.jsonsafe.strict_json: NaN/inf -> null).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
-import numpy as np
 import pyarrow.fs as pafs
 
+from common.jsonsafe import strict_json
 from features.lake import Lake
 from features.windows import Window
-
-
-def strict_json(value: Any) -> Any:
-    """`value` with every non-finite float replaced by None and numpy scalars made plain (recursively)."""
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _dumps(record: dict[str, Any]) -> bytes:

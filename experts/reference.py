@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from common.jsonsafe import strict_json
 from common.metrics import all_metrics
 from features.lake import Lake
-from features.schemas import CLICK, ITEM_ID, USER_ID
+from features.schemas import CLICK, EVENTS, ITEM_ID, USER_ID
 from features.windows import Window
 
 VARIANT = "ref"
@@ -67,14 +68,14 @@ class RefModel:
 
 def _earlier(lake: Lake, window: Window, surface: str) -> list[dict[str, str]]:
     """The surface's events partitions of every window strictly before `window`."""
-    return [p for p in lake.partitions("events", surface=surface) if p["ds"] < window.ds]
+    return [p for p in lake.partitions(EVENTS.name, surface=surface) if p["ds"] < window.ds]
 
 
 def window_ctr(lake: Lake, window: Window, surface: str) -> float | None:
     """CTR of events(window, surface); None if the partition is missing or empty."""
-    if not lake.exists("events", ds=window.ds, surface=surface):
+    if not lake.exists(EVENTS.name, ds=window.ds, surface=surface):
         return None
-    ctr = lake.scan("events", ds=window.ds, surface=surface).select(pl.col(CLICK).cast(pl.Float64).mean()).collect()
+    ctr = lake.scan(EVENTS.name, ds=window.ds, surface=surface).select(pl.col(CLICK).cast(pl.Float64).mean()).collect()
     value = ctr.item()
     return None if value is None else float(value)
 
@@ -101,8 +102,8 @@ def counter_features(lake: Lake, window: Window, surface: str, prior: float) -> 
     if not 0 < prior < 1:
         raise ValueError(f"reference prior CTR must be strictly between 0 and 1, got {prior}")
     earlier = _earlier(lake, window, surface)
-    history = lake.scan_many("events", earlier).select(USER_ID, ITEM_ID, CLICK) if earlier else None
-    frame = (lake.scan("events", ds=window.ds, surface=surface).select(USER_ID, ITEM_ID, CLICK)
+    history = lake.scan_many(EVENTS.name, earlier).select(USER_ID, ITEM_ID, CLICK) if earlier else None
+    frame = (lake.scan(EVENTS.name, ds=window.ds, surface=surface).select(USER_ID, ITEM_ID, CLICK)
              .join(_counts(history, ITEM_ID, "item"), on=ITEM_ID, how="left", maintain_order="left")
              .join(_counts(history, USER_ID, "user"), on=USER_ID, how="left", maintain_order="left")
              .select(_rate_logit("item", prior), _rate_logit("user", prior),
@@ -160,7 +161,7 @@ def evaluate(lake: Lake, window: Window, surface: str) -> dict[str, Any]:
     if base_rate is None or not 0 < base_rate < 1:
         return {"evaluated": False, "reason": f"no usable fit window {fit_window} for surface {surface!r} "
                                               f"(missing, empty or CTR {base_rate})"}
-    if not lake.exists("events", ds=window.ds, surface=surface):
+    if not lake.exists(EVENTS.name, ds=window.ds, surface=surface):
         return {"evaluated": False, "reason": f"no events of surface {surface!r} in window {window}"}
     model = fit(*counter_features(lake, fit_window, surface, base_rate))
     x, y = counter_features(lake, window, surface, base_rate)
@@ -175,7 +176,6 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
 
     from common.lineage_runs import sync as sync_lineage
     from common.tracking import stage_run
-    from experts.records import strict_json
     from experts.registry import STAGE_TAG
 
     lake = Lake(lake_uri)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from features.fm_version import format_fm_version
 from features.lake import CorruptFile, Lake
 from fm.model import ARCH
 
@@ -73,8 +74,8 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def fm_version(preset: str, ds: str, model: nn.Module) -> str:
-    """`<preset>-<ds>-<first 10 hex of the weights hash>`."""
-    return f"{preset}-{ds}-{weights_hash(model)[:10]}"
+    """`<preset>-<ds>-<first 10 hex of the weights hash>` (the format: features.fm_version)."""
+    return format_fm_version(preset, ds, weights_hash(model)[:10])
 
 
 def versions_path(preset: str) -> str:

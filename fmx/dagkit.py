@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from common.jsonsafe import strict_json
+
 START_DATE_ENV, END_DATE_ENV, WINDOW_DAYS_ENV = "FMX_START_DATE", "FMX_END_DATE", "FMX_WINDOW_DAYS"
 
 SURFACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a partition value: no '/', no '..', no '='
@@ -257,23 +259,10 @@ def timed(stage: Callable[..., dict], **kwargs: Any) -> dict:
     (Unix time: comparable across the processes of a host), for the work vs orchestration split."""
     t0, start = time.time(), time.perf_counter()
     with bad_input_fails_at_once():
-        out = json_safe(dict(stage(**kwargs) or {}))
+        out = strict_json(dict(stage(**kwargs) or {}))
     out["stage_s"] = round(time.perf_counter() - start, 3)
     out["stage_t0"] = round(t0, 3)
     return out
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with NaN/inf floats as None: XCom stores strict JSON (a metric can be NaN, e.g. AUC of one class)."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 GRID_LISTS = {"surface": "surfaces", "variant": "variants", "preset": "fm_presets"}

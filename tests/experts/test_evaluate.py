@@ -9,9 +9,10 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from common.metrics import all_metrics
+from experts.checkpoint import Checkpoint
 from experts.config import ExpertConfig
 from experts.evaluate import gap_closure, smaller_first, transfer_ratio
-from experts.train import Checkpoint, FMLineageError, check_lineage
+from experts.lineage import FMLineageError, check_lineage
 
 
 def test_metrics_match_sklearn() -> None:

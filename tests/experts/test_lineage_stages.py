@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from common.lineage_runs import LINEAGE_TAG, lineage_experiment
 from common.tracking import experiment_id
+from experts.progressive import ne_history
 from experts.reference import reference_eval
-from experts.stage import _ne_history, expert_train
+from experts.stage import expert_examples, expert_train
 from features.lake import Lake
 from tests.experts.synth import make_lake
 
@@ -28,6 +29,7 @@ def test_expert_and_reference_days_make_lineages_that_match_compare(lake_uri: st
 
     lake, ws = make_lake(lake_uri, days=4)
     for w in ws[1:]:
+        expert_examples(w.ds, "feed", lake_uri)
         for variant in ("base", "kd"):
             expert_train(w.ds, "feed", variant, lake_uri, pipeline_run="t1")
         reference_eval(w.ds, "feed", lake_uri, pipeline_run="t1")
@@ -46,6 +48,6 @@ def test_expert_and_reference_days_make_lineages_that_match_compare(lake_uri: st
     kd = _lineage("small/feed/kd").data.metrics
     assert kd["mean_gap_closure"] == pytest.approx(rows["kd"]["gap_closure"], rel=1e-9)
 
-    series = _ne_history(lake, "small", "feed", "kd", ws[-1])
+    series = ne_history(lake, "small", "feed", "kd", ws[-1])
     assert list(series) == ["kd", "base", "FM small"]
     assert set(series["base"]) == set(series["kd"]) == {w.ds for w in ws[2:]}

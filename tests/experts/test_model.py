@@ -184,15 +184,15 @@ def test_fm_inputs_open_only_after_confident_fm_windows(streak: int, fm_hi: floa
                                                         expected: tuple[float, int]) -> None:
     from dataclasses import replace
 
-    from experts.stage import _fm_gate
+    from experts.train import fm_gate
 
     ckpt = replace(_dummy_checkpoint("fe"), fm_streak=streak, fm_gate=gate)
     evaluation = {"fm_vs_base_hi": fm_hi, "base_ne": 0.95, "fm": {"ne": 0.90}, "metrics": {"ne_vs_base_lo": own_lo}}
-    assert _fm_gate(ckpt, evaluation) == expected
-    assert _fm_gate(ckpt, {}) == (0.0, 0)  # a cold start: no evidence, inputs off
+    assert fm_gate(ckpt, evaluation) == expected
+    assert fm_gate(ckpt, {}) == (0.0, 0)  # a cold start: no evidence, inputs off
 
 
 def _dummy_checkpoint(variant: str):  # type: ignore[no-untyped-def]
-    from experts.train import Checkpoint
+    from experts.checkpoint import Checkpoint
 
     return Checkpoint(ExpertConfig(variant=variant), 4, 4, {}, None, "", "small", "feed")

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from common.tracking import METRIC_KEYS, setup
 from experts.config import VARIANTS
+from experts.data import ExamplesMissing
+from experts.lineage import FMLineageError
 from experts.registry import champion, registered_name
 from experts.stage import compare_and_promote, expert_examples, expert_train
-from experts.train import FMLineageError
 from fmx.cli import cli
 from tests.experts.synth import make_lake, write_fm
 
@@ -25,6 +26,7 @@ def _one_thread() -> None:
 
 
 def _day(uri: str, ds: str, preset: str = "small", surface: str = "feed", margin: float = 0.001) -> dict:
+    expert_examples(ds, surface, uri, preset)  # the table's only writer, as the DAG's expert_examples task
     out = {v: expert_train(ds, surface, v, uri, preset, pipeline_run="t1") for v in VARIANTS}
     out["promote"] = compare_and_promote(ds, surface, uri, preset, pipeline_run="t1", margin=margin)
     return out
@@ -72,6 +74,7 @@ def test_daily_flow_mlflow_promotion_and_compare(lake_uri: str, isolated_home: P
     assert champ is not None and champ.tags["variant"] == d2["promote"]["best"]
     assert champ.tags["trained_through"] == ws[2].ds
     # day 3: a huge margin keeps the champion; the decision is logged on the promotion run
+    expert_examples(ws[3].ds, "feed", lake_uri)
     for v in VARIANTS:
         expert_train(ws[3].ds, "feed", v, lake_uri, "small", pipeline_run="t1")
     kept = compare_and_promote(ws[3].ds, "feed", lake_uri, "small", pipeline_run="t1", margin=10.0)
@@ -95,6 +98,7 @@ def test_daily_flow_mlflow_promotion_and_compare(lake_uri: str, isolated_home: P
 
     # a second FM preset on the same rows -> transfer ratio on the larger FM's runs
     for ds in (ws[1].ds, ws[2].ds):
+        expert_examples(ds, "feed", lake_uri, "large")
         for v in ("base", "loopfm"):
             expert_train(ds, "feed", v, lake_uri, "large", pipeline_run="t1")
     tr = compare_and_promote(ws[2].ds, "feed", lake_uri, "large", pipeline_run="t1")["transfer_ratio"]
@@ -111,12 +115,13 @@ def test_daily_flow_mlflow_promotion_and_compare(lake_uri: str, isolated_home: P
 
 def test_stage_refuses_an_older_fm_version(lake_uri: str) -> None:
     lake, ws = make_lake(lake_uri, days=4)
-    expert_train(ws[1].ds, "feed", "base", lake_uri)
-    expert_train(ws[2].ds, "feed", "base", lake_uri)
+    for w in ws[1:3]:
+        expert_examples(w.ds, "feed", lake_uri)
+        expert_train(w.ds, "feed", "base", lake_uri)
     old = lake.read("fm_outputs", fm="small", ds=ws[1].ds, surface="feed")["fm_version"][0].as_py()
     for s in ("feed", "live"):  # day 3 re-exported with yesterday's FM version: stale
         write_fm(lake, ws[3], version=old.replace(ws[0].ds, ws[0].ds), surfaces=(s,))
-    lake.delete("expert_examples", fm="small", ds=ws[3].ds, surface="feed")
+    expert_examples(ws[3].ds, "feed", lake_uri)
     with pytest.raises(FMLineageError, match="older version"):
         expert_train(ws[3].ds, "feed", "base", lake_uri)
     # the refused day left its expert_train run FAILED with the error, under a FAILED parent
@@ -142,12 +147,30 @@ def test_cli_examples_train_and_clean_errors(lake_uri: str) -> None:
     assert bad.exit_code != 0 and "'video'" in bad.output
     lake.delete("fm_outputs", fm="small", ds=ws[2].ds, surface="feed")
     lake.delete("fm_outputs", fm="small", ds=ws[2].ds, surface="live")
+    bad = run.invoke(cli, ["experts", "examples", "--ds", ws[2].ds, "--surface", "live", "--lake", lake_uri])
+    assert bad.exit_code != 0 and "fm export" in bad.output  # the examples stage names the missing FM export
     bad = run.invoke(cli, ["experts", "train", "--ds", ws[2].ds, "--surface", "live", "--variant", "kd",
                            "--lake", lake_uri])
-    assert bad.exit_code != 0 and "fm export" in bad.output
+    # expert_train never builds expert_examples: it names the partition and the command that builds it (or, when
+    # the command runs the examples stage first, that stage names the missing FM export)
+    assert bad.exit_code != 0 and ("fmx experts examples --ds" in bad.output or "fm export" in bad.output)
+
+
+def test_expert_train_never_writes_expert_examples(lake_uri: str) -> None:
+    lake, ws = make_lake(lake_uri, days=3)
+    assert expert_train(ws[0].ds, "feed", "base", lake_uri)["skipped"]  # before the FM's first scores: a skip
+    with pytest.raises(ExamplesMissing) as missing:
+        expert_train(ws[1].ds, "feed", "base", lake_uri)
+    message = str(missing.value)
+    assert "\n" not in message and f"expert_examples(fm=small, ds={ws[1].ds}, surface=feed)" in message
+    assert f"fmx experts examples --ds {ws[1].ds} --surface feed --preset small" in message
+    assert not lake.exists("expert_examples", fm="small", ds=ws[1].ds, surface="feed")
+    with pytest.raises(ExamplesMissing):
+        compare_and_promote(ws[1].ds, "feed", lake_uri)
 
 
 def _train_promote(uri: str, ds: str, variants: tuple[str, ...] = ("base", "loopfm")) -> dict:
+    expert_examples(ds, "feed", uri)
     out = {v: expert_train(ds, "feed", v, uri, "small", pipeline_run="rr") for v in variants}
     out["promote"] = compare_and_promote(ds, "feed", uri, "small", pipeline_run="rr")
     for result in out.values():  # every stage returns strict JSON (NaN/inf -> null)
@@ -156,7 +179,7 @@ def _train_promote(uri: str, ds: str, variants: tuple[str, ...] = ("base", "loop
 
 
 def _weights(lake, ds: str) -> dict:  # type: ignore[no-untyped-def]
-    from experts.train import ckpt_relpath, load_checkpoint
+    from experts.checkpoint import ckpt_relpath, load_checkpoint
 
     return load_checkpoint(lake, ckpt_relpath("small", "feed", "base", ds)).model
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from experts.stage import compare_and_promote, expert_train
-from experts.train import ckpt_relpath, load_checkpoint, trusted_ckpt_relpath
+from experts.checkpoint import ckpt_relpath, load_checkpoint, trusted_ckpt_relpath
+from experts.stage import compare_and_promote, expert_examples, expert_train
 from features.lake import CorruptFile, Lake, UnsafeLake
 from fm import checkpoint as fm_checkpoint
 from tests.experts.synth import make_lake
@@ -50,6 +50,8 @@ def test_the_payload_really_runs_when_unpickled(tmp_path: Path) -> None:
 def test_a_crafted_expert_checkpoint_is_refused_on_warm_start(lake_uri: str, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     lake, ws = make_lake(lake_uri, days=3)
+    for w in ws[1:]:
+        expert_examples(w.ds, "feed", lake_uri)
     expert_train(ws[1].ds, "feed", "base", lake_uri, "small", pipeline_run="t")  # cold start, saves ds=1
     rel = ckpt_relpath("small", "feed", "base", ws[1].ds)
     assert load_checkpoint(lake, rel).trained_through == ws[1].ds  # a real checkpoint loads weights-only
@@ -70,6 +72,7 @@ def test_a_registry_tag_cannot_point_outside_the_lake_or_at_an_uploaded_payload(
     marker = tmp_path / "pwned"
     lake, ws = make_lake(lake_uri, days=3)
     for ds in (ws[1].ds, ws[2].ds):
+        expert_examples(ds, "feed", lake_uri)
         expert_train(ds, "feed", "base", lake_uri, "small", pipeline_run="t")
     uploaded = tmp_path / "mlartifacts" / "evil.pt"
     uploaded.parent.mkdir()

@@ -16,8 +16,10 @@
 LOOP_STATE contract: ``loop_state(fm, ds=W)`` is the per-user last-L FM history at the END of window W,
 built from fm_outputs(fm, W, every surface) ⨝ events(W) and loop_state(fm, W.prev()). It is built once
 per (preset, window) by `build_loop_state`; `build_expert_examples` for window D needs the state of D-1
-and builds it (and any missing predecessor) on demand. Re-exporting a window with another FM version
-deletes the states built from the old rows (`invalidate_loop_state`, called by fm.export). The chain
+and builds it (and any missing predecessor) on demand. This module alone writes and deletes loop_state: each
+state records in its file metadata (`SOURCE_VERSION`) the fm_version of the fm_outputs it read, and
+`loop_state_before` rebuilds a state whose window was re-exported by another FM version since (and deletes
+every later state, built on it). The chain
 starts at the first window the FM scored: before it the state is empty (None). The history length of
 the state is fixed per lake/preset (default 20); a different `history_length` with an existing state
 truncates to the shorter one.
@@ -56,6 +58,7 @@ from features.schemas import (
 from features.windows import Window
 
 LOOP_PAYLOAD = ("repr", CLICK, SURFACE)
+SOURCE_VERSION = "fmx.source_fm_version"  # loop_state file metadata: the fm_version of the fm_outputs it read
 STREAM_CHUNK = 65_536  # events per chunk of a streamed window (build_expert_examples)  # -> hist_repr, hist_click, hist_surface (LOOP_STATE columns)
 
 
@@ -105,8 +108,9 @@ def _one_version(frame: pl.DataFrame, what: str) -> str:
     return str(versions[0])
 
 
-def _loop_rows(lake: Lake, window: Window, preset: str) -> pl.DataFrame:
-    """Every FM-scored event of the window (all surfaces): event_id, user_id, ts, repr, click, surface."""
+def _loop_rows(lake: Lake, window: Window, preset: str) -> tuple[pl.DataFrame, str]:
+    """Every FM-scored event of the window (all surfaces): event_id, user_id, ts, repr, click, surface; and the
+    fm_version that scored them."""
     frames = []
     for surface in fm_surfaces(lake, window, preset):
         fm = lake.scan(FM_OUTPUTS.name, fm=preset, ds=window.ds, surface=surface).select(
@@ -117,49 +121,80 @@ def _loop_rows(lake: Lake, window: Window, preset: str) -> pl.DataFrame:
     if not frames:
         raise MissingFMOutputs(f"no fm_outputs for fm={preset} window {window} in {lake.uri}")
     rows = pl.concat(frames).collect()
-    _one_version(rows, f"fm_outputs fm={preset} ds={window.ds} (all surfaces)")
-    width = rows.schema["fm_repr"].size  # type: ignore[attr-defined]
-    dequant = pl.col("fm_repr").cast(pl.Array(pl.Float32, width)) * pl.col("fm_repr_scale")
-    return rows.select(EVENT_ID, USER_ID, TS, dequant.alias("repr"), CLICK, SURFACE)
+    version = _one_version(rows, f"fm_outputs fm={preset} ds={window.ds} (all surfaces)")
+    return _dequantised(rows), version
 
 
 def build_loop_state(lake: Lake, window: Window, preset: str, length: int = 20) -> str:
     """Write loop_state(fm=preset, ds=window) = the FM history at the end of `window`; return its path."""
-    state = loop_state_before(lake, window, preset, length)
-    rows = _loop_rows(lake, window, preset).lazy()
-    new = advance_state(rows, state, length, LOOP_PAYLOAD).collect()
-    return lake.write(LOOP_STATE.name, new, fm=preset, ds=window.ds)
+    return _advance_loop_state(lake, window, preset, loop_state_before(lake, window, preset, length), length)
 
 
-def invalidate_loop_state(lake: Lake, preset: str, window: Window, new_version: str) -> list[str]:
-    """Before fm_outputs(fm=preset, window) are (re)written by FM `new_version`: if the ones there came from
-    another FM version, delete loop_state(fm=preset, ds >= window) (they were built from the old rows; they
-    are rebuilt on demand). A deterministic re-export (same version) keeps them. Returns the deleted ds."""
-    scored = fm_surfaces(lake, window, preset)
-    if not scored:
-        return []
-    old = lake.read(FM_OUTPUTS.name, columns=[FM_VERSION], fm=preset, ds=window.ds, surface=scored[0])[FM_VERSION]
-    if len(old) and old[0].as_py() == new_version:
-        return []
-    stale = [p["ds"] for p in lake.partitions(LOOP_STATE.name, fm=preset) if p["ds"] >= window.ds]
-    for ds in stale:
-        lake.delete(LOOP_STATE.name, fm=preset, ds=ds)
+def _advance_loop_state(lake: Lake, window: Window, preset: str, state: pl.LazyFrame | None, length: int) -> str:
+    """Write the state of `window` from the state before it; it records the fm_version of the rows it read."""
+    rows, version = _loop_rows(lake, window, preset)
+    new = advance_state(rows.lazy(), state, length, LOOP_PAYLOAD).collect()
+    return lake.write(LOOP_STATE.name, new, metadata={SOURCE_VERSION: version}, fm=preset, ds=window.ds)
+
+
+def _scored_version(lake: Lake, window: Window, preset: str, scored: list[str]) -> str:
+    """The fm_version of fm_outputs(fm=preset, window) ("" for no rows); `scored`: its surfaces."""
+    column = lake.read(FM_OUTPUTS.name, columns=[FM_VERSION], fm=preset, ds=window.ds, surface=scored[0])[FM_VERSION]
+    return str(column[0].as_py()) if len(column) else ""
+
+
+def _is_current(lake: Lake, window: Window, preset: str, scored: list[str]) -> bool:
+    """Whether loop_state(fm=preset, window) exists and was built from the fm_outputs there now (`scored`: their
+    surfaces)."""
+    if not lake.exists(LOOP_STATE.name, fm=preset, ds=window.ds):
+        return False
+    built_from = lake.file_metadata(LOOP_STATE.name, fm=preset, ds=window.ds).get(SOURCE_VERSION)
+    return built_from == _scored_version(lake, window, preset, scored)
+
+
+def _drop_states_from(lake: Lake, preset: str, ds: str) -> list[str]:
+    """Delete loop_state(fm=preset, ds >= `ds`); return the deleted ds."""
+    stale = [p["ds"] for p in lake.partitions(LOOP_STATE.name, fm=preset) if p["ds"] >= ds]
+    for day in stale:
+        lake.delete(LOOP_STATE.name, fm=preset, ds=day)
     return stale
 
 
+def invalidate_loop_state(lake: Lake, preset: str, window: Window, new_version: str) -> list[str]:
+    """If fm_outputs(fm=preset, window) come from another FM version than `new_version`, delete loop_state(fm=preset,
+    ds >= window) now; returns the deleted ds. Not needed before a re-export: `loop_state_before` finds and
+    rebuilds such states itself (each records the version of the rows it read)."""
+    scored = fm_surfaces(lake, window, preset)
+    if not scored or _scored_version(lake, window, preset, scored) == new_version:
+        return []
+    return _drop_states_from(lake, preset, window.ds)
+
+
 def loop_state_before(lake: Lake, window: Window, preset: str, length: int = 20) -> pl.LazyFrame | None:
-    """The LOOP_STATE at the end of window.prev(), building missing states back to the FM's first window."""
-    missing: list[Window] = []
+    """The LOOP_STATE at the end of window.prev(), building missing states back to the FM's first window.
+
+    A state whose fm_outputs were re-exported by another FM version since it was built is stale: it and every
+    later state are deleted and rebuilt from the rows there now."""
+    scored: dict[str, list[str]] = {}  # ds -> the surfaces the FM scored (one listing of fm_outputs)
+    for p in lake.partitions(FM_OUTPUTS.name, fm=preset):
+        scored.setdefault(p["ds"], []).append(p["surface"])
+    chain: list[Window] = []  # the windows the FM scored up to window.prev(), oldest first
     w = window.prev()
-    while not lake.exists(LOOP_STATE.name, fm=preset, ds=w.ds) and fm_surfaces(lake, w, preset):
-        missing.append(w)
+    while w.ds in scored:
+        chain.insert(0, w)
         w = w.prev()
-    for todo in reversed(missing):
-        build_loop_state(lake, todo, preset, length)
-    prev = window.prev()
-    if not lake.exists(LOOP_STATE.name, fm=preset, ds=prev.ds):
-        return None  # the FM scored nothing before this window: empty history
-    return lake.scan(LOOP_STATE.name, fm=preset, ds=prev.ds)
+    first = next((i for i, w in enumerate(chain) if not _is_current(lake, w, preset, scored[w.ds])), len(chain))
+    if first < len(chain):
+        _drop_states_from(lake, preset, chain[first].ds)
+    state = _state(lake, chain[first - 1], preset) if first else None
+    for todo in chain[first:]:
+        _advance_loop_state(lake, todo, preset, state, length)
+        state = _state(lake, todo, preset)
+    return state
+
+
+def _state(lake: Lake, window: Window, preset: str) -> pl.LazyFrame:
+    return lake.scan(LOOP_STATE.name, fm=preset, ds=window.ds)
 
 
 def _side(lake: Lake, window: Window, table: str, key: str, columns: tuple[str, ...]) -> pl.LazyFrame | None:
@@ -192,7 +227,7 @@ def expert_frame(lake: Lake, window: Window, surface: str, preset: str, history_
                                f"{events.height} events: re-run the FM export for this window")
     _one_version(joined, f"fm_outputs fm={preset} ds={window.ds} surface={surface}")
     state = loop_state_before(lake, window, preset, history_length)
-    hist = history_features(_loop_rows(lake, window, preset).lazy(), state, history_length, LOOP_PAYLOAD)
+    hist = history_features(_loop_rows(lake, window, preset)[0].lazy(), state, history_length, LOOP_PAYLOAD)
     hist = hist.select(EVENT_ID, pl.col("hist_repr").alias("loop_hist_repr"), pl.col("hist_click").alias("loop_hist_click"))
     out = _with_side(joined.lazy(), _side(lake, window, USERS.name, USER_ID, USER_FEATURES), USER_ID, USER_FEATURES)
     out = _with_side(out, _side(lake, window, ITEMS.name, ITEM_ID, ITEM_FEATURES), ITEM_ID, ITEM_FEATURES)

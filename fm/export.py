@@ -37,7 +37,6 @@ import torch
 from common.ema import serving_weights
 from common.metrics import MetricSums, all_metrics
 from common.threads import torch_threads
-from features.expert_examples import invalidate_loop_state
 from features.history import asof_snapshot
 from features.lake import Lake
 from features.schemas import FM_OUTPUTS, ITEM_EMBEDDINGS, ITEM_ID, ITEMS, USER_EMBEDDINGS, USER_ID, USERS
@@ -245,9 +244,6 @@ def _export(cfg: FMConfig, window: Window, lake: Lake, trained_through: Window |
     data = load_window(lake, window, FMConfig.from_dict(state["cfg"]))
     scores = score(bundle, data, cfg.export_batch)
     table = outputs_table(data, scores, version)
-    stale = invalidate_loop_state(lake, cfg.preset, window, version)  # before the rows they derive from change
-    if stale:
-        log.info("fm export %s: fm_outputs were from another FM version; deleted loop_state %s", window.ds, stale)
     rows = {}
     for s in sorted(set(data.surface_names.tolist())):
         part = table.filter(pc.equal(table["surface"], s))
@@ -271,9 +267,6 @@ def _export_stream(cfg: FMConfig, window: Window, lake: Lake, bundle: FMBundle, 
     distinct ids."""
     version = state["fm_version"]
     feats = replace(FMConfig.from_dict(state["cfg"]), stream_chunk=cfg.stream_chunk)
-    stale = invalidate_loop_state(lake, cfg.preset, window, version)  # before the rows they derive from change
-    if stale:
-        log.info("fm export %s: fm_outputs were from another FM version; deleted loop_state %s", window.ds, stale)
     heads: dict[tuple[str, str], MetricSums] = {}  # (surface, task) -> sums over the window's rows
     ids: dict[str, np.ndarray] = {USER_ID: np.zeros(0, np.int64), ITEM_ID: np.zeros(0, np.int64)}
     compression = _Compression()

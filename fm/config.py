@@ -27,9 +27,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from common.names import FM_PRESETS
+
 SURFACES = ("feed", "search", "video", "live")
 
-_PRESETS: dict[str, dict[str, Any]] = {
+_PRESETS: dict[str, dict[str, Any]] = {  # one entry per common.names.FM_PRESETS, in that order
     "small": dict(dim=16, user_buckets=2**15, item_buckets=2**15, n_blocks=0, n_heads=2, mlp=(64, 32)),
     "base": dict(dim=32, user_buckets=2**16, item_buckets=2**16, n_blocks=1, n_heads=2, mlp=(128, 64)),
     # large: lr 1e-3 for the dense layers (measured: 3e-3 overfits the first days; progressive NE
@@ -85,8 +87,8 @@ class FMConfig:
     @classmethod
     def from_preset(cls, name: str = "small", **overrides: Any) -> FMConfig:
         """The preset's settings, then `overrides` (unknown keys raise with the valid names)."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown FM preset {name!r}; choose one of {sorted(_PRESETS)}")
+        if name not in FM_PRESETS:
+            raise ValueError(f"unknown FM preset {name!r}; choose one of {list(FM_PRESETS)}")
         valid = {f.name for f in fields(cls)}
         bad = sorted(set(overrides) - valid)
         if bad:
@@ -109,9 +111,6 @@ class FMConfig:
         keep = ("dim", "user_buckets", "item_buckets", "side_buckets", "n_blocks", "n_heads", "mlp", "counters")
         return {k: getattr(self, k) for k in keep} | {"surfaces": self.surfaces, "tasks": self.tasks,
                                                        "repr_width": self.repr_width}
-
-
-PRESETS = tuple(_PRESETS)
 
 
 def lake_config(preset: str, meta: dict[str, Any], **overrides: Any) -> FMConfig:

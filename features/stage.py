@@ -109,11 +109,9 @@ def ingest(
     """
     source = resolve_source(lake_uri, source)
     lake = Lake(lake_uri)
+    window = lake.window(ds)
     if source == "generator":
-        window = Window.parse(ds)
         _generate_through(lake, window, scale, seed)
-    else:
-        window = lake.window(ds)
     present, rows = _validate_events(lake, window)
     build_history_through(lake, window)  # missing earlier states first, in order; then window's
     build_counters_through(lake, window)  # likewise for counter_state (point-in-time counters)
@@ -128,7 +126,7 @@ def _generate_through(lake: Lake, window: Window, scale: str, seed: int) -> None
     cfg = generator_config(lake, scale, seed)
     meta = lake.meta()
     if meta.get("source") == "generator" and "origin" in meta:
-        origin = Window.parse(meta["origin"])
+        origin = lake.window(meta["origin"])
         for earlier in window_series(origin.start, max(0, (window.start - origin.start).days)):
             if earlier < window and not lake.partitions(EVENTS.name, ds=earlier.ds):
                 generate_window(lake, cfg, earlier)

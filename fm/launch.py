@@ -8,8 +8,9 @@
   (ValueError otherwise). `$FMX_FM_NNODES` (`nnodes_from_env`) chooses it for the fm_train stage.
 - every worker runs ``python -m fm.launch ARGS``: ``fm.train.main(ARGS)``, then one stdout line
   ``fmx-ddp {"rank", "world", "node", "nodes", "local_rank", "local_world"}`` from the environment torchrun gave
-  it. `Launch.workers` holds those records, so a caller records what ran (world size, node count), not what was
-  asked. A launcher that exits non-zero stops the others; RuntimeError names it with its stderr tail.
+  it, and one ``fmx-train {TrainResult fields}`` with what it trained. `Launch.workers` holds the first records,
+  so a caller records what ran (world size, node count), not what was asked; `Launch.result` is rank 0's
+  TrainResult fields (fm_version, parent, steps, examples, seconds, mean_loss, resumed_at). A launcher that exits non-zero stops the others; RuntimeError names it with its stderr tail.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 RECORD = "fmx-ddp "
+RESULT = "fmx-train "
 NNODES_ENV = "FMX_FM_NNODES"
 
 
@@ -33,6 +35,7 @@ NNODES_ENV = "FMX_FM_NNODES"
 class Launch:
     workers: list[dict[str, int]]  # one record per worker, sorted by rank
     seconds: float
+    result: dict[str, Any]  # rank 0's fm.train.TrainResult, as its fields
 
     @property
     def world(self) -> int:
@@ -89,9 +92,13 @@ def run_torchrun(args: list[str], nproc: int, nnodes: int = 1, env: dict[str, st
         if failed is not None:
             node = f" node {failed}" if nnodes > 1 else ""
             raise RuntimeError(f"torchrun{node} failed (exit {procs[failed].returncode}):\n{_read(errs[failed])[-3000:]}")
-    workers = sorted((_record(line) for t in texts for line in t.splitlines() if line.startswith(RECORD)),
-                     key=lambda w: w["rank"])
-    return Launch(workers, time.perf_counter() - start)
+    lines = [line for t in texts for line in t.splitlines()]
+    workers = sorted((_record(line) for line in lines if line.startswith(RECORD)), key=lambda w: w["rank"])
+    results = [json.loads(line[len(RESULT):]) for line in lines if line.startswith(RESULT)]
+    rank0 = next((r for r in results if r.pop("rank") == 0), None)
+    if rank0 is None:
+        raise RuntimeError(f"torchrun exited 0 but no rank 0 worker reported a result ({len(results)} results)")
+    return Launch(workers, time.perf_counter() - start, rank0)
 
 
 def _wait_all(procs: list[subprocess.Popen[Any]]) -> int | None:
@@ -143,8 +150,10 @@ def worker_record() -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     from fm.train import main as train_main
 
-    train_main(argv)
-    print(RECORD + json.dumps(worker_record()), flush=True)
+    res = train_main(argv)
+    record = worker_record()
+    print(RECORD + json.dumps(record), flush=True)
+    print(RESULT + json.dumps({"rank": record["rank"], **asdict(res)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,9 @@ import os
 import tempfile
 from typing import Any
 
-import polars as pl
-
 from common.lineage_runs import sync as sync_lineage
 from common.tracking import stage_run
 from features.lake import Lake
-from features.schemas import EVENTS
 from fm import checkpoint, launch
 from fm.config import lake_config
 from fm.export import BASE_RATE_SOURCE, export_fm
@@ -78,10 +75,8 @@ def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = 
             res = run_training(cfg, lake.window(ds), lake, cold_start=cold_start)
         mlflow.set_tags({"fm_version": res.fm_version, "fm_parent": res.parent or "none"})
         step = lake.step(lake.window(ds))
-        metrics = {"examples_per_s": res.examples / max(res.seconds, 1e-9)}
-        if res.mean_loss == res.mean_loss:  # not NaN: the torchrun path does not report the loss
-            metrics["train_loss"] = res.mean_loss
-        mlflow.log_metrics(metrics, step=step)
+        mlflow.log_metrics({"examples_per_s": res.examples / max(res.seconds, 1e-9), "train_loss": res.mean_loss},
+                           step=step)
         _log_checkpoint(lake, preset, ds)
     return {"fm_version": res.fm_version, "parent": res.parent, "ds": ds, "steps": res.steps,
             "examples": res.examples}
@@ -89,7 +84,7 @@ def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = 
 
 def _train_under_torchrun(lake: Lake, ds: str, preset: str, cold_start: bool, nproc: int) -> TrainResult:
     """Run `python -m fm.train` as `nproc` DDP processes under torchrun (fm.launch: gloo on CPU, nccl on GPU; over
-    $FMX_FM_NNODES node launchers on this machine, default 1) and read FM_ds back from the lake. Tags what ran:
+    $FMX_FM_NNODES node launchers on this machine, default 1); the TrainResult rank 0 reported. Tags what ran:
     ddp_world_size and ddp_nodes from the workers' own reports."""
     import mlflow
 
@@ -100,10 +95,7 @@ def _train_under_torchrun(lake: Lake, ds: str, preset: str, cold_start: bool, np
     except RuntimeError as exc:
         raise RuntimeError(f"FM training of {ds} under torchrun: {exc}") from None
     mlflow.set_tags({"ddp_world_size": str(ran.world), "ddp_nodes": str(ran.nodes)})
-    entry = checkpoint.read_versions(lake, preset)[ds]
-    examples = int(lake.scan_many(EVENTS.name, lake.partitions(EVENTS.name, ds=ds)).select(pl.len()).collect().item())
-    return TrainResult(entry["fm_version"], entry.get("parent"), int(entry.get("steps", 0)), examples,
-                       ran.seconds, float("nan"), 0)
+    return TrainResult(**ran.result)
 
 
 def _log_checkpoint(lake: Lake, preset: str, ds: str) -> None:

@@ -356,7 +356,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> TrainResult:
+    """``python -m fm.train``: train one window (under torchrun: one DDP worker); prints the fm_version on rank 0
+    and returns this worker's TrainResult (fm.launch reports it to the launcher)."""
     p = argparse.ArgumentParser(prog="python -m fm.train", description=__doc__.splitlines()[0])
     p.add_argument("--ds", required=True)
     p.add_argument("--lake", required=True)
@@ -374,11 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     lake = Lake(args.lake)
     cfg = lake_config(args.preset, lake.meta(), **parse_overrides(args.set))
     cfg = replace(cfg, threads=args.threads) if args.threads else cfg
-    version = train_fm(cfg, lake.window(args.ds), lake, cold_start=args.cold_start)
+    res = run_training(cfg, lake.window(args.ds), lake, cold_start=args.cold_start)
     if dist_info().rank == 0:
-        print(version)
+        print(res.fm_version)
     if dist.is_initialized():
         dist.destroy_process_group()
+    return res
 
 
 if __name__ == "__main__":

@@ -48,4 +48,4 @@ def test_fm_train_stage_can_launch_under_torchrun(lake_uri: str) -> None:
     assert out["fm_version"].startswith(f"small-{w1.ds}-") and out["steps"] > 0 and out["examples"] > 0
     run = next(r for r in mlflow.search_runs([tracking.setup()], output_format="list") if r.info.run_name == "fm_train")
     assert run.data.tags["nproc"] == "2" and run.data.tags["fm_version"] == out["fm_version"]
-    assert "examples_per_s" in run.data.metrics
+    assert {"examples_per_s", "train_loss"} <= set(run.data.metrics)  # one kind of result, DDP or not

@@ -1,3 +1,9 @@
-"""fmx: the command line and the stage wrappers that wire features/, fm/ and experts/ together."""
+"""fmx: the orchestration layer over features/, fm/ and experts/ (which hold every stage function).
+
+- cli/: the `fmx` command (one module per family of sub-commands)
+- dagkit: what the DAG files of dags/ share (Params, task defaults, the day of a run, the task grids)
+- servers/: `fmx up/down/status`, the local Airflow and MLflow servers
+- runner, inprocess, preload, preloaded: `fmx run`, the real DAGs run in one process (cmd_run: its command)
+"""
 
 import features  # noqa: F401  (first: it sets the data layer's allocator settings before polars loads)

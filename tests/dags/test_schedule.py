@@ -7,14 +7,16 @@ from datetime import UTC, datetime
 
 import pytest
 
-from fmx.server_config import ServerConfig, ServerError, describe_schedule, schedule_from, server_env
+from fmx.servers.config import ServerConfig, ServerError
+from fmx.servers.env import server_env
+from fmx.servers.schedule import describe_schedule, schedule_from
 
 
 def _lake(lake_uri: str, monkeypatch: pytest.MonkeyPatch, windows: list[str], days: int = 7) -> None:
     from features.lake import Lake
 
     Lake(lake_uri).update_meta(source="movielens", window_days=days, origin=windows[0] if windows else "1997-09-20")
-    monkeypatch.setattr("fmx.server_config._lake_windows", lambda uri: windows)
+    monkeypatch.setattr("fmx.servers.schedule._lake_windows", lambda uri: windows)
 
 
 def _train(lake_uri: str, ds: str, preset: str = "small") -> None:

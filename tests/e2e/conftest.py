@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from fmx import servers
-from fmx.airflow_api import AirflowAPI
+from fmx.servers.airflow_api import AirflowAPI
 
 FM_DAG, EXPERTS_DAG = "fmx_fm", "fmx_experts"
 RUN_TIMEOUT_S = 900.0  # one day of the tiny pipeline takes ~1-3 min here; slack for a shared CPU
@@ -163,7 +163,7 @@ def redis_server() -> Iterator[str]:
     """A throw-away redis-server on 127.0.0.1:<free port> (no persistence); yields its redis:// URL.
 
     Skips when redis-server is not installed (infra/ci-setup.sh installs it from Debian's packages)."""
-    from fmx.server_config import free_port
+    from fmx.servers import free_port
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -215,7 +215,7 @@ def s3_server(bucket: str) -> Iterator[str]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from fmx.server_config import free_port
+    from fmx.servers import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     port = free_port()

@@ -23,7 +23,7 @@ from features.lake import Lake
 from fm import checkpoint, launch
 from fmx import servers
 from fmx.cli import cli
-from fmx.server_config import free_port
+from fmx.servers import free_port
 from tests.e2e.conftest import (
     EXPERTS_DAG,
     FM_DAG,
@@ -174,7 +174,7 @@ def test_celery_config_reaches_every_process_by_environment_only(isolated_home: 
         assert "BrokerSecret42" not in " ".join(argv) and "NotOnArgv4711" not in " ".join(argv)
     worker_env = servers.process_env(cfg, "worker-2")
     assert worker_env["FMX_WORKER_HOSTNAME"] == names[1]
-    assert worker_env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "fmx.server_config.worker_hostname"
+    assert worker_env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == "fmx.servers.env.worker_hostname"
     assert "FMX_WORKER_HOSTNAME" not in servers.process_env(cfg, "scheduler")
     local = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port())
     assert servers.server_env(local)["AIRFLOW__CORE__EXECUTOR"] == servers.LOCAL_EXECUTOR and not local.worker_names()

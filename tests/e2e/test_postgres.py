@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fmx.server_config import free_port
+from fmx.servers import free_port
 from tests.e2e.conftest import (
     EXPERTS_DAG,
     FM_DAG,

@@ -74,7 +74,7 @@ def test_movielens_experts_triggered_through_rest_for_one_surface(
 ) -> None:
     from mlflow import MlflowClient
 
-    from fmx.airflow_api import AirflowAPIError
+    from fmx.servers.airflow_api import AirflowAPIError
 
     _, lake, _ = movielens
     ds = lake_windows(lake)[ML_DAYS - 1]

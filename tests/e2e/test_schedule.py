@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fmx import servers
-from fmx.airflow_api import AirflowAPI
+from fmx.servers.airflow_api import AirflowAPI
 from tests.e2e.conftest import EXPERTS_DAG, FM_DAG, UP_TIMEOUT_S, Servers, fmx, task_log_tails, wait_success
 
 pytestmark = pytest.mark.e2e

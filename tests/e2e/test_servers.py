@@ -16,7 +16,7 @@ import pytest
 from common.tracking import PIPELINE_RUN_TAG, REQUIRED_TAGS
 from features.lake import Lake
 from fmx import servers
-from fmx.airflow_api import AirflowAPIError
+from fmx.servers.airflow_api import AirflowAPIError
 from tests.e2e.conftest import (
     EXPERTS_DAG,
     FM_DAG,

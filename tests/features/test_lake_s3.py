@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from features.lake import DATA_FILE, Lake, PartitionNotFound, SchemaError
-from fmx.server_config import free_port
+from fmx.servers import free_port
 
 BUCKET = "fmx-test"
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fmx import reaper, servers
-from fmx.server_config import ServerState, commands, save_state
+from fmx import servers
+from fmx.servers import health, reaper
+from fmx.servers.env import commands
+from fmx.servers.state import ServerState, save_state
 
 
 class FakeAPI:
@@ -55,7 +57,7 @@ def test_status_reports_pid_port_state_and_health(tmp_path: Path, monkeypatch: p
     home = tmp_path / "home"
     (home / "servers").mkdir(parents=True)
     me = psutil.Process(os.getpid())
-    from fmx.server_config import ServerConfig
+    from fmx.servers.config import ServerConfig
 
     cfg = ServerConfig(home=home, dags_folder=tmp_path, airflow_port=18080, mlflow_port=15000)
     names = list(commands(cfg))
@@ -65,9 +67,9 @@ def test_status_reports_pid_port_state_and_health(tmp_path: Path, monkeypatch: p
                         {n: [os.getpid(), me.create_time()] for n in names})  # fmt: skip
     state.pids["triggerer"] = [2**22 + 1, 0.0]  # gone
     save_state(home, state)
-    health = {n: n != "scheduler" for n in servers.AIRFLOW_PARTS}
-    monkeypatch.setattr(servers, "_airflow_health", lambda url: health)
-    monkeypatch.setattr(servers, "_mlflow_healthy", lambda url: True)
+    up = {n: n != "scheduler" for n in health.AIRFLOW_PARTS}
+    monkeypatch.setattr(health, "airflow_health", lambda url: up)
+    monkeypatch.setattr(health, "mlflow_healthy", lambda url: True)
     info = servers.status(home)
     procs = info["processes"]
     assert procs["mlflow"] == {"pid": os.getpid(), "port": 15000, "state": "running", "healthy": True}

@@ -17,13 +17,13 @@ from click.testing import CliRunner
 
 from fmx import servers
 from fmx.cli import cli
-from fmx.server_config import free_port
+from fmx.servers import free_port
 
 
 def test_sqlite_defaults_live_under_fmx_home(isolated_home: Path) -> None:
     cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port())
     assert (
-        cfg.home == isolated_home and cfg.dags_folder == Path(servers.__file__).resolve().parents[1] / "dags"
+        cfg.home == isolated_home and cfg.dags_folder == Path(servers.__file__).resolve().parents[2] / "dags"
     )
     assert cfg.airflow_db_url() == f"sqlite:///{isolated_home}/airflow/airflow.db"
     assert cfg.mlflow_db_url() == f"sqlite:///{isolated_home}/mlflow.db"  # the store common.tracking uses
@@ -159,7 +159,8 @@ def test_mlflow_server_authenticates_and_no_secret_is_on_a_command_line(
     """MLflow's basic-auth app with a per-FMX_HOME admin password (0600); the store URL (with a PostgreSQL
     password) in the environment, never in argv; tasks and fmx's clients get the credentials by env."""
     import common.tracking as tracking
-    from fmx.server_config import commands, mlflow_credentials, mlflow_server_env, private_dirs
+    from fmx.servers.credentials import mlflow_credentials, private_dirs
+    from fmx.servers.env import commands, mlflow_server_env
 
     cfg = servers.resolve_config(airflow_port=free_port(), mlflow_port=free_port(),
                                  db="postgresql://fmx:Sup3rSecret@db.example:5432/fmx")

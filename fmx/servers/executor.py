@@ -7,7 +7,7 @@ and its stage module itself, and built MLflow's module map on its first `log_mod
 than most stages take. `PreloadingLocalExecutor` runs `fmx.preload.preload` in the scheduler, then starts
 Airflow's own LocalExecutor unchanged (scheduling, queues, the supervisor and its Execution API calls).
 
-Configured as ``[core] executor = fmx.executor.PreloadingLocalExecutor`` (`fmx.server_config.server_env`).
+Configured as ``[core] executor = fmx.servers.executor.PreloadingLocalExecutor`` (`fmx.servers.env.server_env`).
 The modules are shared copy-on-write by the workers; nothing else (DB connections, threads) is created
 before the fork.
 """
@@ -19,7 +19,7 @@ import time
 
 from airflow.executors.local_executor import LocalExecutor
 
-EXECUTOR_PATH = "fmx.executor.PreloadingLocalExecutor"
+EXECUTOR_PATH = "fmx.servers.executor.PreloadingLocalExecutor"
 log = logging.getLogger(__name__)
 
 

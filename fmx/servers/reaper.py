@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 
-from fmx.airflow_api import AirflowAPI
+from fmx.servers.airflow_api import AirflowAPI
 
 POLL_S = 10.0
 IN_FLIGHT = ("running", "queued", "restarting")
@@ -58,7 +58,8 @@ def main() -> None:
 
     import httpx
 
-    from fmx.server_config import airflow_password, resolve_home
+    from fmx.servers.config import resolve_home
+    from fmx.servers.credentials import airflow_password
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     api = AirflowAPI(os.environ["AIRFLOW__API__BASE_URL"], airflow_password(resolve_home()))

@@ -3,7 +3,7 @@
 Authentication: POST ``/auth/token`` with the simple auth manager's user and password gives a JWT,
 sent as a Bearer token. Only what fmx needs: pools, pausing and unpausing, triggering a run with a conf,
 polling a run to a terminal state, the task states of a run (for error messages), and ending a run
-(fmx.reaper).
+(fmx.servers.reaper).
 """
 
 from __future__ import annotations

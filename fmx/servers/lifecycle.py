@@ -1,4 +1,4 @@
-"""Local Airflow and MLflow servers for fmx: start, wait until healthy, report, stop.
+"""Local Airflow and MLflow servers for fmx: start (`up`), wait until healthy, stop (`down`).
 
 `up(cfg)` starts, each in its own process group with its output in ``$FMX_HOME/servers/logs/<name>.log``:
 
@@ -6,19 +6,16 @@
   ``$FMX_HOME/mlartifacts`` — the same store `common.tracking` uses without a server),
 - ``airflow api-server`` (127.0.0.1, one worker), ``airflow scheduler --skip-serve-logs``,
   ``airflow dag-processor`` and ``airflow triggerer --skip-serve-logs`` (deferred tasks and sensors) (LocalExecutor
-  with the stage modules imported before it forks, fmx/executor.py; AIRFLOW_HOME ``$FMX_HOME/airflow``, DAGs from the repo's
+  with the stage modules imported before it forks, fmx/servers/executor.py; AIRFLOW_HOME ``$FMX_HOME/airflow``, DAGs from the repo's
   ``dags/``, SQLite metadata; examples off; parallelism 4; the simple auth manager with one ``admin``
   user whose password lives in ``$FMX_HOME/servers/passwords.json``; pool ``fmx_training``),
-- ``python -m fmx.reaper``: ends the runs that pausing a DAG strands (Airflow never schedules a paused
-  DAG's runs; see fmx/reaper.py),
+- ``python -m fmx.servers.reaper``: ends the runs that pausing a DAG strands (Airflow never schedules a paused
+  DAG's runs; see fmx/servers/reaper.py),
 - with ``ServerConfig.executor == "celery"``: the scheduler runs the CeleryExecutor (broker ``cfg.broker``,
   results in the metadata DB, which must be PostgreSQL) and ``up`` starts ``cfg.workers`` processes
   ``airflow celery worker --celery-hostname fmx-worker-<i>@<host> --skip-serve-logs``; each worker's tasks record
-  its node name as their hostname (`server_config.worker_hostname`). A worker is healthy once it answers a
+  its node name as their hostname (`fmx.servers.env.worker_hostname`). A worker is healthy once it answers a
   Celery ping through the broker.
-
-`status(home)` reports each process's PID, port, state and health (Airflow's /api/v2/monitor/health
-for the scheduler, dag-processor and triggerer; /health for MLflow; alive for the reaper).
 
 With `ServerConfig.db` = ``postgresql://user:pw@host:port/NAME`` both metadata stores move to PostgreSQL,
 in the databases ``NAME_airflow`` and ``NAME_mlflow`` (created when missing): they are separate because
@@ -27,9 +24,10 @@ both projects keep an ``alembic_version`` table.
 The MLflow server runs MLflow's basic-auth app (``--app-name basic-auth``): anonymous requests get 401.
 Tasks run by the scheduler inherit ``FMX_HOME``, ``MLFLOW_TRACKING_URI`` = the MLflow server and
 ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (from ``$FMX_HOME/servers/mlflow_auth.json``,
-0600), so stages log to the server; no secret is on any process's command line (server_config). `down(home)` SIGTERMs every process group recorded in
+0600), so stages log to the server; no secret is on any process's command line (fmx.servers.env).
+`down(home)` SIGTERMs every process group recorded in
 ``$FMX_HOME/servers/state.json`` (checking each PID still is the process started, by its start time),
-waits, then SIGKILLs what is left. Both are idempotent.
+waits, then SIGKILLs what is left. Both are idempotent. Health and `status`: fmx.servers.health.
 """
 
 from __future__ import annotations
@@ -43,47 +41,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fmx.airflow_api import AirflowAPI
-from fmx.server_config import (  # re-exported: fmx.servers is the module callers use
-    AIRFLOW_USER,
-    LOCAL_EXECUTOR,
-    POOL,
-    POOL_SLOTS,
-    PREFERRED_PORTS,
-    ServerConfig,
-    ServerError,
-    ServerState,
-    airflow_cli,
-    airflow_password,
-    commands,
-    create_postgres_databases,
-    describe_schedule,
-    load_state,
-    mlflow_credentials,
-    module_cmd,
-    password_file,
-    private_dirs,
-    process_env,
-    redact,
-    resolve_config,
-    resolve_home,
-    running_config,
-    save_state,
-    server_env,
-    state_file,
-)
+from fmx.servers.airflow_api import AirflowAPI
+from fmx.servers.config import POOL, POOL_SLOTS, ServerConfig, ServerError, create_postgres_databases
+from fmx.servers.credentials import airflow_password, password_file, private_dirs
+from fmx.servers.env import commands, module_cmd, process_env, server_env
+from fmx.servers.health import airflow_health, alive, celery_workers, mlflow_healthy, start_time
+from fmx.servers.state import ServerState, load_state, save_state, state_file
 
 HEALTH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
-
-__all__ = [
-    "AIRFLOW_USER", "LOCAL_EXECUTOR", "POOL", "POOL_SLOTS", "PREFERRED_PORTS", "ServerConfig", "ServerError", "ServerState",
-    "airflow_cli", "airflow_password", "describe_schedule", "down", "load_state", "mlflow_credentials", "password_file",
-    "resolve_config", "resolve_home", "running_config", "server_env", "status", "up",
-]  # fmt: skip
-
-
-# ---- up / down / status ------------------------------------------------------------------------------
 
 
 def up(cfg: ServerConfig, timeout: float = HEALTH_TIMEOUT_S) -> ServerState:
@@ -94,7 +60,7 @@ def up(cfg: ServerConfig, timeout: float = HEALTH_TIMEOUT_S) -> ServerState:
     """
     running = load_state(cfg.home)
     if running is not None:
-        if all(_alive(pid, started) for pid, started in running.pids.values()):
+        if all(alive(pid, started) for pid, started in running.pids.values()):
             return running
         down(cfg.home)
     private_dirs(cfg)  # servers/, airflow/, mlartifacts/ 0700; mlflow.db 0600
@@ -115,7 +81,7 @@ def up(cfg: ServerConfig, timeout: float = HEALTH_TIMEOUT_S) -> ServerState:
     try:
         for name, cmd in commands(cfg).items():
             procs[name] = _spawn(cmd, process_env(cfg, name), Path(state.logs[name]), cfg.state_dir)
-            state.pids[name] = [procs[name].pid, _start_time(procs[name].pid)]
+            state.pids[name] = [procs[name].pid, start_time(procs[name].pid)]
             save_state(cfg.home, state)  # saved after each start so `down` finds a half-started set
         _wait_healthy(cfg, state, procs, timeout)
         AirflowAPI(cfg.airflow_url, airflow_password(cfg.home)).set_pool(POOL, POOL_SLOTS, "fmx FM training")
@@ -161,9 +127,9 @@ def _wait_healthy(
             if proc.poll() is not None:
                 log = Path(state.logs[name])
                 raise ServerError(f"{name} exited with code {proc.returncode}; see {log}:\n{_tail(log)}")
-        if "mlflow" in pending and _mlflow_healthy(cfg.mlflow_url):
+        if "mlflow" in pending and mlflow_healthy(cfg.mlflow_url):
             pending.discard("mlflow")
-        if "airflow" in pending and all(_airflow_health(cfg.airflow_url).values()):
+        if "airflow" in pending and all(airflow_health(cfg.airflow_url).values()):
             pending.discard("airflow")
         if "workers" in pending and set(cfg.worker_names()) <= celery_workers(cfg.broker):
             pending.discard("workers")
@@ -173,73 +139,11 @@ def _wait_healthy(
         time.sleep(1.0)
 
 
-def _mlflow_healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-AIRFLOW_PARTS = {"api-server": "metadatabase", "scheduler": "scheduler", "dag-processor": "dag_processor",
-                 "triggerer": "triggerer"}  # process -> its entry in /api/v2/monitor/health  # fmt: skip
-
-
-def _airflow_health(url: str) -> dict[str, bool]:
-    """{process: healthy} for the Airflow processes (AIRFLOW_PARTS): all False when the API does not answer."""
-    import httpx
-
-    try:
-        resp = httpx.get(f"{url}/api/v2/monitor/health", timeout=5)
-        health = resp.json() if resp.status_code == 200 else {}
-    except (httpx.HTTPError, ValueError):
-        health = {}
-    return {name: (health.get(part) or {}).get("status") == "healthy" for name, part in AIRFLOW_PARTS.items()}
-
-
-def celery_workers(broker: str, timeout: float = 1.0) -> set[str]:
-    """The node names of the Celery workers that answer a ping through `broker` (empty when it is unreachable)."""
-    from celery import Celery
-
-    app = Celery(broker=broker, set_as_current=False)
-    app.conf.broker_connection_retry = False
-    app.conf.broker_connection_retry_on_startup = False
-    app.conf.broker_connection_timeout = timeout
-    try:
-        replies = app.control.ping(timeout=timeout) or []
-    except Exception:  # kombu's OperationalError, redis' ConnectionError, ...: not reachable means no worker
-        return set()
-    finally:
-        app.close()
-    return {name for reply in replies for name in reply}
-
-
 def _tail(log: Path, lines: int = 30) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _start_time(pid: int) -> float:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
-
-
-def _alive(pid: float, started: float) -> bool:
-    """True when `pid` runs and is the process recorded (same start time), not a zombie or a reused PID."""
-    import psutil
-
-    try:
-        proc = psutil.Process(int(pid))
-        return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def down(home: str | Path, timeout: float = STOP_TIMEOUT_S) -> list[str]:
@@ -252,7 +156,7 @@ def down(home: str | Path, timeout: float = STOP_TIMEOUT_S) -> list[str]:
         return []
     stopped, procs = [], []
     for name, (pid, started) in state.pids.items():
-        if not _alive(pid, started):
+        if not alive(pid, started):
             continue
         leader = psutil.Process(int(pid))
         group = [leader, *leader.children(recursive=True)]  # a task may have left the group
@@ -279,45 +183,3 @@ def _signal(proc: Any, sig: int) -> None:
         proc.send_signal(sig)
     except psutil.Error:
         pass
-
-
-def status(home: str | Path) -> dict[str, Any]:
-    """{"running": bool, "airflow_url", "mlflow_url", "healthy": {"airflow", "mlflow"}, "logs", "processes":
-    {name: {"pid", "port" (None for processes that listen on none), "state": "running"|"stopped", "healthy"}}}."""
-    state = load_state(home)
-    if state is None:
-        return {"running": False, "processes": {}}
-    procs = _processes(state)
-    return {
-        "running": all(p["state"] == "running" for p in procs.values()),
-        "airflow_url": state.airflow_url,
-        "mlflow_url": state.mlflow_url,
-        "password_file": state.password_file,
-        "mlflow_auth_file": str(Path(home).absolute() / "servers" / "mlflow_auth.json"),
-        "db": "sqlite" if state.config.get("db") is None else redact(state.config["db"]),
-        "executor": state.config.get("executor", "local"),
-        "broker": redact(state.config.get("broker", "")),
-        "processes": procs,
-        "healthy": {
-            "airflow": all(p["healthy"] for n, p in procs.items() if n in AIRFLOW_PARTS),
-            "mlflow": procs.get("mlflow", {}).get("healthy", False),
-        },
-        "logs": state.logs,
-    }
-
-
-def _processes(state: ServerState) -> dict[str, dict[str, Any]]:
-    ports = {"mlflow": state.config.get("mlflow_port"), "api-server": state.config.get("airflow_port")}
-    airflow = _airflow_health(state.airflow_url)
-    mlflow = _mlflow_healthy(state.mlflow_url)
-    workers, node = set(), {}
-    if state.config.get("executor") == "celery":
-        workers = celery_workers(state.config["broker"])
-        node = {f"worker-{i}": n for i, n in enumerate(running_config(state.config["home"]).worker_names(), start=1)}
-    out = {}
-    for name, (pid, started) in state.pids.items():
-        alive = _alive(pid, started)
-        healthy = mlflow if name == "mlflow" else node[name] in workers if name in node else airflow.get(name, True)
-        out[name] = {"pid": int(pid), "port": ports.get(name), "state": "running" if alive else "stopped",
-                     "healthy": alive and healthy}
-    return out

@@ -1,6 +1,9 @@
-"""The `fmx` command. Sub-commands map one-to-one onto pipeline stages.
+"""The `fmx` command: the top-level group `cli` (the `fmx` entry point), `--lake`, and the one-line errors.
 
-Each command module registers its commands on `cli`; heavy libraries (torch, polars, mlflow,
+One module per family of sub-commands, each registering its commands on `cli` (COMMAND_MODULES): data
+(`generate`, `ingest`), importer (`import`), fm (`fm train|export`), experts (`experts examples|train|promote`,
+`compare`), servers (`up`, `down`, `status`, `airflow`), and `run` (fmx.cmd_run). Sub-commands map one-to-one
+onto pipeline stages or server actions; heavy libraries (torch, polars, mlflow,
 airflow) are imported inside the command bodies so that `fmx --help` stays instant.
 
 Errors: a usage error is click's; any other failure ends in one line, `Error: <message>`, and exit
@@ -19,12 +22,12 @@ import click
 from features.lake import LakeError, check_lake_uri, default_lake_uri
 
 COMMAND_MODULES = (
-    "fmx.cmd_data",
-    "fmx.cmd_import",
-    "fmx.cmd_fm",
-    "fmx.cmd_experts",
+    "fmx.cli.data",
+    "fmx.cli.importer",
+    "fmx.cli.fm",
+    "fmx.cli.experts",
     "fmx.cmd_run",
-    "fmx.cmd_servers",
+    "fmx.cli.servers",
 )
 
 

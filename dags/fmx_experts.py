@@ -5,7 +5,8 @@ plan -> expert_examples per (surface, FM preset) -> expert_train per (surface, v
 (the counting baseline, variant `ref`): dynamic task mapping over the lists `plan` resolves.
 
 Decoupled from the FM by an explicit trigger, not an Asset schedule: fmx_fm's last task starts one
-fmx_experts run per FM day with conf {ds, lake, surfaces, variants, fm_presets, pipeline_run}. An
+fmx_experts run per FM day with conf {ds, lake_uri, surfaces (decided by fmx_fm's ingest), variants,
+fm_presets, pipeline_run}. An
 Asset schedule would fold the events of several days that land while an experts run is busy into one
 run, so the experts would skip days they must warm-start through in order; the trigger keeps one run
 per day with the day explicit. fmx_fm still records the fm_outputs Asset, for lineage.
@@ -26,12 +27,13 @@ from fmx import dagkit
 def fmx_experts() -> None:
     @task(multiple_outputs=False)  # one XCom (the dict), not one per key: each is an Execution API call
     def plan(params=None, logical_date=None, run_id=None) -> dict:
-        """The run's references; surfaces checked against the lake (none given: every surface of ds)."""
+        """The run's references: the surfaces fmx_fm decided, checked against the lake (a manual trigger may
+        name others; none given: every surface of ds)."""
         from features.stage import plan_surfaces
 
         run = dagkit.resolve_run(params, logical_date, run_id)
         with dagkit.bad_input_fails_at_once():
-            return {**run, "surfaces": plan_surfaces(run["ds"], run["lake"], run["surfaces"])}
+            return {**run, "surfaces": plan_surfaces(run["ds"], run["lake_uri"], run["surfaces"])}
 
     @task
     def grid(day: dict, axes: list[str]) -> list[dict]:
@@ -39,42 +41,42 @@ def fmx_experts() -> None:
         return dagkit.grid(day, axes)
 
     @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
-    def expert_examples(day: dict, surface: str, preset: str) -> dict:
+    def expert_examples(day: dict, surface: str, fm_preset: str) -> dict:
         from experts.stage import expert_examples as stage
 
-        dagkit.label(surface, preset)
-        out = dagkit.timed(stage, ds=day["ds"], surface=surface, lake_uri=day["lake"], preset=preset)
-        return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
+        dagkit.label(surface, fm_preset)
+        out = dagkit.timed(stage, ds=day["ds"], surface=surface, lake_uri=day["lake_uri"], preset=fm_preset)
+        return {**out, "ds": day["ds"], "surface": surface, "fm_preset": fm_preset}
 
     @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False,
           map_index_template=dagkit.MAP_LABEL)
-    def expert_train(day: dict, surface: str, variant: str, preset: str) -> dict:
+    def expert_train(day: dict, surface: str, variant: str, fm_preset: str) -> dict:
         from experts.stage import expert_train as stage
 
-        dagkit.label(surface, variant, preset)
-        out = dagkit.timed(stage, surface=surface, variant=variant, preset=preset, **dagkit.refs(day))
-        return {**out, "ds": day["ds"], "surface": surface, "variant": variant, "preset": preset}
+        dagkit.label(surface, variant, fm_preset)
+        out = dagkit.timed(stage, surface=surface, variant=variant, preset=fm_preset, **dagkit.refs(day))
+        return {**out, "ds": day["ds"], "surface": surface, "variant": variant, "fm_preset": fm_preset}
 
     @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
-    def reference(day: dict, surface: str, preset: str) -> dict:
+    def reference(day: dict, surface: str, fm_preset: str) -> dict:
         """The counting reference (variant `ref`) scored on the same rows: the bar every model must clear."""
         from experts.reference import reference_eval as stage
 
-        dagkit.label(surface, preset)
-        out = dagkit.timed(stage, surface=surface, preset=preset, **dagkit.refs(day))
-        return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
+        dagkit.label(surface, fm_preset)
+        out = dagkit.timed(stage, surface=surface, preset=fm_preset, **dagkit.refs(day))
+        return {**out, "ds": day["ds"], "surface": surface, "fm_preset": fm_preset}
 
     @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
-    def compare_and_promote(day: dict, surface: str, preset: str) -> dict:
+    def compare_and_promote(day: dict, surface: str, fm_preset: str) -> dict:
         from experts.stage import compare_and_promote as stage
 
-        dagkit.label(surface, preset)
-        out = dagkit.timed(stage, surface=surface, preset=preset, **dagkit.refs(day))
-        return {**out, "ds": day["ds"], "surface": surface, "preset": preset}
+        dagkit.label(surface, fm_preset)
+        out = dagkit.timed(stage, surface=surface, preset=fm_preset, **dagkit.refs(day))
+        return {**out, "ds": day["ds"], "surface": surface, "fm_preset": fm_preset}
 
     day = plan()
-    per_surface = grid.override(task_id="per_surface")(day, ["surface", "preset"])
-    per_model = grid.override(task_id="per_model")(day, ["surface", "variant", "preset"])
+    per_surface = grid.override(task_id="per_surface")(day, ["surface", "fm_preset"])
+    per_model = grid.override(task_id="per_model")(day, ["surface", "variant", "fm_preset"])
     examples = expert_examples.partial(day=day).expand_kwargs(per_surface)
     trained = expert_train.partial(day=day).expand_kwargs(per_model)
     refs = reference.partial(day=day).expand_kwargs(per_surface)

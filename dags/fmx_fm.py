@@ -1,7 +1,8 @@
 """fmx_fm: the daily foundation-model pipeline for window D.
 
 plan(D) -> ingest(D) -> per FM preset: fm_export(D) with FM_{D-1} -> fm_train(D) warm-started from FM_{D-1}
--> experts_conf -> trigger_experts (one fmx_experts run for day D, see dags/fmx_experts.py).
+-> experts_conf -> trigger_experts (one fmx_experts run for day D, see dags/fmx_experts.py). ingest decides
+the run's surfaces once (the requested ones the window holds, or all), and experts_conf hands them down.
 
 Tasks call stage wrappers with references only; XCom carries ds, URIs, versions, run ids. The day is
 the Param ds or the run's logical date (== data_interval_start for scheduled and backfill runs).
@@ -51,46 +52,46 @@ def fmx_fm() -> None:
 
     @task(multiple_outputs=False)  # one XCom (the dict), not one per key: each is an Execution API call
     def ingest(run: dict) -> dict:
+        """Land window ds; the run's references with its surfaces decided (features.stage.plan_surfaces)."""
         from features.stage import ingest as stage
+        from features.stage import plan_surfaces
 
-        out = dagkit.timed(
-            stage, ds=run["ds"], lake_uri=run["lake"], source=run["source"], scale=run["scale"],
-            surfaces=run["surfaces"],
-        )
-        return {**out, **run}  # the run's references win over the stage's own keys (e.g. surfaces)
+        out = dagkit.timed(stage, surfaces=run["surfaces"], **{k: run[k] for k in ("ds", "lake_uri", "source", "scale")})
+        with dagkit.bad_input_fails_at_once():
+            surfaces = plan_surfaces(run["ds"], run["lake_uri"], run["surfaces"])
+        return {**out, **run, "surfaces": surfaces}  # the run's references win over the stage's own keys
 
     @task
     def fm_presets(day: dict) -> list[str]:
         return day["fm_presets"]
 
     @task(outlets=[FM_OUTPUTS], multiple_outputs=False)
-    def fm_export(day: dict, preset: str) -> dict:
+    def fm_export(day: dict, fm_preset: str) -> dict:
         from fm.stage import fm_export as stage
 
-        return {**dagkit.timed(stage, preset=preset, **dagkit.refs(day)), "ds": day["ds"], "preset": preset}
+        return {**dagkit.timed(stage, preset=fm_preset, **dagkit.refs(day)), "ds": day["ds"], "fm_preset": fm_preset}
 
     @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False)
-    def fm_train(day: dict, exported: dict, preset: str) -> dict:
+    def fm_train(day: dict, exported: dict, fm_preset: str) -> dict:
         from fm.stage import fm_train as stage
 
-        out = dagkit.timed(stage, preset=preset, nproc=day["fm_nproc"], **dagkit.refs(day))
-        return {**out, "ds": day["ds"], "preset": preset, "scored_with": exported.get("fm_version")}
+        out = dagkit.timed(stage, preset=fm_preset, nproc=day["fm_nproc"], **dagkit.refs(day))
+        return {**out, "ds": day["ds"], "fm_preset": fm_preset, "scored_with": exported.get("fm_version")}
 
-    @task_group
-    def fm_preset(day: dict, preset: str) -> None:
-        fm_train(day, fm_export(day, preset), preset)
+    @task_group(group_id="fm_preset")
+    def per_fm_preset(day: dict, fm_preset: str) -> None:
+        fm_train(day, fm_export(day, fm_preset), fm_preset)
 
-    # also on a done day: `fmx run` reads it (trigger_experts is skipped)
-    @task(trigger_rule="none_failed", multiple_outputs=False)
-    def experts_conf(params=None, logical_date=None, run_id=None) -> dict:
-        """Day D's fmx_experts conf: the same day, lake, surfaces, variants, presets and pipeline run."""
-        run = dagkit.resolve_run(params, logical_date, run_id)
-        return {k: run[k] for k in dagkit.RUN_KEYS}
+    @task(trigger_rule="none_failed", multiple_outputs=False)  # runs on a done day too, as an empty conf
+    def experts_conf(day: dict | None) -> dict:
+        """Day D's fmx_experts conf: ingest's references (the same day, lake, surfaces it decided, variants,
+        FM presets, pipeline run). A done day skips ingest (day None) and trigger_experts: {}."""
+        return {k: day[k] for k in dagkit.RUN_KEYS} if day else {}
 
     run = plan()
     day = ingest(run)
-    conf = experts_conf()
-    fm_preset.partial(day=day).expand(preset=fm_presets(day)) >> conf
+    conf = experts_conf(day)
+    per_fm_preset.partial(day=day).expand(fm_preset=fm_presets(day)) >> conf
     trigger_experts = TriggerDagRunOperator(task_id="trigger_experts", trigger_dag_id="fmx_experts", conf=conf)
     [run, conf] >> trigger_experts  # plan skips it on a done day
 

@@ -3,10 +3,11 @@
 Imported by `dags/*.py` at parse time, so it imports nothing heavy (no polars, torch, mlflow; airflow
 only inside functions the DAG files call anyway). Library code lives in features/, fm/, experts/;
 this module only turns an Airflow run (params, logical date) into the plain references the stage
-wrappers take (ds string, lake URI string, preset names, pipeline_run id).
+wrappers take (ds string, lake_uri string, FM preset names, pipeline_run id). A reference keeps one name
+from the Param to the task: `lake_uri`, `fm_presets` (the Param's list) and `fm_preset` (one of them).
 
-The enums below repeat constants of heavy modules (experts.stage.VARIANTS, the FM presets) so that
-parsing a DAG stays cheap; tests/dags asserts they agree. Surfaces are data, not an enum: any name
+The FM preset names come from their one declaration, common.names.FM_PRESETS (no third-party import).
+VARIANTS repeats experts.stage.VARIANTS so that parsing a DAG stays cheap; tests/dags asserts they agree. Surfaces are data, not an enum: any name
 that is a safe partition value (SURFACE_PATTERN) passes the Param; the run checks it against the
 lake's surfaces when it plans (`features.stage.plan_surfaces`).
 
@@ -32,12 +33,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common.jsonsafe import strict_json
+from common.names import FM_PRESETS
 
 START_DATE_ENV, END_DATE_ENV, WINDOW_DAYS_ENV = "FMX_START_DATE", "FMX_END_DATE", "FMX_WINDOW_DAYS"
 
 SURFACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a partition value: no '/', no '..', no '='
 VARIANTS = ("base", "loopfm", "kd", "fe", "loopfm_kd")
-FM_PRESETS = ("small", "base", "large")
 DEFAULT_FM_PRESETS = ("small",)  # what a scheduled run trains (the Param's default)
 SOURCES = ("auto", "generator", "lake")
 SCALES = ("tiny", "small", "default")
@@ -143,7 +144,7 @@ def params(rerun: bool = False) -> dict[str, Any]:
             description="auto: what the lake holds; generator: synthesize the window; lake: imported windows.",
         ),
         "scale": Param("small", enum=list(SCALES), description="Generator scale (source=generator only)."),
-        "lake": Param("", type="string", description="Lake root URI. Empty: $FMX_HOME/lake on the worker."),
+        "lake_uri": Param("", type="string", description="Lake root URI. Empty: $FMX_HOME/lake on the worker."),
         "pipeline_run": Param(
             "", type="string", description="MLflow pipeline run id. Empty: this DAG run's id."
         ),
@@ -169,7 +170,7 @@ def unless_done(run: dict[str, Any], rerun: bool) -> dict[str, Any] | bool:
 
     Done = every requested FM preset holds its checkpoint for the day (fm.checkpoint.read_versions).
     """
-    done = done_versions(run["ds"], run["lake"], run["fm_presets"])
+    done = done_versions(run["ds"], run["lake_uri"], run["fm_presets"])
     if not done:
         return run
     versions = ", ".join(done)
@@ -183,17 +184,17 @@ def unless_done(run: dict[str, Any], rerun: bool) -> dict[str, Any] | bool:
     return False
 
 
-def done_versions(ds: str, lake_uri: str, presets: list[str] | tuple[str, ...]) -> list[str]:
-    """The fm_version of day `ds` for every preset in `presets`, or [] when one of them has none yet."""
+def done_versions(ds: str, lake_uri: str, fm_presets: list[str] | tuple[str, ...]) -> list[str]:
+    """The fm_version of day `ds` for every preset in `fm_presets`, or [] when one of them has none yet."""
     from features.lake import Lake
     from fm.checkpoint import read_versions
 
     lake = Lake(lake_uri)
-    found = [read_versions(lake, preset).get(ds) or {} for preset in presets]
+    found = [read_versions(lake, fm_preset).get(ds) or {} for fm_preset in fm_presets]
     return [str(entry["fm_version"]) for entry in found] if found and all(found) else []
 
 
-RUN_KEYS = ("ds", "lake", "surfaces", "variants", "fm_presets", "source", "scale", "pipeline_run", "fm_nproc")
+RUN_KEYS = ("ds", "lake_uri", "surfaces", "variants", "fm_presets", "source", "scale", "pipeline_run", "fm_nproc")
 
 
 def resolve_run(params: Mapping[str, Any], logical_date: datetime | None, run_id: str) -> dict[str, Any]:
@@ -202,14 +203,14 @@ def resolve_run(params: Mapping[str, Any], logical_date: datetime | None, run_id
     run["fm_nproc"] = int(params.get("fm_nproc") or 1)
     run.update({k: list(params[k]) for k in ("surfaces", "variants", "fm_presets")})
     run.update(
-        ds=run_day(params, logical_date), lake=lake_uri(params), pipeline_run=pipeline_run(params, run_id)
+        ds=run_day(params, logical_date), lake_uri=lake_uri(params), pipeline_run=pipeline_run(params, run_id)
     )
     return run
 
 
 def refs(day: Mapping[str, Any]) -> dict[str, str]:
     """The references most stage wrappers take, from a resolved run: ds, lake_uri, pipeline_run."""
-    return {"ds": day["ds"], "lake_uri": day["lake"], "pipeline_run": day["pipeline_run"]}
+    return {k: day[k] for k in ("ds", "lake_uri", "pipeline_run")}
 
 
 def run_day(params: Mapping[str, Any], logical_date: datetime | None) -> str:
@@ -227,12 +228,12 @@ def run_day(params: Mapping[str, Any], logical_date: datetime | None) -> str:
 
 
 def lake_uri(params: Mapping[str, Any]) -> str:
-    """Param `lake`, else $FMX_HOME/lake; local paths made absolute (a task's cwd is not the trigger's)."""
+    """Param `lake_uri`, else $FMX_HOME/lake; local paths made absolute (a task's cwd is not the trigger's)."""
     import os
 
     from features.lake import check_lake_uri, default_lake_uri
 
-    uri = check_lake_uri(str(params.get("lake") or default_lake_uri()))  # allow-list, before any I/O
+    uri = check_lake_uri(str(params.get("lake_uri") or default_lake_uri()))  # allow-list, before any I/O
     return uri if "://" in uri else os.path.abspath(uri)
 
 
@@ -265,11 +266,11 @@ def timed(stage: Callable[..., dict], **kwargs: Any) -> dict:
     return out
 
 
-GRID_LISTS = {"surface": "surfaces", "variant": "variants", "preset": "fm_presets"}
+GRID_LISTS = {"surface": "surfaces", "variant": "variants", "fm_preset": "fm_presets"}
 
 
 def grid(day: Mapping[str, Any], axes: list[str]) -> list[dict[str, str]]:
-    """Every combination of the day's lists along `axes` (e.g. ["surface", "variant"]), as mapped-task kwargs.
+    """Every combination of the day's lists along `axes` (e.g. ["surface", "fm_preset"]), as mapped-task kwargs.
 
     `day` holds the lists under their plural names (surfaces, variants, fm_presets; see GRID_LISTS).
     """

@@ -36,6 +36,7 @@ def generate(
     from features.generate import GeneratorConfig, bayes_metrics_by_surface
     from features.generate import generate as run_generator
     from features.lake import Lake
+    from features.schemas import EVENTS
 
     lake = Lake(resolve_lake(lake_uri))
     first = _start_day(start, lake.meta().get("origin"))
@@ -45,7 +46,7 @@ def generate(
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     last = windows[-1].ds
-    ceiling = bayes_metrics_by_surface(lake.scan_many("events", lake.partitions("events", ds=last)).collect())
+    ceiling = bayes_metrics_by_surface(lake.scan_many(EVENTS.name, lake.partitions(EVENTS.name, ds=last)).collect())
     click.echo(f"lake {lake.uri}: {len(windows)} windows {windows[0].ds} .. {last}")
     for surface, m in ceiling.items():
         click.echo(

@@ -27,20 +27,20 @@ def experts() -> None:
 @experts.command("examples")
 @click.option("--ds", required=True, help="Window (YYYY-MM-DD).")
 @click.option("--surface", required=True)
-@click.option("--preset", default="small", show_default=True, help="FM preset whose outputs to join.")
+@click.option("--preset", "fm_preset", default="small", show_default=True, help="FM preset whose outputs to join.")
 @lake_option
-def examples_cmd(ds: str, surface: str, preset: str, lake_uri: str | None) -> None:
+def examples_cmd(ds: str, surface: str, fm_preset: str, lake_uri: str | None) -> None:
     """Write expert_examples(fm=PRESET, DS, SURFACE)."""
     from experts.stage import expert_examples
 
-    click.echo(json.dumps(_run(expert_examples, ds, surface, resolve_lake(lake_uri), preset)))
+    click.echo(json.dumps(_run(expert_examples, ds, surface, resolve_lake(lake_uri), fm_preset)))
 
 
 @experts.command("train")
 @click.option("--ds", required=True)
 @click.option("--surface", required=True)
 @click.option("--variant", type=click.Choice(("base", "loopfm", "kd", "fe", "loopfm_kd")), required=True)
-@click.option("--preset", default="small", show_default=True)
+@click.option("--preset", "fm_preset", default="small", show_default=True)
 @click.option("--pipeline-run", default="manual", show_default=True)
 @click.option("--rebaseline", is_flag=True, help="Accept features from another FM lineage (restart it).")
 @lake_option
@@ -48,7 +48,7 @@ def train_cmd(
     ds: str,
     surface: str,
     variant: str,
-    preset: str,
+    fm_preset: str,
     pipeline_run: str,
     rebaseline: bool,
     lake_uri: str | None,
@@ -56,27 +56,27 @@ def train_cmd(
     """Progressive eval on DS with the model trained through DS-1, then warm-start train on DS."""
     from experts.stage import expert_train
 
-    out = _run(expert_train, ds, surface, variant, resolve_lake(lake_uri), preset, pipeline_run, rebaseline)
+    out = _run(expert_train, ds, surface, variant, resolve_lake(lake_uri), fm_preset, pipeline_run, rebaseline)
     click.echo(json.dumps(out, default=str))
 
 
 @experts.command("promote")
 @click.option("--ds", required=True)
 @click.option("--surface", required=True)
-@click.option("--preset", default="small", show_default=True)
+@click.option("--preset", "fm_preset", default="small", show_default=True)
 @click.option("--pipeline-run", default="manual", show_default=True)
 @click.option("--margin", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Minimum NE gain: the challenger's whole 95% interval against the champion must lie below -MARGIN.")
 @click.option("--pool-days", type=click.IntRange(min=1), default=1, show_default=True,
               help="Pool the challenger-vs-champion interval over this many days (today and earlier decisions).")
 @lake_option
-def promote_cmd(ds: str, surface: str, preset: str, pipeline_run: str, margin: float, pool_days: int,
+def promote_cmd(ds: str, surface: str, fm_preset: str, pipeline_run: str, margin: float, pool_days: int,
                 lake_uri: str | None) -> None:
     """Score all variants and the champion on DS's rows; promote the best if it beats the champion with 95%
     confidence (experts.promote.decide)."""
     from experts.stage import compare_and_promote
 
-    out = _run(compare_and_promote, ds, surface, resolve_lake(lake_uri), preset, pipeline_run, margin, pool_days)
+    out = _run(compare_and_promote, ds, surface, resolve_lake(lake_uri), fm_preset, pipeline_run, margin, pool_days)
     click.echo(json.dumps(out, default=str))
 
 

@@ -118,7 +118,7 @@ def test_retries_back_off_exponentially_with_timeouts(dags: dict) -> None:
         {"fm_presets": ["huge"]},
         {"source": "kafka"},
         {"scale": "enormous"},
-        {"lake": 3},
+        {"lake_uri": 3},
     ],
 )
 def test_bad_params_are_rejected(dags: dict, bad: dict) -> None:
@@ -133,7 +133,7 @@ def test_bad_params_are_rejected(dags: dict, bad: dict) -> None:
 
 def test_good_params_are_accepted(dags: dict) -> None:
     good = {"ds": "2026-01-03", "surfaces": ["feed"], "variants": ["base", "kd"], "fm_presets": ["small", "large"],
-            "source": "lake", "scale": "tiny", "lake": "s3://bucket/lake"}  # fmt: skip
+            "source": "lake", "scale": "tiny", "lake_uri": "s3://bucket/lake"}  # fmt: skip
     for dag in dags.values():
         params = copy.deepcopy(dag.params)
         params.update(good)
@@ -152,8 +152,8 @@ def test_run_day_comes_from_param_or_logical_date_never_the_clock() -> None:
 
 def test_grid_is_the_cross_product_of_the_days_lists() -> None:
     day = {"surfaces": ["feed", "video"], "variants": ["base", "kd", "fe"], "fm_presets": ["small"]}
-    combos = dagkit.grid(day, ["surface", "variant", "preset"])
-    assert len(combos) == 6 and {"surface": "video", "variant": "fe", "preset": "small"} in combos
+    combos = dagkit.grid(day, ["surface", "variant", "fm_preset"])
+    assert len(combos) == 6 and {"surface": "video", "variant": "fe", "fm_preset": "small"} in combos
     with pytest.raises(ValueError, match="unknown grid axes"):
         dagkit.grid(day, ["colour"])
 
@@ -206,12 +206,12 @@ def test_resolve_run_gives_the_childs_conf_with_an_absolute_lake(monkeypatch: py
     from datetime import UTC, datetime
 
     params = {"ds": None, "surfaces": [], "variants": ["base"], "fm_presets": ["small"], "source": "generator",
-              "scale": "tiny", "lake": "", "pipeline_run": ""}  # fmt: skip
+              "scale": "tiny", "lake_uri": "", "pipeline_run": ""}  # fmt: skip
     run = dagkit.resolve_run(params, datetime(2026, 1, 2, tzinfo=UTC), "scheduled__2026-01-02")
     assert set(run) == set(dagkit.RUN_KEYS)
     assert run["ds"] == "2026-01-02" and run["pipeline_run"] == "scheduled__2026-01-02"
-    assert Path(run["lake"]).is_absolute()
-    assert dagkit.lake_uri({"lake": "s3://bucket/lake"}) == "s3://bucket/lake"
+    assert Path(run["lake_uri"]).is_absolute()
+    assert dagkit.lake_uri({"lake_uri": "s3://bucket/lake"}) == "s3://bucket/lake"
 
 
 def test_timed_adds_stage_seconds_and_makes_metrics_strict_json() -> None:

@@ -100,7 +100,7 @@ def pipeline_conf(lake: str, **overrides: Any) -> dict[str, Any]:
         "fm_presets": ["small"],
         "surfaces": ["feed"],
         "variants": ["base", "loopfm"],
-        "lake": lake,
+        "lake_uri": lake,
     }
     return {**conf, **overrides}
 

@@ -78,7 +78,7 @@ def test_movielens_experts_triggered_through_rest_for_one_surface(
 
     _, lake, _ = movielens
     ds = lake_windows(lake)[ML_DAYS - 1]
-    conf = {"ds": ds, "lake": lake, "source": "lake", "surfaces": ["comedy"], "variants": list(VARIANTS)}
+    conf = {"ds": ds, "lake_uri": lake, "source": "lake", "surfaces": ["comedy"], "variants": list(VARIANTS)}
     with running_servers(tmp_path / "home") as srv:
         srv.api.wait_for_dag(EXPERTS_DAG, timeout=180)
         srv.api.unpause(EXPERTS_DAG)

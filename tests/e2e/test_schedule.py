@@ -111,7 +111,7 @@ def _schedule_runs_exactly_the_lakes_windows(srv: Servers) -> None:
 
 
 def _a_manual_run_of_a_done_day_trains_nothing(srv: Servers, lake: str) -> None:
-    run = srv.api.trigger(FM_DAG, {"ds": DAYS[1], "lake": lake})
+    run = srv.api.trigger(FM_DAG, {"ds": DAYS[1], "lake_uri": lake})
     wait_success(srv, FM_DAG, run)
     states = srv.api.task_states(FM_DAG, run)
     assert states.pop("plan") == "success" and states.pop("experts_conf") == "success", states
@@ -122,7 +122,7 @@ def _a_manual_run_of_a_done_day_trains_nothing(srv: Servers, lake: str) -> None:
 
 
 def _pausing_leaves_no_run_queued_or_running(srv: Servers, lake: str) -> None:
-    run = srv.api.trigger(FM_DAG, {"ds": DAYS[1], "lake": lake, "rerun": True})
+    run = srv.api.trigger(FM_DAG, {"ds": DAYS[1], "lake_uri": lake, "rerun": True})
     _wait("the rerun's ingest to start", lambda: srv.api.task_states(FM_DAG, run).get("ingest")
           in ("queued", "running", "success"), timeout=180, poll=1.0)  # fmt: skip
     srv.api.pause(FM_DAG)

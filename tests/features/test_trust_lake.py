@@ -93,7 +93,7 @@ def test_a_lake_uri_outside_the_allow_list_is_refused_before_any_request(
     with pytest.raises(UnsafeLake):
         Lake(uri)  # the stages
     with pytest.raises(UnsafeLake):
-        dagkit.lake_uri({"lake": uri})  # the Airflow Param
+        dagkit.lake_uri({"lake_uri": uri})  # the Airflow Param
     out = CliRunner().invoke(cli, ["ingest", "--ds", DS, "--lake", uri])  # the CLI
     assert out.exit_code != 0, out.output
     assert "not allowed" in out.output or "not a trusted endpoint" in out.output, out.output

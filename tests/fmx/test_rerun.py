@@ -22,7 +22,7 @@ def _train(lake_uri: str, ds: str, preset: str = "small") -> None:
 
 
 def _run(lake_uri: str, ds: str, presets: list[str]) -> dict:
-    return {"ds": ds, "lake": lake_uri, "fm_presets": presets}
+    return {"ds": ds, "lake_uri": lake_uri, "fm_presets": presets}
 
 
 def test_unless_done_skips_only_a_done_day_without_rerun(lake_uri: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -59,7 +59,7 @@ from fmx import runner
 runner.configure_airflow(Path(sys.argv[1]))
 from airflow.dag_processing.dagbag import DagBag
 dag = DagBag(dag_folder=str(runner.DAGS_FOLDER)).dags["fmx_fm"]
-conf = {"ds": "2026-01-02", "lake": sys.argv[2], "source": "generator", "scale": "tiny"}
+conf = {"ds": "2026-01-02", "lake_uri": sys.argv[2], "source": "generator", "scale": "tiny"}
 run = dag.test(logical_date=datetime(2026, 1, 2, tzinfo=UTC), run_conf=conf)
 print(json.dumps({"state": str(run.state), "tasks": {ti.task_id: str(ti.state) for ti in run.get_task_instances()}}))
 """

@@ -12,7 +12,7 @@ run, so the experts would skip days they must warm-start through in order; the t
 per day with the day explicit. fmx_fm still records the fm_outputs Asset, for lineage.
 Re-run the experts of a day without retraining the FM: trigger this DAG with the Param ds.
 Created unpaused (it has no schedule, so that starts nothing): fmx_fm's triggers run as soon as fmx_fm is
-unpaused, and pausing it is a deliberate stop (fmx.reaper ends its stranded runs).
+unpaused, and pausing it is a deliberate stop (fmx.servers.reaper ends its stranded runs).
 """
 
 from __future__ import annotations

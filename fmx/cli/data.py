@@ -33,7 +33,8 @@ def generate(
     days: int, events_per_day: int | None, scale: str, seed: int, start: str | None, lake_uri: str | None
 ) -> None:
     """Write DAYS windows of synthetic multi-surface events, users and items into the lake."""
-    from features.generate import GeneratorConfig, bayes_metrics_by_surface
+    from features.explain import bayes_metrics_by_surface
+    from features.generate import GeneratorConfig
     from features.generate import generate as run_generator
     from features.lake import Lake
     from features.schemas import EVENTS

@@ -14,7 +14,7 @@ from fmx.servers.state import ServerState, save_state
 
 
 class FakeAPI:
-    """The REST calls fmx.reaper makes, on an in-memory Airflow."""
+    """The REST calls fmx.servers.reaper makes, on an in-memory Airflow."""
 
     def __init__(self, paused: set[str], runs: dict[str, list[dict]], tasks: dict[str, dict[str, str]]) -> None:
         self.paused, self.runs, self.tasks, self.ended = paused, runs, tasks, []

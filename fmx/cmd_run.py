@@ -59,10 +59,10 @@ def run_cmd(
     from importlib import import_module
 
     from common.tracking import fmx_home, tracking_uri
-    from fmx import runner
+    from fmx import inprocess, runner
 
     started = time.perf_counter()
-    runner.configure_airflow(fmx_home())
+    runner.configure_airflow(fmx_home(), when_configured=inprocess.start_forkserver)
     setup_s = time.perf_counter() - started
     cfg = runner.JobConfig(
         days=days,

@@ -11,9 +11,12 @@ Several DagRuns can be driven at once (`start` + `step`): one loop schedules the
 workers' futures (no polling), so that one run's ready tasks fill the workers another run leaves idle.
 
 Workers are forked from a forkserver (not from this process: it holds SQLite connections and threads) that
-imported the stage modules and Airflow's task runner once (fmx.preloaded): each worker starts with them, so
-a task's first import of torch/polars/mlflow does not land on the critical path, and two workers do not
-pay the same ~10 s of CPU each at the start of the job. Each worker parses the DAG folder once. A worker's SIGTERM goes
+imported the stage modules and Airflow's task runner once and served the in-process Execution API's first
+request (fmx.preloaded): each worker starts with them, so a task's first import of torch/polars/mlflow or
+first Execution API call does not land on the critical path, and two workers do not pay the same ~10 s of
+CPU each at the start of the job. `fmx run` starts the forkserver during its set-up (`start_forkserver`).
+Each worker parses the DAG folder once and serves all its tasks with one Execution API client
+(`worker_client`) instead of a new app per task. A worker's SIGTERM goes
 back to the default after each task (the task runner points it at the task's on_kill), so `close` ends
 workers at once. The metadata DB is SQLite in WAL
 mode: workers write short transactions (task state, XCom) beside the scheduler loop.
@@ -280,18 +283,44 @@ def _fail(session: Any, active: _Active, task_id: str, map_index: int, exc: Base
 
 # ---- worker side ------------------------------------------------------------------------------------
 _DAGS: dict[str, Any] = {}
+_CLIENT: Any = None  # worker_client(), built by _init_worker
 
 
 def _init_worker(dags_folder: str, retries: bool) -> None:
-    """Parse the DAG folder once (task objects run here); the imports came with the fork (fmx.preloaded)."""
+    """Parse the DAG folder once (task objects run here), build this worker's Execution API client and
+    send its first DB-reading request; the imports came with the fork (fmx.preloaded)."""
     from airflow.dag_processing.dagbag import DagBag
 
+    global _CLIENT
     bag = DagBag(dag_folder=dags_folder)
     for dag in bag.dags.values():
         if not retries:
             for task in dag.tasks:
                 task.retries = 0
     _DAGS.update(bag.dags)
+    _CLIENT = worker_client()
+    try:  # a read (a count of task instances): opens the worker's DB connection before its first task
+        _CLIENT.task_instances.get_count(dag_id=next(iter(_DAGS), "fmx"))
+    except Exception:  # noqa: BLE001 - a warm-up only: the task's own requests raise what is wrong
+        pass
+
+
+def worker_client() -> Any:
+    """The in-process Execution API client every task of this worker uses: what `run_task_in_process` builds
+    for each task (`InProcessTestSupervisor._api_client`: a new app, event-loop thread and DB-backed DAG bag,
+    ~0.2-0.3 s a task under load), built once on the app fmx.preloaded has already served a request with.
+    The DAG bag caches DAGs by version: the bundle is synced once per job, before any task runs."""
+    from airflow.api_fastapi.common.dagbag import dag_bag_from_app
+    from airflow.models.dagbag import DBDagBag
+    from airflow.sdk.execution_time.supervisor import InProcessTestSupervisor
+
+    from fmx.preloaded import API
+
+    dag_bag = DBDagBag()
+    API.app.dependency_overrides[dag_bag_from_app] = lambda: dag_bag
+    client = InProcessTestSupervisor._Client(base_url=None, token="", dry_run=True, transport=API.transport)
+    client.base_url = "http://in-process.invalid./"  # as the supervisor sets it
+    return client
 
 
 def _noop() -> None:
@@ -314,10 +343,21 @@ def _run_in_worker(ref: TaskRef) -> str:
     # to wind down on its own (14 s at the end of a job, measured).
     before = signal.getsignal(signal.SIGTERM)
     try:
-        result = run_task_in_process(ti=ti, task=_DAGS[ref.dag_id].get_task(ref.task_id))
+        result = run_task_in_process(ti=ti, task=_DAGS[ref.dag_id].get_task(ref.task_id), client=_CLIENT)
     finally:
         signal.signal(signal.SIGTERM, before)
     return str(result.state)
+
+
+def start_forkserver() -> None:
+    """Start the workers' forkserver now, with this process's environment: its imports (fmx.preloaded,
+    ~10 s) then overlap what this process does before the first task (DB migration, DAG parse and sync)
+    instead of following it. Call it once Airflow's configuration is in the environment and on disk."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["fmx.preloaded"])
+    forkserver.ensure_running()
 
 
 def default_workers() -> int:

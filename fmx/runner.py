@@ -118,8 +118,12 @@ def airflow_env(fmx_home: Path) -> dict[str, str]:
     }
 
 
-def configure_airflow(fmx_home: Path) -> Path:
+def configure_airflow(fmx_home: Path, when_configured: Callable[[], object] | None = None) -> Path:
     """Point this process's Airflow at $FMX_HOME/airflow, migrate its DB once, ensure the training pool.
+
+    `when_configured` runs once Airflow's configuration is in the environment and its file written (at
+    Airflow's first import), before the DB check: e.g. `fmx.inprocess.start_forkserver`, whose imports
+    then overlap the rest of the set-up.
 
     A new DB starts as a copy of the migrated empty one of this Airflow version (`migrated_template`), made
     by the first new home: a fresh migration costs ~2-4 s, checking a copy at head ~0.3 s (measured)."""
@@ -137,6 +141,8 @@ def configure_airflow(fmx_home: Path) -> Path:
         db_file.unlink(missing_ok=True)  # an unreadable template: migrate from scratch
     from airflow.utils import db
 
+    if when_configured is not None:
+        when_configured()
     db.upgradedb()  # a no-op when the DB is already at head (~0.3 s); a new one: ~2-4 s
     db_file.chmod(0o600)  # metadata (conf, XCom) is private to its owner
     if fresh and not template.exists():
@@ -320,7 +326,7 @@ def _run_days(dags: Any, fm_dag: Any, experts_dag: Any, cfg: JobConfig, report: 
 def fm_conf(cfg: JobConfig, ds: str, pipeline_run: str) -> dict[str, Any]:
     """The conf of day `ds`'s fmx_fm run (validated against the DAG's Params before the run)."""
     return {
-        "ds": ds, "lake": cfg.lake, "source": cfg.source, "scale": cfg.scale,
+        "ds": ds, "lake_uri": cfg.lake, "source": cfg.source, "scale": cfg.scale,
         "fm_presets": list(cfg.fm_presets), "surfaces": list(cfg.surfaces), "variants": list(cfg.variants),
         "pipeline_run": pipeline_run, "rerun": cfg.rerun,
     }  # fmt: skip
@@ -408,7 +414,7 @@ def _timings(run: Any, dag: Any, ds: str) -> list[TaskTiming]:
         for ti in tis:
             value = values.get((ti.task_id, ti.map_index))
             value = value if isinstance(value, dict) else {}
-            labels = [str(value[k]) for k in ("surface", "variant", "preset") if k in value]
+            labels = [str(value[k]) for k in ("surface", "variant", "fm_preset") if k in value]
             name = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{'/'.join(labels) or ti.map_index}]"
             stage_s, t0 = float(value.get("stage_s", 0.0)), float(value.get("stage_t0", 0.0))
             out.append(TaskTiming(run.dag_id, ds, name, str(ti.state), float(ti.duration or 0.0), stage_s, t0))

@@ -24,7 +24,7 @@ def test_rerun_flag_reaches_fmx_fms_conf(monkeypatch: pytest.MonkeyPatch, tmp_pa
         seen.append(cfg)
         raise runner.JobFailed("stop here")
 
-    monkeypatch.setattr(runner, "configure_airflow", lambda home: home)
+    monkeypatch.setattr(runner, "configure_airflow", lambda home, when_configured=None: home)
     monkeypatch.setattr(runner, "run_job", fake_job)
     monkeypatch.setenv("FMX_HOME", str(tmp_path))
     for args, rerun in ((["run"], False), (["run", "--rerun", "--workers", "1"], True)):

@@ -1,8 +1,8 @@
 """The main job in one process: the real DAGs of dags/ run day by day, `DAG.test()`-style (fmx.inprocess).
 
-Airflow's own machinery runs every task: a metadata DB (SQLite under $FMX_HOME/airflow, migrated
-once), DAG runs with a logical date and a validated conf, dependency checks, dynamic task mapping,
-XCom, the task SDK's runner. What a scheduler would add is played here as a scheduler would order it: for
+Airflow's own machinery runs every task: a metadata DB (SQLite under $FMX_HOME/airflow, migrated once:
+fmx.airflow_setup), DAG runs with a logical date and a validated conf, dependency checks, dynamic task
+mapping, XCom, the task SDK's runner. What a scheduler would add is played here as a scheduler would order it: for
 each day D, one `fmx_fm` run (logical date D), then the `fmx_experts` run its `trigger_experts` task would
 have started, with the conf that task would have passed (`trigger_experts` itself is marked success, so no
 run is left queued for a scheduler that is not there); day D+1's fmx_fm run starts beside day D's
@@ -29,12 +29,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from fmx import dagkit
+from fmx.airflow_setup import (  # noqa: F401  (the set-up's names, imported from here too: fmx.cmd_run, tests)
+    DAGS_FOLDER,
+    airflow_env,
+    configure_airflow,
+    ensure_pool,
+    migrated_template,
+)
 
-DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 FM_DAG, EXPERTS_DAG = "fmx_fm", "fmx_experts"
 
 
@@ -100,102 +105,6 @@ class JobReport:
     @property
     def overhead_s(self) -> float:
         return self.wall_s - self.stage_s
-
-
-def airflow_env(fmx_home: Path) -> dict[str, str]:
-    """The environment of the isolated in-process Airflow: SQLite metadata DB under $FMX_HOME/airflow."""
-    home = fmx_home / "airflow"
-    return {
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get(
-            "FMX_AIRFLOW_LOG_LEVEL", "ERROR"
-        ),  # task errors still show
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-
-
-def configure_airflow(fmx_home: Path, when_configured: Callable[[], object] | None = None) -> Path:
-    """Point this process's Airflow at $FMX_HOME/airflow, migrate its DB once, ensure the training pool.
-
-    `when_configured` runs once Airflow's configuration is in the environment and its file written (at
-    Airflow's first import), before the DB check: e.g. `fmx.inprocess.start_forkserver`, whose imports
-    then overlap the rest of the set-up.
-
-    A new DB starts as a copy of the migrated empty one of this Airflow version (`migrated_template`), made
-    by the first new home: a fresh migration costs ~2-4 s, checking a copy at head ~0.3 s (measured)."""
-    import sys
-
-    env = airflow_env(fmx_home)
-    if "airflow.configuration" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:
-        raise RuntimeError("airflow was imported before configure_airflow(): run the job in a fresh process")
-    home = Path(env["AIRFLOW_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ.update(env)
-    db_file, template = home / "airflow.db", migrated_template()
-    fresh = not db_file.exists()
-    if fresh and template.exists() and not _copy_db(template, db_file):
-        db_file.unlink(missing_ok=True)  # an unreadable template: migrate from scratch
-    from airflow.utils import db
-
-    if when_configured is not None:
-        when_configured()
-    db.upgradedb()  # a no-op when the DB is already at head (~0.3 s); a new one: ~2-4 s
-    db_file.chmod(0o600)  # metadata (conf, XCom) is private to its owner
-    if fresh and not template.exists():
-        _save_template(db_file, template)
-    ensure_pool()
-    return home
-
-
-def migrated_template() -> Path:
-    """Where a freshly migrated, empty metadata DB of this Airflow version is kept, to be copied rather than
-    migrated again by every new $FMX_HOME: $XDG_CACHE_HOME/fmx (default ~/.cache/fmx)."""
-    from importlib.metadata import version
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmx"
-    return cache / f"airflow-{version('apache-airflow')}-empty.db"
-
-
-def _copy_db(source: Path, target: Path) -> bool:
-    """Copy SQLite DB `source` to `target` (mode 0600) with SQLite's backup API (consistent, WAL content
-    included); False when it could not (a cache that is not there or not readable is not an error)."""
-    import sqlite3
-
-    try:
-        target.touch(mode=0o600)
-        src, dst = sqlite3.connect(source), sqlite3.connect(target)
-        try:
-            src.backup(dst)
-        finally:
-            src.close()
-            dst.close()
-    except (OSError, sqlite3.Error):
-        return False
-    return True
-
-
-def _save_template(db_file: Path, template: Path) -> None:
-    """Keep the just-migrated `db_file` (nothing run in it yet) as the template; a cache, so best effort."""
-    tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
-    try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
-    if _copy_db(db_file, tmp):
-        tmp.replace(template)  # atomic: a concurrent job reads the old state or the whole new one
-    tmp.unlink(missing_ok=True)
-
-
-def ensure_pool(name: str = dagkit.TRAINING_POOL, slots: int = dagkit.TRAINING_POOL_SLOTS) -> None:
-    """Create the training pool if missing: tasks in a pool that does not exist wait forever."""
-    from airflow.models.pool import Pool
-
-    if Pool.get_pool(name) is None:
-        Pool.create_or_update_pool(name, slots, "heavy training tasks of fmx", include_deferred=False)
 
 
 def resolve_source(cfg: JobConfig) -> JobConfig:

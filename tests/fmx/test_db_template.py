@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fmx import runner
+from fmx import airflow_setup
 
 
 def _db(path: Path, rows: int) -> Path:
@@ -20,11 +20,11 @@ def _db(path: Path, rows: int) -> Path:
 
 def test_template_is_saved_then_copied_with_private_mode(tmp_path: Path) -> None:
     source, template = _db(tmp_path / "migrated.db", 3), tmp_path / "cache" / "airflow-x-empty.db"
-    runner._save_template(source, template)
+    airflow_setup._save_template(source, template)
     assert template.exists() and not list(template.parent.glob("*.tmp"))
     target = tmp_path / "home" / "airflow.db"
     target.parent.mkdir()
-    assert runner._copy_db(template, target)
+    assert airflow_setup._copy_db(template, target)
     assert target.stat().st_mode & 0o077 == 0
     with sqlite3.connect(target) as conn:
         assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (3,)
@@ -33,10 +33,10 @@ def test_template_is_saved_then_copied_with_private_mode(tmp_path: Path) -> None
 def test_an_unreadable_template_is_not_used(tmp_path: Path) -> None:
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"not a database" * 100)
-    assert not runner._copy_db(bad, tmp_path / "airflow.db")
+    assert not airflow_setup._copy_db(bad, tmp_path / "airflow.db")
 
 
 def test_template_lives_in_the_cache_named_by_airflow_version(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = runner.migrated_template()
+    path = airflow_setup.migrated_template()
     assert path.parent == tmp_path / "fmx" and path.name.startswith("airflow-3.") and path.suffix == ".db"

@@ -20,16 +20,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-# bayes_metrics_by_surface is re-exported for fmx/cmd_data.py until it imports it from features.explain
-from features.explain import bayes_metrics_by_surface
 from features.lake import Lake
 from features.schemas import EVENTS, ITEM_ID, ITEMS, SURFACE, USER_ID, USERS
 from features.simulate import day_inputs, events_frame, simulate_day
 from features.windows import Window, window_series
 from features.world import SCALES, SURFACES, Arrays, GeneratorConfig
 
-__all__ = ["DEFAULT_START", "SCALES", "SURFACES", "GeneratorConfig", "bayes_metrics_by_surface", "generate",
-           "generate_window"]
+__all__ = ["DEFAULT_START", "SCALES", "SURFACES", "GeneratorConfig", "generate", "generate_window"]
 
 DEFAULT_START = date(2026, 1, 1)  # the built-in stream's first day when a new lake names none
 

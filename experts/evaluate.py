@@ -13,14 +13,13 @@ import math
 import numpy as np
 import torch
 
+from common.names import FM_PRESETS
 from experts.checkpoint import Checkpoint
 from experts.data import ExpertData
 from experts.model import Expert
 from features.lake import Lake
 from features.schemas import CLICK, EVENTS
 from features.windows import Window, assert_after
-
-FM_SIZE_ORDER = ("small", "base", "large")  # FM presets from smaller to larger (for the transfer ratio)
 
 
 @torch.no_grad()
@@ -73,9 +72,9 @@ def transfer_ratio(ne_expert_small: float, ne_expert_large: float, ne_fm_small: 
 
 
 def smaller_first(preset_a: str, preset_b: str) -> tuple[str, str]:
-    """The two FM presets ordered (smaller, larger) by FM_SIZE_ORDER (unknown names sort by name)."""
+    """The two FM presets ordered (smaller, larger) by common.names.FM_PRESETS (unknown names sort by name)."""
     def rank(p: str) -> tuple[int, str]:
-        return (FM_SIZE_ORDER.index(p) if p in FM_SIZE_ORDER else len(FM_SIZE_ORDER), p)
+        return (FM_PRESETS.index(p) if p in FM_PRESETS else len(FM_PRESETS), p)
 
     small, large = sorted((preset_a, preset_b), key=rank)
     return small, large

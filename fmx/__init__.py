@@ -3,7 +3,8 @@
 - cli/: the `fmx` command (one module per family of sub-commands)
 - dagkit: what the DAG files of dags/ share (Params, task defaults, the day of a run, the task grids)
 - servers/: `fmx up/down/status`, the local Airflow and MLflow servers
-- runner, inprocess, preload, preloaded: `fmx run`, the real DAGs run in one process (cmd_run: its command)
+- runner, airflow_setup, inprocess, preload, preloaded: `fmx run`, the real DAGs run in one process (cmd_run:
+  its command)
 """
 
 import features  # noqa: F401  (first: it sets the data layer's allocator settings before polars loads)

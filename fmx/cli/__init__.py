@@ -2,7 +2,7 @@
 
 One module per family of sub-commands, each registering its commands on `cli` (COMMAND_MODULES): data
 (`generate`, `ingest`), importer (`import`), fm (`fm train|export`), experts (`experts examples|train|promote`,
-`compare`), servers (`up`, `down`, `status`, `airflow`), and `run` (fmx.cmd_run). Sub-commands map one-to-one
+`compare`), servers (`up`, `down`, `status`, `airflow`), and `run` (fmx.cli.run). Sub-commands map one-to-one
 onto pipeline stages or server actions; heavy libraries (torch, polars, mlflow,
 airflow) are imported inside the command bodies so that `fmx --help` stays instant.
 
@@ -26,7 +26,7 @@ COMMAND_MODULES = (
     "fmx.cli.importer",
     "fmx.cli.fm",
     "fmx.cli.experts",
-    "fmx.cmd_run",
+    "fmx.cli.run",
     "fmx.cli.servers",
 )
 

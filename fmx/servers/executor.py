@@ -4,7 +4,7 @@ Under the LocalExecutor the scheduler forks `parallelism` worker processes at st
 runs in a process its worker forks (the task SDK's supervisor): whatever the scheduler imported before
 forking, every task process has without importing it again. Stock, each task imported torch, polars, MLflow
 and its stage module itself, and built MLflow's module map on its first `log_model`: seconds per task, more
-than most stages take. `PreloadingLocalExecutor` runs `fmx.preload.preload` in the scheduler, then starts
+than most stages take. `PreloadingLocalExecutor` runs `fmx.run.preload.preload` in the scheduler, then starts
 Airflow's own LocalExecutor unchanged (scheduling, queues, the supervisor and its Execution API calls).
 
 Configured as ``[core] executor = fmx.servers.executor.PreloadingLocalExecutor`` (`fmx.servers.env.server_env`).
@@ -28,7 +28,7 @@ class PreloadingLocalExecutor(LocalExecutor):
     modules imported."""
 
     def start(self) -> None:
-        from fmx.preload import preload
+        from fmx.run.preload import preload
 
         started = time.perf_counter()
         failed = preload()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 BAD_CONF_SCRIPT = """
 import json
-from fmx import runner
+from fmx.run import runner
 from common.tracking import fmx_home
 runner.configure_airflow(fmx_home())
 from airflow.dag_processing.dagbag import DagBag

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fmx import airflow_setup
+from fmx.run import airflow_setup
 
 
 def _db(path: Path, rows: int) -> Path:

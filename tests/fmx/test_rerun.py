@@ -55,7 +55,7 @@ DAG_TEST = """
 import json, sys
 from datetime import UTC, datetime
 from pathlib import Path
-from fmx import runner
+from fmx.run import runner
 runner.configure_airflow(Path(sys.argv[1]))
 from airflow.dag_processing.dagbag import DagBag
 dag = DagBag(dag_folder=str(runner.DAGS_FOLDER)).dags["fmx_fm"]

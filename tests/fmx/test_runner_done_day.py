@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fmx import runner
 from fmx.cli import cli
+from fmx.run import runner
 
 BIN = Path(sys.executable).parent
 

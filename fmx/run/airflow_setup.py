@@ -1,5 +1,5 @@
 """Airflow for `fmx run`, isolated under $FMX_HOME/airflow: its environment, its SQLite metadata DB (migrated
-once, or copied from a migrated empty template) and the training pool (fmx.runner runs the job on it).
+once, or copied from a migrated empty template) and the training pool (fmx.run.runner runs the job on it).
 
 Airflow is configured from the environment at its first import, so `configure_airflow` must run before
 anything imports airflow in this process.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fmx import dagkit
 
-DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
+DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
 
 
 def airflow_env(fmx_home: Path) -> dict[str, str]:
@@ -36,7 +36,7 @@ def configure_airflow(fmx_home: Path, when_configured: Callable[[], object] | No
     """Point this process's Airflow at $FMX_HOME/airflow, migrate its DB once, ensure the training pool.
 
     `when_configured` runs once Airflow's configuration is in the environment and its file written (at
-    Airflow's first import), before the DB check: e.g. `fmx.inprocess.start_forkserver`, whose imports
+    Airflow's first import), before the DB check: e.g. `fmx.run.inprocess.start_forkserver`, whose imports
     then overlap the rest of the set-up.
 
     A new DB starts as a copy of the migrated empty one of this Airflow version (`migrated_template`), made

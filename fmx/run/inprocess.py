@@ -12,7 +12,7 @@ workers' futures (no polling), so that one run's ready tasks fill the workers an
 
 Workers are forked from a forkserver (not from this process: it holds SQLite connections and threads) that
 imported the stage modules and Airflow's task runner once and served the in-process Execution API's first
-request (fmx.preloaded): each worker starts with them, so a task's first import of torch/polars/mlflow or
+request (fmx.run.preloaded): each worker starts with them, so a task's first import of torch/polars/mlflow or
 first Execution API call does not land on the critical path, and two workers do not pay the same ~10 s of
 CPU each at the start of the job. `fmx run` starts the forkserver during its set-up (`start_forkserver`).
 Each worker parses the DAG folder once and serves all its tasks with one Execution API client
@@ -80,7 +80,7 @@ class DagRunner:
         self._scheduler_dags: dict[str, Any] = {}
         self._active: list[_Active] = []
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["fmx.preloaded"])  # imported once, in the forkserver
+        context.set_forkserver_preload(["fmx.run.preloaded"])  # imported once, in the forkserver
         self._pool = ProcessPoolExecutor(
             self.workers, mp_context=context, initializer=_init_worker, initargs=(str(dags_folder), retries),
         )  # fmt: skip
@@ -272,7 +272,7 @@ def _fail(session: Any, active: _Active, task_id: str, map_index: int, exc: Base
     from airflow.models.dagrun import DagRun
     from airflow.utils.state import State
 
-    logging.getLogger("fmx.runner").error("task %s[%s] crashed its worker: %s", task_id, map_index, exc)
+    logging.getLogger("fmx.run.runner").error("task %s[%s] crashed its worker: %s", task_id, map_index, exc)
     session.expire_all()
     run = session.scalar(_select_run(DagRun, active.dag_id, active.run_id))
     for ti in run.get_task_instances(session=session):
@@ -288,7 +288,7 @@ _CLIENT: Any = None  # worker_client(), built by _init_worker
 
 def _init_worker(dags_folder: str, retries: bool) -> None:
     """Parse the DAG folder once (task objects run here), build this worker's Execution API client and
-    send its first DB-reading request; the imports came with the fork (fmx.preloaded)."""
+    send its first DB-reading request; the imports came with the fork (fmx.run.preloaded)."""
     from airflow.dag_processing.dagbag import DagBag
 
     global _CLIENT
@@ -308,13 +308,13 @@ def _init_worker(dags_folder: str, retries: bool) -> None:
 def worker_client() -> Any:
     """The in-process Execution API client every task of this worker uses: what `run_task_in_process` builds
     for each task (`InProcessTestSupervisor._api_client`: a new app, event-loop thread and DB-backed DAG bag,
-    ~0.2-0.3 s a task under load), built once on the app fmx.preloaded has already served a request with.
+    ~0.2-0.3 s a task under load), built once on the app fmx.run.preloaded has already served a request with.
     The DAG bag caches DAGs by version: the bundle is synced once per job, before any task runs."""
     from airflow.api_fastapi.common.dagbag import dag_bag_from_app
     from airflow.models.dagbag import DBDagBag
     from airflow.sdk.execution_time.supervisor import InProcessTestSupervisor
 
-    from fmx.preloaded import API
+    from fmx.run.preloaded import API
 
     dag_bag = DBDagBag()
     API.app.dependency_overrides[dag_bag_from_app] = lambda: dag_bag
@@ -350,13 +350,13 @@ def _run_in_worker(ref: TaskRef) -> str:
 
 
 def start_forkserver() -> None:
-    """Start the workers' forkserver now, with this process's environment: its imports (fmx.preloaded,
+    """Start the workers' forkserver now, with this process's environment: its imports (fmx.run.preloaded,
     ~10 s) then overlap what this process does before the first task (DB migration, DAG parse and sync)
     instead of following it. Call it once Airflow's configuration is in the environment and on disk."""
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["fmx.preloaded"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["fmx.run.preloaded"])
     forkserver.ensure_running()
 
 

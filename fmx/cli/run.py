@@ -1,4 +1,4 @@
-"""`fmx run`: the main job — the real Airflow DAGs, in this process, for N days (see fmx/runner.py)."""
+"""`fmx run`: the main job — the real Airflow DAGs, in this process, for N days (see fmx/run/runner.py)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def run_cmd(
     from importlib import import_module
 
     from common.tracking import fmx_home, tracking_uri
-    from fmx import inprocess, runner
+    from fmx.run import inprocess, runner
 
     started = time.perf_counter()
     runner.configure_airflow(fmx_home(), when_configured=inprocess.start_forkserver)

@@ -1,8 +1,8 @@
 """Importing this module preloads what a worker of `fmx run` needs before its first task.
 
 For `multiprocessing`'s forkserver, whose preload list takes module names: `fmx run`'s forkserver imports
-this once, and every worker forked from it starts with the imports done (fmx.inprocess): the stage modules
-(`fmx.preload.preload`), Airflow's task runner, and the in-process Execution API app (`API`) that each
+this once, and every worker forked from it starts with the imports done (fmx.run.inprocess): the stage modules
+(`fmx.run.preload.preload`), Airflow's task runner, and the in-process Execution API app (`API`) that each
 worker serves all its tasks' requests with, already through its first request. That first request is
 what costs: the Execution API is a Cadwyn app, which generates the routers of every API version on its
 first call (~5 s per process, measured: it was each worker's first task `start` call, on the critical
@@ -20,10 +20,10 @@ import airflow.sdk.execution_time.supervisor  # noqa: F401  (run_task_in_process
 import httpx
 from airflow.api_fastapi.execution_api.app import InProcessExecutionAPI
 
-from fmx.preload import preload
+from fmx.run.preload import preload
 
 FAILED = preload()
-API = InProcessExecutionAPI()  # its app serves every task of a worker (fmx.inprocess.worker_client)
+API = InProcessExecutionAPI()  # its app serves every task of a worker (fmx.run.inprocess.worker_client)
 
 
 async def _first_request() -> int:

@@ -2,7 +2,7 @@
 
 A task's own first imports of torch, polars, MLflow and the stage modules cost seconds (~2 s torch, ~2 s
 MLflow; STACK.md), and a process's first MLflow `log_model` builds MLflow's module -> package map (~3 s).
-`fmx run`'s workers do it in the background while they wait for their first task (fmx.inprocess); `fmx up`'s
+`fmx run`'s workers do it in the background while they wait for their first task (fmx.run.inprocess); `fmx up`'s
 scheduler does it before it forks the LocalExecutor's workers, whose task processes are forks of them
 (fmx.executor). Importing is all it does: no thread pool, DB connection or tracking client is created.
 """

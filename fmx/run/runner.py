@@ -1,7 +1,7 @@
-"""The main job in one process: the real DAGs of dags/ run day by day, `DAG.test()`-style (fmx.inprocess).
+"""The main job in one process: the real DAGs of dags/ run day by day, `DAG.test()`-style (fmx.run.inprocess).
 
 Airflow's own machinery runs every task: a metadata DB (SQLite under $FMX_HOME/airflow, migrated once:
-fmx.airflow_setup), DAG runs with a logical date and a validated conf, dependency checks, dynamic task
+fmx.run.airflow_setup), DAG runs with a logical date and a validated conf, dependency checks, dynamic task
 mapping, XCom, the task SDK's runner. What a scheduler would add is played here as a scheduler would order it: for
 each day D, one `fmx_fm` run (logical date D), then the `fmx_experts` run its `trigger_experts` task would
 have started, with the conf that task would have passed (`trigger_experts` itself is marked success, so no
@@ -32,7 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from fmx import dagkit
-from fmx.airflow_setup import (  # noqa: F401  (the set-up's names, imported from here too: fmx.cmd_run, tests)
+from fmx.run.airflow_setup import (  # noqa: F401  (the set-up's names, imported from here too: fmx.cli.run, tests)
     DAGS_FOLDER,
     airflow_env,
     configure_airflow,
@@ -64,7 +64,7 @@ class JobConfig:
     start: date | None = None
     retries: bool = True  # False: fail at the first error instead of backing off (tests, debugging)
     rerun: bool = False  # True: fmx_fm's Param rerun, train days again that are already done
-    workers: int = 0  # worker processes running task instances; 0: one per core (fmx.inprocess)
+    workers: int = 0  # worker processes running task instances; 0: one per core (fmx.run.inprocess)
 
 
 @dataclass
@@ -164,7 +164,7 @@ def run_job(
     """
     from airflow.dag_processing.dagbag import DagBag
 
-    from fmx.inprocess import DagRunner, default_workers
+    from fmx.run.inprocess import DagRunner, default_workers
 
     started = time.perf_counter()
     bag = DagBag(dag_folder=str(DAGS_FOLDER))

@@ -98,6 +98,20 @@ def expected_points(days: dict[str, dict[str, float]], step_of: Callable[[str], 
     return points
 
 
+def _describe(client: Any, exp_id: str) -> None:
+    """Set the description the experiment list shows, once. Two tasks may both find it missing: the set runs
+    under the host lock, and a store that refuses the second writer's set (SQLite's unique key on
+    (experiment, key), a concurrent writer on another host) is fine once the tag is there."""
+    with host_lock(f"lineage-note-{exp_id}"):
+        if NOTE in client.get_experiment(exp_id).tags:
+            return
+        try:
+            client.set_experiment_tag(exp_id, NOTE, EXPERIMENT_NOTE)
+        except Exception:
+            if NOTE not in client.get_experiment(exp_id).tags:
+                raise
+
+
 def sync(preset: str, surface: str, variant: str, step_of: Callable[[str], int],
          experiment: str = EXPERIMENT) -> str | None:
     """Bring the lineage run of (preset, surface, variant) in line with its day runs; its id (None: no days)."""
@@ -108,8 +122,7 @@ def sync(preset: str, surface: str, variant: str, step_of: Callable[[str], int],
         return None
     exp_id = experiment_id(lineage_experiment(experiment))
     client = mlflow.MlflowClient()
-    if NOTE not in client.get_experiment(exp_id).tags:  # the description the experiment list shows
-        client.set_experiment_tag(exp_id, NOTE, EXPERIMENT_NOTE)
+    _describe(client, exp_id)
     key = lineage_key(preset, surface, variant)
     expected = expected_points({ds: r.data.metrics for ds, r in runs.items()}, step_of)
     newest = runs[max(runs)]

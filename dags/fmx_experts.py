@@ -45,7 +45,7 @@ def fmx_experts() -> None:
         from experts.stage import expert_examples as stage
 
         dagkit.label(surface, fm_preset)
-        out = dagkit.timed(stage, ds=day["ds"], surface=surface, lake_uri=day["lake_uri"], preset=fm_preset)
+        out = dagkit.timed(stage, ds=day["ds"], surface=surface, lake_uri=day["lake_uri"], fm_preset=fm_preset)
         return {**out, "ds": day["ds"], "surface": surface, "fm_preset": fm_preset}
 
     @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False,
@@ -54,7 +54,7 @@ def fmx_experts() -> None:
         from experts.stage import expert_train as stage
 
         dagkit.label(surface, variant, fm_preset)
-        out = dagkit.timed(stage, surface=surface, variant=variant, preset=fm_preset, **dagkit.refs(day))
+        out = dagkit.timed(stage, surface=surface, variant=variant, fm_preset=fm_preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "variant": variant, "fm_preset": fm_preset}
 
     @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
@@ -63,7 +63,7 @@ def fmx_experts() -> None:
         from experts.reference import reference_eval as stage
 
         dagkit.label(surface, fm_preset)
-        out = dagkit.timed(stage, surface=surface, preset=fm_preset, **dagkit.refs(day))
+        out = dagkit.timed(stage, surface=surface, fm_preset=fm_preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "fm_preset": fm_preset}
 
     @task(multiple_outputs=False, map_index_template=dagkit.MAP_LABEL)
@@ -71,7 +71,7 @@ def fmx_experts() -> None:
         from experts.stage import compare_and_promote as stage
 
         dagkit.label(surface, fm_preset)
-        out = dagkit.timed(stage, surface=surface, preset=fm_preset, **dagkit.refs(day))
+        out = dagkit.timed(stage, surface=surface, fm_preset=fm_preset, **dagkit.refs(day))
         return {**out, "ds": day["ds"], "surface": surface, "fm_preset": fm_preset}
 
     day = plan()

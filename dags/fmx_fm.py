@@ -69,13 +69,13 @@ def fmx_fm() -> None:
     def fm_export(day: dict, fm_preset: str) -> dict:
         from fm.stage import fm_export as stage
 
-        return {**dagkit.timed(stage, preset=fm_preset, **dagkit.refs(day)), "ds": day["ds"], "fm_preset": fm_preset}
+        return {**dagkit.timed(stage, fm_preset=fm_preset, **dagkit.refs(day)), "ds": day["ds"], "fm_preset": fm_preset}
 
     @task(pool=dagkit.TRAINING_POOL, execution_timeout=dagkit.TRAIN_TIMEOUT, multiple_outputs=False)
     def fm_train(day: dict, exported: dict, fm_preset: str) -> dict:
         from fm.stage import fm_train as stage
 
-        out = dagkit.timed(stage, preset=fm_preset, nproc=day["fm_nproc"], **dagkit.refs(day))
+        out = dagkit.timed(stage, fm_preset=fm_preset, nproc=day["fm_nproc"], **dagkit.refs(day))
         return {**out, "ds": day["ds"], "fm_preset": fm_preset, "scored_with": exported.get("fm_version")}
 
     @task_group(group_id="fm_preset")

@@ -42,7 +42,7 @@ from features.schemas import FM_OUTPUTS
 from features.windows import Window, assert_after
 
 
-def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual",
+def compare_and_promote(ds: str, surface: str, lake_uri: str, fm_preset: str = "small", pipeline_run: str = "manual",
                         margin: float = 0.0, pool_days: int = 1) -> dict:
     """Score, decide with confidence, record (module docstring).
 
@@ -55,13 +55,13 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
     lake = Lake(lake_uri)
     window = lake.window(ds)
     cfg = ExpertConfig()
-    source = examples_for(lake, window, surface, preset, cfg.history_length, cfg.shuffle_rows)
+    source = examples_for(lake, window, surface, fm_preset, cfg.history_length, cfg.shuffle_rows)
     if source is None:
-        return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored nothing yet"}
-    models = _variant_ckpts(lake, window, surface, preset)
+        return {"ds": ds, "surface": surface, "skipped": f"FM {fm_preset!r} has scored nothing yet"}
+    models = _variant_ckpts(lake, window, surface, fm_preset)
     if not models:
         return {"ds": ds, "surface": surface, "skipped": "no expert trained before this window"}
-    previous = _previous_champion(lake, window, surface, preset)
+    previous = _previous_champion(lake, window, surface, fm_preset)
     champ = None if previous is None else previous["variant"]
     if previous is not None and champ not in models:  # the champion's variant is not trained any more
         models["champion"] = (load_checkpoint(lake, previous["checkpoint"]), "champion")
@@ -80,18 +80,18 @@ def compare_and_promote(ds: str, surface: str, lake_uri: str, preset: str = "sma
             champ_ne = all_metrics(y, champ_probs, base_rate)["ne"]
         diffs = {v: ne_diff(y, p, champ_probs, base_rate) for v, p in probs.items()}
         if best != champ:
-            earlier = _earlier_diffs(lake, window, surface, preset, best, champ, pool_days - 1)
+            earlier = _earlier_diffs(lake, window, surface, fm_preset, best, champ, pool_days - 1)
             vs_champion = pool([diffs[best], *earlier])
     decision = decide(best, champ, vs_champion, margin)
-    record = _winner_record(lake, window, surface, preset, decision.variant)
-    version = _update_registry(lake, window, surface, preset, best, decision, record)
+    record = _winner_record(lake, window, surface, fm_preset, decision.variant)
+    version = _update_registry(lake, window, surface, fm_preset, best, decision, record)
     record.update(decision="promoted" if decision.promote else "kept", reason=decision.reason,
                   scored_champion=champ, vs_champion={v: d.to_dict() for v, d in diffs.items()},
                   **({"version": version} if version else {}))
-    write_champion(lake, preset, surface, ds, record)
-    transfers = _log_transfers(lake, window, surface, preset, scores)
-    _log_fm_vs_base(lake, window, surface, preset, fm)
-    run_id = _log_promotion(lake, window, surface, preset, pipeline_run, source.fm_versions[0], scores[best], best, decision,
+    write_champion(lake, fm_preset, surface, ds, record)
+    transfers = _log_transfers(lake, window, surface, fm_preset, scores)
+    _log_fm_vs_base(lake, window, surface, fm_preset, fm)
+    run_id = _log_promotion(lake, window, surface, fm_preset, pipeline_run, source.fm_versions[0], scores[best], best, decision,
                             champ_ne, vs_champion, version, margin)
     return strict_json({"ds": ds, "surface": surface, "scores": scores, "fm": fm, "best": best,
                         "champion_ne": champ_ne, "vs_champion": vs_champion.to_dict() if vs_champion else None,

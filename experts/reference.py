@@ -170,7 +170,7 @@ def evaluate(lake: Lake, window: Window, surface: str) -> dict[str, Any]:
 
 
 def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "manual",
-                   preset: str = "small") -> dict[str, Any]:
+                   fm_preset: str = "small") -> dict[str, Any]:
     """Progressive metrics of the counting reference on (ds, surface), logged to MLflow (see module doc)."""
     import mlflow
 
@@ -180,7 +180,7 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
 
     lake = Lake(lake_uri)
     window = lake.window(ds)
-    tags = {"surface": surface, "variant": VARIANT, "fm_version": "none", "fm_preset": preset, STAGE_TAG: STAGE,
+    tags = {"surface": surface, "variant": VARIANT, "fm_version": "none", "fm_preset": fm_preset, STAGE_TAG: STAGE,
             "evaluated": "false", "base_rate_source": BASE_RATE_SOURCE}
     params = {"features": ",".join(FEATURES), "smoothing": SMOOTHING, "l2": L2, "fit_window": window.prev().ds}
     with stage_run(f"{STAGE}/{surface}", pipeline_run=pipeline_run, ds=ds, tags=tags, params=params):
@@ -192,7 +192,7 @@ def reference_eval(ds: str, surface: str, lake_uri: str, pipeline_run: str = "ma
         step = lake.step(window)
         mlflow.log_metrics({k: v for k, v in res["metrics"].items() if math.isfinite(v)}, step=step)
         mlflow.log_metric("base_rate", res["base_rate"], step=step)
-    sync_lineage(preset, surface, VARIANT, lake.steps())  # the day run is FINISHED: add it to the trend
+    sync_lineage(fm_preset, surface, VARIANT, lake.steps())  # the day run is FINISHED: add it to the trend
     m = res["metrics"]
     return strict_json({"ds": ds, "surface": surface, "evaluated": True, "ne": m["ne"], "auc": m["auc"],
                         "calibration": m["calibration"], "rows": res["rows"]})

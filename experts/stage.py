@@ -34,18 +34,18 @@ from features.schemas import EVENT_ID, EXPERT_EXAMPLES
 __all__ = ["VARIANTS", "compare_and_promote", "expert_examples", "expert_train"]
 
 
-def expert_examples(ds: str, surface: str, lake_uri: str, preset: str = "small") -> dict:
-    """Write expert_examples(fm=preset, ds, surface) (plus any missing loop_state); rows and path."""
+def expert_examples(ds: str, surface: str, lake_uri: str, fm_preset: str = "small") -> dict:
+    """Write expert_examples(fm=fm_preset, ds, surface) (plus any missing loop_state); rows and path."""
     lake = Lake(lake_uri)
     window = lake.window(ds)
-    if not fm_started(lake, preset, window):
-        return {"ds": ds, "surface": surface, "skipped": f"FM {preset!r} has scored no window up to {ds}"}
-    path = build_expert_examples(lake, window, surface, preset, ExpertConfig().history_length)
-    rows = lake.read(EXPERT_EXAMPLES.name, columns=[EVENT_ID], fm=preset, ds=ds, surface=surface).num_rows
-    return strict_json({"ds": ds, "surface": surface, "fm": preset, "rows": rows, "path": path})
+    if not fm_started(lake, fm_preset, window):
+        return {"ds": ds, "surface": surface, "skipped": f"FM {fm_preset!r} has scored no window up to {ds}"}
+    path = build_expert_examples(lake, window, surface, fm_preset, ExpertConfig().history_length)
+    rows = lake.read(EXPERT_EXAMPLES.name, columns=[EVENT_ID], fm=fm_preset, ds=ds, surface=surface).num_rows
+    return strict_json({"ds": ds, "surface": surface, "fm": fm_preset, "rows": rows, "path": path})
 
 
-def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str = "small",
+def expert_train(ds: str, surface: str, variant: str, lake_uri: str, fm_preset: str = "small",
                  pipeline_run: str = "manual", rebaseline: bool = False,
                  overrides: dict[str, Any] | None = None) -> dict:
     """Progressive eval on ds (model trained through < ds), then warm-start training on ds.
@@ -55,7 +55,7 @@ def expert_train(ds: str, surface: str, variant: str, lake_uri: str, preset: str
     (`overrides` apply to a cold start only).
     """
     with torch_threads(1):  # the expert's layers are too small to gain from more
-        return train_expert(ExpertKey(ds, surface, variant, preset), Lake(lake_uri), pipeline_run, rebaseline,
+        return train_expert(ExpertKey(ds, surface, variant, fm_preset), Lake(lake_uri), pipeline_run, rebaseline,
                             overrides)
 
 

@@ -33,14 +33,14 @@ from fm.export import BASE_RATE_SOURCE, export_fm
 from fm.train import TrainResult, run_training
 
 
-def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual") -> dict[str, Any]:
+def fm_export(ds: str, lake_uri: str, fm_preset: str = "small", pipeline_run: str = "manual") -> dict[str, Any]:
     import mlflow
 
     lake = Lake(lake_uri)
-    cfg = lake_config(preset, lake.meta())  # heads = the lake's surfaces
-    tags = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": preset}
+    cfg = lake_config(fm_preset, lake.meta())  # heads = the lake's surfaces
+    tags = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": fm_preset}
     # the export runs inside its MLflow run: a failure ends it FAILED with the error (and a duplicate is refused first)
-    with stage_run("fm_export", pipeline_run=pipeline_run, ds=ds, tags=tags, params={"fm_preset": preset}):
+    with stage_run("fm_export", pipeline_run=pipeline_run, ds=ds, tags=tags, params={"fm_preset": fm_preset}):
         res = export_fm(cfg, lake.window(ds), lake)
         tags["fm_version"] = res.fm_version or "none"
         mlflow.set_tag("fm_version", tags["fm_version"])
@@ -54,30 +54,30 @@ def fm_export(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str =
                 mlflow.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step)  # drop NaN
                 mlflow.log_metric("base_rate", res.base_rates[surface], step=step)
     for surface in res.metrics:  # the stage run is FINISHED: each surface's day joins the FM's trend
-        sync_lineage(preset, surface, "fm", lake.steps())
+        sync_lineage(fm_preset, surface, "fm", lake.steps())
     return {"fm_version": res.fm_version, "ds": ds, "metrics": res.metrics, "rows": res.rows,
             "base_rates": res.base_rates, "base_rate_source": BASE_RATE_SOURCE, "compression": res.compression,
             "skipped": res.skipped}
 
 
-def fm_train(ds: str, lake_uri: str, preset: str = "small", pipeline_run: str = "manual",
+def fm_train(ds: str, lake_uri: str, fm_preset: str = "small", pipeline_run: str = "manual",
              cold_start: bool = False, nproc: int = 1) -> dict[str, Any]:
     """Train FM_ds. nproc > 1 launches the same entry point under torchrun (DDP) as child processes."""
     import mlflow
 
     lake = Lake(lake_uri)
-    cfg = lake_config(preset, lake.meta())  # heads = the lake's surfaces; a different set than the parent's fails
-    tags = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": preset, "nproc": str(nproc)}
+    cfg = lake_config(fm_preset, lake.meta())  # heads = the lake's surfaces; a different set than the parent's fails
+    tags = {"surface": "all", "variant": "fm", "fm_version": "pending", "fm_preset": fm_preset, "nproc": str(nproc)}
     with stage_run("fm_train", pipeline_run=pipeline_run, ds=ds, tags=tags, params=cfg.to_dict()):
         if nproc > 1:
-            res = _train_under_torchrun(lake, ds, preset, cold_start, nproc)
+            res = _train_under_torchrun(lake, ds, fm_preset, cold_start, nproc)
         else:
             res = run_training(cfg, lake.window(ds), lake, cold_start=cold_start)
         mlflow.set_tags({"fm_version": res.fm_version, "fm_parent": res.parent or "none"})
         step = lake.step(lake.window(ds))
         mlflow.log_metrics({"examples_per_s": res.examples / max(res.seconds, 1e-9), "train_loss": res.mean_loss},
                            step=step)
-        _log_checkpoint(lake, preset, ds)
+        _log_checkpoint(lake, fm_preset, ds)
     return {"fm_version": res.fm_version, "parent": res.parent, "ds": ds, "steps": res.steps,
             "examples": res.examples}
 

@@ -85,7 +85,7 @@ def test_base_rate_is_the_experts_training_ctr(lake: Lake) -> None:
 
 
 def test_reference_eval_logs_a_ref_run_that_compare_shows(lake: Lake) -> None:
-    out = {ds: ref.reference_eval(ds, SURFACE, lake.uri, pipeline_run="t", preset="small") for ds in DAYS}
+    out = {ds: ref.reference_eval(ds, SURFACE, lake.uri, pipeline_run="t", fm_preset="small") for ds in DAYS}
     assert not out[DAYS[0]]["evaluated"] and out[DAYS[2]]["evaluated"]
     assert out[DAYS[2]]["rows"] == lake.read("events", ds=DAYS[2], surface=SURFACE).num_rows
     assert out[DAYS[2]] == ref.reference_eval(DAYS[2], SURFACE, lake.uri, pipeline_run="t2")  # deterministic

@@ -316,5 +316,5 @@ class HistoryStream:
             self.state = advanced
             return
         advanced = advanced.with_columns(pl.col("hist_ts").cast(self.state.schema["hist_ts"]))
-        kept = self.state.join(chunk.select(pl.col(USER_ID).unique()), on=USER_ID, how="anti")
+        kept = self.state.join(advanced.select(USER_ID), on=USER_ID, how="anti")  # advanced: one row per chunk user
         self.state = pl.concat([kept, advanced.select(kept.columns)], how="vertical_relaxed")

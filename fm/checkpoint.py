@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import pickle
 from typing import Any
 
@@ -24,8 +23,7 @@ from torch import nn
 from features.fm_version import format_fm_version
 from features.lake import CorruptFile, Lake
 from fm.model import ARCH
-
-ROOT = ("models", "fm")
+from fm.versions import ROOT, read_versions, record_version, versions_path  # noqa: F401  (the index, torch-free)
 
 
 def relpath(preset: str, ds: str, kind: str) -> str:
@@ -76,18 +74,3 @@ def weights_hash(model: nn.Module) -> str:
 def fm_version(preset: str, ds: str, model: nn.Module) -> str:
     """`<preset>-<ds>-<first 10 hex of the weights hash>` (the format: features.fm_version)."""
     return format_fm_version(preset, ds, weights_hash(model)[:10])
-
-
-def versions_path(preset: str) -> str:
-    return "/".join([*ROOT, preset, "versions.json"])
-
-
-def read_versions(lake: Lake, preset: str) -> dict[str, dict[str, Any]]:
-    path = versions_path(preset)
-    return json.loads(lake.read_bytes(path)) if lake.file_exists(path) else {}
-
-
-def record_version(lake: Lake, preset: str, ds: str, entry: dict[str, Any]) -> None:
-    """Add or replace ds's entry in the versions index (single writer: the rank-0 trainer of that ds)."""
-    versions = read_versions(lake, preset) | {ds: entry}
-    lake.write_bytes(versions_path(preset), json.dumps(dict(sorted(versions.items())), indent=2).encode())

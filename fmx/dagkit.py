@@ -20,7 +20,7 @@ latest interval only; triggers, `fmx run` and backfills run any window of any da
 
 A day is done once: `unless_done` makes fmx_fm's first task skip the day (no ingest, no FM training, no
 experts trigger) when every requested FM preset already holds its checkpoint for the day (the FM's own
-record, fm.checkpoint.read_versions), unless the run's Param `rerun` is true.
+record, fm.versions.read_versions), unless the run's Param `rerun` is true.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ RERUN_DOC = (
 def unless_done(run: dict[str, Any], rerun: bool) -> dict[str, Any] | bool:
     """`run` when its day still has work (or `rerun`), else False: the day is done, its tasks skip.
 
-    Done = every requested FM preset holds its checkpoint for the day (fm.checkpoint.read_versions).
+    Done = every requested FM preset holds its checkpoint for the day (fm.versions.read_versions).
     """
     done = done_versions(run["ds"], run["lake_uri"], run["fm_presets"])
     if not done:
@@ -187,7 +187,7 @@ def unless_done(run: dict[str, Any], rerun: bool) -> dict[str, Any] | bool:
 def done_versions(ds: str, lake_uri: str, fm_presets: list[str] | tuple[str, ...]) -> list[str]:
     """The fm_version of day `ds` for every preset in `fm_presets`, or [] when one of them has none yet."""
     from features.lake import Lake
-    from fm.checkpoint import read_versions
+    from fm.versions import read_versions
 
     lake = Lake(lake_uri)
     found = [read_versions(lake, fm_preset).get(ds) or {} for fm_preset in fm_presets]

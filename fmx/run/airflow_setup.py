@@ -35,9 +35,9 @@ def airflow_env(fmx_home: Path) -> dict[str, str]:
 def configure_airflow(fmx_home: Path, when_configured: Callable[[], object] | None = None) -> Path:
     """Point this process's Airflow at $FMX_HOME/airflow, migrate its DB once, ensure the training pool.
 
-    `when_configured` runs once Airflow's configuration is in the environment and its file written (at
-    Airflow's first import), before the DB check: e.g. `fmx.run.inprocess.start_forkserver`, whose imports
-    then overlap the rest of the set-up.
+    `when_configured` runs once Airflow's configuration is in the environment and its file written
+    (`write_config`), before this process imports Airflow (~1.3 s) and checks the DB: e.g.
+    `fmx.run.inprocess.start_forkserver`, whose imports then overlap the rest of the set-up.
 
     A new DB starts as a copy of the migrated empty one of this Airflow version (`migrated_template`), made
     by the first new home: a fresh migration costs ~2-4 s, checking a copy at head ~0.3 s (measured)."""
@@ -53,16 +53,46 @@ def configure_airflow(fmx_home: Path, when_configured: Callable[[], object] | No
     fresh = not db_file.exists()
     if fresh and template.exists() and not _copy_db(template, db_file):
         db_file.unlink(missing_ok=True)  # an unreadable template: migrate from scratch
-    from airflow.utils import db
-
+    write_config(home / "airflow.cfg")
     if when_configured is not None:
         when_configured()
+    from airflow.utils import db
+
     db.upgradedb()  # a no-op when the DB is already at head (~0.3 s); a new one: ~2-4 s
     db_file.chmod(0o600)  # metadata (conf, XCom) is private to its owner
     if fresh and not template.exists():
         _save_template(db_file, template)
     ensure_pool()
     return home
+
+
+def write_config(path: Path) -> None:
+    """A new home's airflow.cfg: its two secrets only (Airflow's defaults and `airflow_env` do the rest).
+
+    Airflow writes a full default file at its first import when there is none, generating both secrets,
+    so two processes importing it at once into a new home (this one and the workers' forkserver) would
+    race on the file and its secrets. Written here first (atomically, mode 0600), neither writes it; an
+    existing file is left as it is."""
+    import secrets
+    from base64 import b64encode
+
+    from cryptography.fernet import Fernet
+
+    if path.exists():
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.touch(mode=0o600)
+    tmp.write_text(
+        "# fmx run's Airflow: its defaults, with the environment of fmx.run.airflow_setup.airflow_env\n"
+        f"[core]\nfernet_key = {Fernet.generate_key().decode()}\n\n"
+        f"[api_auth]\njwt_secret = {b64encode(secrets.token_bytes(16)).decode()}\n"
+    )
+    try:
+        os.link(tmp, path)  # whole or not at all; a concurrent first job's file, when it won, is kept
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
 
 
 def migrated_template() -> Path:

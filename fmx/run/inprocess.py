@@ -11,10 +11,11 @@ Several DagRuns can be driven at once (`start` + `step`): one loop schedules the
 workers' futures (no polling), so that one run's ready tasks fill the workers another run leaves idle.
 
 Workers are forked from a forkserver (not from this process: it holds SQLite connections and threads) that
-imported the stage modules and Airflow's task runner once and served the in-process Execution API's first
-request (fmx.run.preloaded): each worker starts with them, so a task's first import of torch/polars/mlflow or
-first Execution API call does not land on the critical path, and two workers do not pay the same ~10 s of
-CPU each at the start of the job. `fmx run` starts the forkserver during its set-up (`start_forkserver`).
+imported Airflow's task runner and what a day's first tasks need once, configured the ORM and served the
+in-process Execution API's first request (fmx.run.preloaded): each worker starts with them, so a task's first
+Execution API call does not land on the critical path, and two workers do not pay the same ~6 s of CPU each
+at the start of the job. Torch, MLflow and the other stage modules (~2.6 s) are imported by each worker in a
+background thread while the day's first tasks (plan, ingest) run, not before the first worker starts. `fmx run` starts the forkserver during its set-up (`start_forkserver`).
 Each worker parses the DAG folder once and serves all its tasks with one Execution API client
 (`worker_client`) instead of a new app per task. A worker's SIGTERM goes
 back to the default after each task (the task runner points it at the task's on_kill), so `close` ends
@@ -288,10 +289,14 @@ _CLIENT: Any = None  # worker_client(), built by _init_worker
 
 def _init_worker(dags_folder: str, retries: bool) -> None:
     """Parse the DAG folder once (task objects run here), build this worker's Execution API client and
-    send its first DB-reading request; the imports came with the fork (fmx.run.preloaded)."""
+    send its first DB-reading request; what a day's first tasks import came with the fork
+    (fmx.run.preloaded), the other stage modules are imported by a background thread meanwhile."""
     from airflow.dag_processing.dagbag import DagBag
 
+    from fmx.run.preload import preload
+
     global _CLIENT
+    threading.Thread(target=preload, daemon=True, name="fmx-preload").start()
     bag = DagBag(dag_folder=dags_folder)
     for dag in bag.dags.values():
         if not retries:

@@ -63,6 +63,10 @@ class _Active:
     limit: int  # task instances of this run in flight at most
     pattern: re.Pattern[str] | None  # task ids marked success instead of run
     running: dict[tuple[str, int], Future] = field(default_factory=dict)
+    # Whether its dependencies must be evaluated again at the next step: a task of it ended, it was just
+    # started, or it had ready task instances no worker was free for. While its tasks run and none ended,
+    # nothing can make more of its tasks ready, and update_state (~50 ms a run) is not called.
+    stale: bool = True
 
 
 class DagRunner:
@@ -170,22 +174,28 @@ class DagRunner:
         from airflow.utils.state import DagRunState, TaskInstanceState
 
         ended: list[_Active] = []
-        ready_any = False
+        ready_any = marked = False
         with create_session() as session:
             for active in list(self._active):
+                if active.running and not active.stale:
+                    continue
+                active.stale = False
                 run = self._get_run(active, session)
                 ready = self._schedule(run, session, exclude=active.running)
                 ready_any = ready_any or bool(ready)
                 for ti in ready:
                     if active.pattern is not None and active.pattern.fullmatch(ti.task_id):
                         ti.state = TaskInstanceState.SUCCESS
+                        active.stale = marked = True  # its downstream tasks (or its end) follow at once
                     elif len(active.running) < active.limit and self._in_flight() < self.workers:
                         active.running[(ti.task_id, ti.map_index)] = self._dispatch(ti, session)
+                    else:
+                        active.stale = True  # ready, waiting for a worker
                 session.commit()
                 if run.state != DagRunState.RUNNING and not active.running:
                     self._active.remove(active)
                     ended.append(active)
-            if not ended:
+            if not ended and not marked:
                 self._wait(session, idle=not ready_any)
             return [self._get_run(active, session) for active in ended]  # read after every other run's expiry
 
@@ -256,6 +266,7 @@ class DagRunner:
         for future in done:
             active, key = futures[future]
             del active.running[key]
+            active.stale = True
             if future.exception() is not None:
                 _fail(session, active, *key, future.exception())
 

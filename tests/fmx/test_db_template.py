@@ -40,3 +40,20 @@ def test_template_lives_in_the_cache_named_by_airflow_version(monkeypatch: pytes
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = airflow_setup.migrated_template()
     assert path.parent == tmp_path / "fmx" and path.name.startswith("airflow-3.") and path.suffix == ".db"
+
+
+def test_a_new_home_gets_a_private_config_with_both_secrets_and_an_existing_one_is_kept(tmp_path: Path) -> None:
+    import configparser
+
+    from cryptography.fernet import Fernet
+
+    cfg = tmp_path / "airflow.cfg"
+    airflow_setup.write_config(cfg)
+    assert cfg.stat().st_mode & 0o077 == 0 and not list(tmp_path.glob("*.tmp"))
+    parser = configparser.ConfigParser()
+    parser.read(cfg)
+    Fernet(parser["core"]["fernet_key"].encode())  # a valid key, or this raises
+    assert len(parser["api_auth"]["jwt_secret"]) >= 16
+    before = cfg.read_text()
+    airflow_setup.write_config(cfg)  # a second job on the same home: the secrets stay
+    assert cfg.read_text() == before

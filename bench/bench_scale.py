@@ -81,13 +81,13 @@ def _fm_cfg(lake_uri: str, **overrides: Any) -> Any:
 def copy_fm1(source_uri: str, lake_uri: str) -> None:
     """FM_1 of the lake at `source_uri` (final.pt and its versions.json entry) into the lake at `lake_uri`."""
     from features.lake import Lake
-    from fm import checkpoint
+    from fm import checkpoint, versions
 
     src, dst = Lake(source_uri), Lake(lake_uri)
     rel = checkpoint.relpath("small", DAY1.isoformat(), "final")
     dst.write_bytes(rel, src.read_bytes(rel))
-    entry = checkpoint.read_versions(src, "small")[DAY1.isoformat()]
-    checkpoint.record_version(dst, "small", DAY1.isoformat(), {**entry, "path": dst.path(rel)})
+    entry = versions.read_versions(src, "small")[DAY1.isoformat()]
+    versions.record_version(dst, "small", DAY1.isoformat(), {**entry, "path": dst.path(rel)})
 
 
 def run_stage(stage: str, lake_uri: str, n: int) -> dict[str, Any]:

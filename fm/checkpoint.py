@@ -1,9 +1,10 @@
-"""FM checkpoints and the versions index, stored through the Lake's filesystem (local, s3://, ...).
+"""FM checkpoints, stored through the Lake's filesystem (local, s3://, ...); the versions index beside them
+is read and written by fm.versions.
 
 Layout under the lake root (all writes atomic: temporary file, then rename — `Lake.write_bytes`):
   models/fm/<preset>/ds=<ds>/progress.pt   mid-window state (model, optimizers, step, RNG); removed at the end
   models/fm/<preset>/ds=<ds>/final.pt      the FM trained through window ds (the next window warm-starts here)
-  models/fm/<preset>/versions.json         {ds: {"fm_version", "parent", "path", "steps"}}
+  models/fm/<preset>/versions.json         {ds: {"fm_version", "parent", "path", "steps"}} (fm.versions)
 
 A checkpoint is a dict (torch.save): cfg (FMConfig.to_dict()), model (FMBundle state_dict), opt_fm, opt_ae,
 step, n_steps, ds, window_days, parent (fm_version warm-started from, or None), rng (torch CPU state),
@@ -23,7 +24,7 @@ from torch import nn
 from features.fm_version import format_fm_version
 from features.lake import CorruptFile, Lake
 from fm.model import ARCH
-from fm.versions import ROOT, read_versions, record_version, versions_path  # noqa: F401  (the index, torch-free)
+from fm.versions import ROOT
 
 
 def relpath(preset: str, ds: str, kind: str) -> str:

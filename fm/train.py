@@ -53,7 +53,7 @@ from common.threads import torch_threads
 from features.lake import Lake
 from features.schemas import EVENTS
 from features.windows import Window
-from fm import checkpoint, stream
+from fm import checkpoint, stream, versions
 from fm.config import FMConfig, lake_config
 from fm.data import WindowData, load_window, surface_ctr
 from fm.model import FMBundle, ae_loss, fm_loss
@@ -325,8 +325,8 @@ def _run_training(cfg: FMConfig, window: Window, lake: Lake, cold_start: bool, d
     if d.rank == 0:
         final |= {"fm_version": version, "trained_through": window.ds, **batches.rates()}
         path = checkpoint.save(lake, cfg.preset, window.ds, "final", final)
-        checkpoint.record_version(lake, cfg.preset, window.ds,
-                                  {"fm_version": version, "parent": parent_version, "path": path, "steps": n_steps})
+        versions.record_version(lake, cfg.preset, window.ds,
+                                {"fm_version": version, "parent": parent_version, "path": path, "steps": n_steps})
         checkpoint.remove(lake, cfg.preset, window.ds, "progress")
     if d.world > 1:
         dist.barrier()

@@ -21,7 +21,7 @@ def _lake(lake_uri: str, monkeypatch: pytest.MonkeyPatch, windows: list[str], da
 
 def _train(lake_uri: str, ds: str, preset: str = "small") -> None:
     from features.lake import Lake
-    from fm.checkpoint import record_version
+    from fm.versions import record_version
 
     record_version(Lake(lake_uri), preset, ds, {"fm_version": f"{preset}-{ds}-abc", "parent": None})
 

@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from features.lake import Lake
-from fm import checkpoint, launch
+from fm import checkpoint, launch, versions
 from fmx import servers
 from fmx.cli import cli
 from fmx.servers import free_port
@@ -101,7 +101,7 @@ def test_day_on_celery_workers_with_two_torchrun_nodes_and_an_s3_lake(
         assert (tags["nproc"], tags["ddp_world_size"], tags["ddp_nodes"]) == ("2", "2", "2"), tags
         lake = Lake(s3_lake)
         assert not lake.is_local
-        version = checkpoint.read_versions(lake, "small")[day]["fm_version"]
+        version = versions.read_versions(lake, "small")[day]["fm_version"]
         assert version == tags["fm_version"] and version.startswith(f"small-{day}-")
         state = checkpoint.load(lake, "small", day, "final")
         assert state["model"], "empty FM checkpoint"

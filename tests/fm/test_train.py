@@ -13,7 +13,7 @@ import torch
 
 from common.ema import serving_weights
 from features.lake import Lake
-from fm import checkpoint
+from fm import checkpoint, versions
 from fm.data import load_window
 from fm.model import FMBundle
 from fm.train import run_training, train_fm
@@ -37,9 +37,9 @@ def test_warm_start_and_version_chain(lake_uri: str) -> None:
     assert frozen.fm_version.split("-")[-1] == v1.split("-")[-1]  # same weights, same hash
     v2 = train_fm(cfg, w2, lake)
     v3 = train_fm(cfg, w3, lake)
-    versions = checkpoint.read_versions(lake, "small")
-    assert [versions[w.ds]["parent"] for w in (w1, w2, w3)] == [None, v1, v2]
-    assert versions[w3.ds]["fm_version"] == v3
+    index = versions.read_versions(lake, "small")
+    assert [index[w.ds]["parent"] for w in (w1, w2, w3)] == [None, v1, v2]
+    assert index[w3.ds]["fm_version"] == v3
     assert not lake.file_exists(checkpoint.relpath("small", w3.ds, "progress"))
     assert train_fm(cfg, w3, lake) == v3  # deterministic re-run
 

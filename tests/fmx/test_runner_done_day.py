@@ -51,7 +51,7 @@ def test_a_done_day_trains_no_experts(tmp_path: Path) -> None:
     """Through Airflow: fmx_fm's plan finds the day's FM checkpoint, so nothing is ingested or trained,
     and the runner starts no fmx_experts run for that day (it would retrain every expert)."""
     from features.lake import Lake
-    from fm.checkpoint import record_version
+    from fm.versions import record_version
 
     lake = Lake(str(tmp_path / "lake"))
     record_version(lake, "small", "2026-01-02", {"fm_version": "small-2026-01-02-abc", "parent": None})

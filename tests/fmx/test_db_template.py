@@ -57,3 +57,42 @@ def test_a_new_home_gets_a_private_config_with_both_secrets_and_an_existing_one_
     before = cfg.read_text()
     airflow_setup.write_config(cfg)  # a second job on the same home: the secrets stay
     assert cfg.read_text() == before
+
+
+CONFIGURE = """
+import sys
+from pathlib import Path
+from fmx.run import airflow_setup
+airflow_setup.configure_airflow(Path(sys.argv[1]))
+print("migrated" if "alembic.command" in sys.modules else "not migrated")  # upgradedb runs alembic's command
+"""
+
+
+def test_a_db_this_airflow_brought_to_head_is_not_migrated_again(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def configure(home: Path) -> str:
+        out = subprocess.run([sys.executable, "-c", CONFIGURE, str(home)],
+                             capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    version = airflow_setup.airflow_version()
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert configure(first) == "migrated"  # no template yet: migrated from scratch, the template saved
+    mark = first / "airflow" / airflow_setup.MIGRATED_MARK
+    assert mark.read_text() == version
+    assert configure(second) == "not migrated"  # a copy of the template: at head by construction
+    assert (second / "airflow" / airflow_setup.MIGRATED_MARK).read_text() == version
+    assert configure(first) == "not migrated"  # a second job on the same home
+    mark.write_text("2.10.0")  # brought to head by another Airflow: this one migrates it
+    assert configure(first) == "migrated" and mark.read_text() == version
+    (first / "airflow" / "airflow.db").unlink()  # a new DB in an old home: its old mark does not count
+    (first / "airflow" / "airflow.db-wal").unlink(missing_ok=True)
+    assert configure(first) == "not migrated"  # copied from the template again
+    with sqlite3.connect(first / "airflow" / "airflow.db") as conn:
+        assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)

@@ -304,13 +304,13 @@ _CLIENT: Any = None  # worker_client(), built by _init_worker
 def _init_worker(dags_folder: str, retries: bool) -> None:
     """Parse the DAG folder once (task objects run here), build this worker's Execution API client and
     send its first DB-reading request; what a day's first tasks import came with the fork
-    (fmx.run.preloaded), the other stage modules are imported by a background thread meanwhile."""
+    (fmx.run.preloaded). Then a background thread imports the other stage modules while the first tasks run
+    (started last: its imports hold the GIL, which made this set-up 0.07 -> 0.8 s, measured)."""
     from airflow.dag_processing.dagbag import DagBag
 
     from fmx.run.preload import preload
 
     global _CLIENT
-    threading.Thread(target=preload, daemon=True, name="fmx-preload").start()
     bag = DagBag(dag_folder=dags_folder)
     for dag in bag.dags.values():
         if not retries:
@@ -322,6 +322,7 @@ def _init_worker(dags_folder: str, retries: bool) -> None:
         _CLIENT.task_instances.get_count(dag_id=next(iter(_DAGS), "fmx"))
     except Exception:  # noqa: BLE001 - a warm-up only: the task's own requests raise what is wrong
         pass
+    threading.Thread(target=preload, daemon=True, name="fmx-preload").start()  # after: it holds the GIL
 
 
 def worker_client() -> Any:

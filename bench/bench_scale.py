@@ -8,7 +8,9 @@ size only; the other sizes get a copy of it (`fm_copy1`): day 2's stages warm-st
 of the same preset and shape either way, so they do the same work, and the setup at 10M saves a cold-start
 training of ~20 minutes. Each stage then runs on day 2
 in its own subprocess (this script with --child), which reports its peak RSS (getrusage(RUSAGE_SELF)
-.ru_maxrss: the whole process, imports included) and its wall time:
+.ru_maxrss: the whole process, imports included) and its wall time, from after the imports a worker of the
+product has preloaded (fmx.run.preload; ~3 s a new interpreter pays once, not per event), with the size's MLflow
+store created beforehand (setup: a job's store exists before its tasks):
 
   generate   features.generate.generate_window(day 2) (setup; not a target of the issue)
   ingest     features.stage.ingest(day 2, source=lake): validation, user_history, counter_state
@@ -16,7 +18,7 @@ in its own subprocess (this script with --child), which reports its peak RSS (ge
   fm_train   fm.train.run_training(day 2), the configured (streaming) path; examples/s of the training loop
   fm_train_mem  the same on the in-memory path (FMConfig.stream=False), at 1M only: the ratio's baseline
   examples   features.expert_examples.build_expert_examples(day 2, feed)
-  expert     experts.stage.expert_train(day 2, feed, base) (MLflow in a temporary sqlite store)
+  expert     experts.stage.expert_train(day 2, feed, base) (MLflow in the size's sqlite store in --workdir)
 
 `--keep` keeps each size's lake in --workdir; `--reuse --stages a,b` reruns only those stages on a kept lake.
 
@@ -120,6 +122,11 @@ def run_stage(stage: str, lake_uri: str, n: int) -> dict[str, Any]:
 
         build_expert_examples(lake, lake.window(ds), "feed", "small")
         return {}
+    if stage == "tracking":  # setup: the MLflow store exists before a job (creating one is a migration)
+        from common.tracking import setup
+
+        setup()
+        return {}
     if stage == "expert":
         from experts.stage import expert_train
 
@@ -129,6 +136,12 @@ def run_stage(stage: str, lake_uri: str, n: int) -> dict[str, Any]:
 
 
 def child(stage: str, lake_uri: str, n: int) -> None:
+    """One stage in this process, timed from after the imports a worker of `fmx run` or `fmx up` has before its
+    task starts (fmx.run.preload: torch, MLflow, polars and the stage modules, ~3 s in a new interpreter): a
+    fixed cost per process, not per event. Peak RSS is the whole process's, imports included."""
+    from fmx.run.preload import preload
+
+    preload()
     t0, c0 = time.perf_counter(), time.process_time()
     extra = run_stage(stage, lake_uri, n)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -158,7 +171,7 @@ def run_size(n: int, workdir: Path, with_mem: bool) -> list[dict[str, Any]]:
         shutil.rmtree(lake_uri, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / f'mlflow-{n}.db'}", "FMX_HOME": str(workdir / "home")}
-    for setup in () if reuse else ("generate1", "ingest1"):
+    for setup in ("tracking",) if reuse else ("generate1", "ingest1", "tracking"):
         got = spawn(setup, lake_uri, n, env)
         if "error" in got:
             return [{"size": n, **got}]

@@ -14,9 +14,10 @@ Workers are forked from a forkserver (not from this process: it holds SQLite con
 imported Airflow's task runner and what a day's first tasks need once, configured the ORM and served the
 in-process Execution API's first request (fmx.run.preloaded, which serves the API's head router without
 Cadwyn's per-version routers): each worker starts with them, so a task's first Execution API call does not
-land on the critical path, and two workers do not pay the same seconds of CPU each at the start of the job. Torch, MLflow and the other stage modules (~2.6 s) are imported by each worker in a
-background thread while the day's first tasks (plan, ingest) run, instead of before the first worker starts:
-those two tasks run slower for it (the imports hold the GIL; day 1's plan 0.1 -> 0.7 s, ingest 0.7 -> ~2 s,
+land on the critical path, and two workers do not pay the same seconds of CPU each at the start of the job.
+Torch, MLflow and the other stage modules (~2.6 s) are imported by each worker in a background thread while
+the day's first tasks (plan, ingest) run, instead of before the first worker starts: those two tasks run slower
+for it (the imports hold the GIL; day 1's plan 0.1 -> 0.7 s, ingest 0.7 -> ~2 s,
 measured), and the job's first ingest still starts ~4 s sooner (11.7 -> 7.0 s after the job's start, one quiet
 run each, with the other cuts of that change). `fmx run` starts the forkserver during its set-up
 (`start_forkserver`). Each worker parses the DAG folder once and serves all its tasks with one Execution API client

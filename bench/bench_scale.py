@@ -20,6 +20,12 @@ STAGE_IMPORTS), with the size's MLflow store created beforehand (setup: a job's 
   examples   features.expert_examples.build_expert_examples(day 2, feed)
   expert     experts.stage.expert_train(day 2, feed, base) (MLflow in the size's sqlite store in --workdir)
 
+A stage whose run took under REPEAT_UNDER_S (60 s) runs REPEATS (3) times in fresh processes, and its row gives
+the median wall and CPU seconds (marked "x3"; peak RSS: the largest): one run of ~30 s on this shared 2-core
+machine varied by up to 25% (the expert at 1M: 28.5-37 s over five runs), more than the 20% band the
+per-event verdict tests, while a 10M run averages that noise over minutes. fm_train never repeats (a second run
+on the same day resumes from its checkpoint), nor generate (setup).
+
 `--keep` keeps each size's lake in --workdir; `--reuse --stages a,b` reruns only those stages on a kept lake.
 
 Prints one table row per (size, stage): peak RSS MB, wall s, CPU s (user + system: the figure a shared,
@@ -35,6 +41,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,8 +51,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from fmx.run.preload import TRAINING_MODULES
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("generate", "ingest", "fm_export", "fm_train", "fm_train_mem", "examples", "expert")
+REPEATABLE = ("ingest", "fm_export", "examples", "expert")  # a re-run on day 2 redoes the same work
+REPEATS, REPEAT_UNDER_S = 3, 60.0
 DAY1, DAY2 = date(2026, 1, 1), date(2026, 1, 2)
 
 
@@ -139,9 +150,9 @@ def run_stage(stage: str, lake_uri: str, n: int) -> dict[str, Any]:
 # task (fmx.run.preload; the MLflow store's module after its first tracked task), ~1-4 s in a new interpreter,
 # a cost per process, not per event. Only the stage's own: peak RSS stays that of what the stage needs.
 STAGE_IMPORTS = {
-    "ingest": ("features.stage",), "fm_export": ("fm.export",), "fm_train": ("fm.train",),
-    "fm_train_mem": ("fm.train",), "examples": ("features.expert_examples",),
-    "expert": ("experts.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store"),
+    "ingest": ("features.stage",), "fm_export": ("fm.export",), "fm_train": ("fm.train", *TRAINING_MODULES),
+    "fm_train_mem": ("fm.train", *TRAINING_MODULES), "examples": ("features.expert_examples",),
+    "expert": ("experts.stage", "mlflow", "mlflow.store.tracking.sqlalchemy_store", *TRAINING_MODULES),
 }
 
 
@@ -172,6 +183,19 @@ def spawn(stage: str, lake_uri: str, n: int, env: dict[str, str]) -> dict[str, A
     return json.loads(lines[-1][len("BENCH "):])
 
 
+def measure(stage: str, lake_uri: str, n: int, env: dict[str, str]) -> dict[str, Any]:
+    """One stage's figures: its run, or the median of REPEATS runs when it is short (module docstring)."""
+    got = spawn(stage, lake_uri, n, env)
+    if "error" in got or stage not in REPEATABLE or got["seconds"] >= REPEAT_UNDER_S:
+        return got
+    runs = [got] + [spawn(stage, lake_uri, n, env) for _ in range(REPEATS - 1)]
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {**got, "runs": len(runs), "rss_mb": max(r["rss_mb"] for r in runs),
+            **{k: statistics.median(r[k] for r in runs) for k in ("seconds", "cpu_s")}}
+
+
 def run_size(n: int, workdir: Path, with_mem: bool) -> list[dict[str, Any]]:
     lake_uri = str(workdir / f"lake-{n}")
     fm1_lake = workdir / "fm1-lake"  # FM_1 of the first size (see module docstring)
@@ -199,7 +223,7 @@ def run_size(n: int, workdir: Path, with_mem: bool) -> list[dict[str, Any]]:
             continue
         if reuse and stage in ("generate", "ingest"):
             continue
-        got = spawn(stage, lake_uri, n, env)
+        got = measure(stage, lake_uri, n, env)
         rows.append({"size": n, **got})
         print(fmt_row(rows[-1]), flush=True)
     if not ARGS.keep:
@@ -209,14 +233,15 @@ def run_size(n: int, workdir: Path, with_mem: bool) -> list[dict[str, Any]]:
 
 def fmt_row(r: dict[str, Any]) -> str:
     if "error" in r:
-        return f"| {r['size']:>10,} | {r['stage']:<12} | failed: {r['error'][:90]} |"
+        return f"| {r['size']:>10,} | {r['stage']:<14} | failed: {r['error'][:90]} |"
     eps = f"{r['examples_per_s']:,.0f}" if "examples_per_s" in r else ""
-    return (f"| {r['size']:>10,} | {r['stage']:<12} | {r['rss_mb']:>8,.0f} | {r['seconds']:>8.1f} | "
+    stage = r["stage"] + (f" x{r['runs']}" if r.get("runs") else "")
+    return (f"| {r['size']:>10,} | {stage:<14} | {r['rss_mb']:>8,.0f} | {r['seconds']:>8.1f} | "
             f"{r.get('cpu_s', float('nan')):>8.1f} | {r['size'] / max(r['seconds'], 1e-9):>10,.0f} | {eps:>10} |")
 
 
-HEADER = ("| events/day | stage        | peak RSS MB |   wall s |    CPU s |   events/s | train ex/s |\n"
-          "|-----------:|--------------|---------:|---------:|---------:|-----------:|-----------:|")
+HEADER = ("| events/day | stage          | peak RSS MB |   wall s |    CPU s |   events/s | train ex/s |\n"
+          "|-----------:|----------------|---------:|---------:|---------:|-----------:|-----------:|")
 
 
 def targets(rows: list[dict[str, Any]]) -> list[str]:

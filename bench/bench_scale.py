@@ -23,8 +23,8 @@ STAGE_IMPORTS), with the size's MLflow store created beforehand (setup: a job's 
 A stage whose run took under REPEAT_UNDER_S (60 s) runs REPEATS (3) times in fresh processes, and its row gives
 the median wall and CPU seconds (marked "x3"; peak RSS: the largest): one run of ~30 s on this shared 2-core
 machine varied by 16% (the expert at 1M: 28.5-33.2 s over five runs), near the 20% band the per-event verdict
-tests, while a 10M run averages that noise over minutes. fm_train never repeats (a second run
-on the same day resumes from its checkpoint), nor generate (setup).
+tests, while a 10M run averages that noise over minutes. Neither generate (setup) nor fm_train repeats: fm_train
+runs for minutes from 1M up, and a repeat at 0.1M would only lengthen a figure no per-event verdict reads.
 
 `--keep` keeps each size's lake in --workdir; `--reuse --stages a,b` reruns only those stages on a kept lake.
 

@@ -2,14 +2,17 @@
 
 - `ExpertData`: rows as tensors (a read chunk, a shuffle buffer, or a whole small partition).
 - `ExpertSource` (issue 12: windows larger than memory): one partition (one day, one surface) read with
-  pyarrow in record batches of `read_rows` rows, never whole. Construction makes one pass over the label,
-  fm_version, fm_tae and loop_hist_repr columns only, for the per-row labels (N,) float32, the FM versions and
-  the per-partition standardisation (`Standardization`); `chunks` then yields ExpertData in file order (or by
-  Parquet row group, the shuffle unit of experts.stream). A partition of at most `buffer_rows` rows gets
-  exactly `standardize`'s float32 statistics and is read from Parquet by each pass (its callers read it once,
-  whole: experts.stream.fitting); a larger one gets float64 accumulations over the batches (equal up to float32
-  rounding, about 1e-7 relative) and is converted once more, into a tensor cache on local disk (`_TensorCache`,
-  ~3 KB a row) that every later pass reads.
+  pyarrow in record batches of `read_rows` rows, never whole. Construction makes one pass for the per-row
+  labels (N,) float32, the FM versions and the per-partition standardisation (`Standardization`); `chunks`
+  then yields ExpertData in file order (or by Parquet row group, the shuffle unit of experts.stream).
+  - A partition of at most `buffer_rows` rows: that pass reads the label, fm_version, fm_tae and
+    loop_hist_repr columns only, for exactly `standardize`'s float32 statistics, and each later pass reads
+    Parquet (its callers read it once, whole: experts.stream.fitting).
+  - A larger one: that pass converts every row into a tensor cache on local disk (`_TensorCache`, ~3 KB a
+    row, unstandardised) and accumulates float64 statistics over the batches on the way (equal up to float32
+    rounding, about 1e-7 relative); every later pass reads the cache and standardises each chunk as it is
+    read. One Parquet decode of the nested history column instead of two: measured on the 1M events/day
+    bench lake, the separate statistics pass was 8.8 s of the expert stage's 34 s.
 - `load_examples`: a whole partition in one read (the in-memory reference: tests, benches).
 - `examples_for`: the ExpertSource a stage reads for its window; it never builds the partition (the
   expert_examples stage is the table's only writer) and says which command does when it is missing.
@@ -67,6 +70,11 @@ class ExpertData:
         """The rows `idx` (a copy), labels included."""
         return ExpertData(self.batch(idx), self.label[idx], self.fm_versions)
 
+    def span(self, start: int, stop: int) -> ExpertData:
+        """Rows [start, stop) as views of these tensors (no copy)."""
+        return ExpertData({k: v[start:stop] for k, v in self.tensors.items()}, self.label[start:stop],
+                          self.fm_versions)
+
 
 def concat(parts: Iterable[ExpertData], rows: int) -> ExpertData:
     """The first `rows` rows of `parts`, copied into tensors allocated once (no second copy of the list)."""
@@ -104,7 +112,7 @@ def _entries(arr: pa.Array, length: int, width: int | None) -> tuple[np.ndarray,
     inner = arr.flatten()
     if not len(rows):
         return rows, slots, np.zeros((0,) if width is None else (0, width), np.float32)
-    values = (inner if width is None else inner.flatten()).to_numpy(zero_copy_only=False).astype(np.float32)
+    values = (inner if width is None else inner.flatten()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     values = values if width is None else values.reshape(len(inner), width)
     offsets = arr.offsets.to_numpy()
     starts = offsets[:-1] - offsets[0] + (full - lengths)  # flatten() starts at the first offset
@@ -132,7 +140,9 @@ class Moments:
     std: np.ndarray
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float32)
+        out = x - self.mean  # float32 throughout: (N, W) and (1, W) float32
+        out /= self.std
+        return out
 
 
 def moments(x: np.ndarray) -> Moments:
@@ -174,9 +184,9 @@ class _Accumulator:
         if self.exact or not len(x):
             self.parts += [x] if len(x) else []
             return
-        x64 = x.astype(np.float64)
-        n, mean = len(x64), x64.mean(axis=0)
-        m2 = ((x64 - mean) ** 2).sum(axis=0)
+        n, mean = len(x), x.mean(axis=0, dtype=np.float64)  # float64 sums without a float64 copy of x
+        dev = x - mean.astype(np.float32)
+        m2 = np.square(dev, out=dev).sum(axis=0, dtype=np.float64)
         total = self.n + n
         delta = mean - self.mean if self.n else np.zeros_like(mean)
         self.mean = mean if not self.n else self.mean + delta * n / total
@@ -195,28 +205,45 @@ class _Accumulator:
 def to_tensors(table: pa.Table, history_length: int, stats: Standardization | None = None) -> ExpertData:
     """An EXPERT_EXAMPLES table -> ExpertData, standardised with `stats` (default: this table's own, i.e.
     `standardize` over its rows). Fails on an empty table."""
+    data = _raw_tensors(table, history_length)
+    if stats is None:
+        hist = data.tensors["loop_repr"][data.tensors["loop_mask"]].numpy()
+        stats = Standardization(moments(data.tensors["tae"].numpy()), moments(hist) if len(hist) else None)
+    return _standardized(data, stats)
+
+
+def _raw_tensors(table: pa.Table, history_length: int) -> ExpertData:
+    """`to_tensors` without the standardisation: tae and the history entries as the table holds them."""
     if table.num_rows == 0:
         raise ValueError("expert_examples partition has no rows")
     cats = np.stack([table[c].to_numpy().astype(np.int64) for c in OWN_FEATURES], axis=1)  # (N, F)
-    tae = _vectors(table["fm_tae"])
     width = table["loop_hist_repr"].type.value_type.list_size
     hist, mask = _history(table["loop_hist_repr"], history_length, width)
-    stats = stats or Standardization(moments(tae), moments(hist[mask]) if mask.any() else None)
-    if mask.any() and stats.hist is not None:  # the real entries only; padding stays 0 (and masked)
-        hist[mask] = stats.hist.apply(hist[mask])
     clicks, _ = _history(table["loop_hist_click"], history_length, None)  # aligned with hist's slots
     tensors = {
         "cats": torch.from_numpy(cats),
         "loop_repr": torch.from_numpy(hist),
         "loop_mask": torch.from_numpy(mask),
         "loop_click": torch.from_numpy(clicks),
-        "tae": torch.from_numpy(stats.tae.apply(tae)),
+        "tae": torch.from_numpy(_vectors(table["fm_tae"])),
         "fm_logit": torch.from_numpy(table["fm_logit_click"].to_numpy().astype(np.float32)),
         "counters": torch.from_numpy(_vectors(table["counters"])),
     }
     label = torch.from_numpy(table[CLICK].to_numpy().astype(np.float32))
     versions = sorted(pc.unique(table[FM_VERSION]).to_pylist())
     return ExpertData(tensors, label, versions)
+
+
+def _standardized(data: ExpertData, stats: Standardization) -> ExpertData:
+    """`data` (raw, as `_raw_tensors` gives it) with tae and the real history entries standardised with
+    `stats` in place (the float32 arithmetic of `Moments.apply`, without allocating); padding stays 0."""
+    t = data.tensors
+    t["tae"].sub_(torch.from_numpy(stats.tae.mean)).div_(torch.from_numpy(stats.tae.std))
+    if stats.hist is not None:
+        hist = t["loop_repr"]
+        hist.sub_(torch.from_numpy(stats.hist.mean)).div_(torch.from_numpy(stats.hist.std))
+        hist.masked_fill_(~t["loop_mask"].unsqueeze(-1), 0.0)
+    return data
 
 
 class ExpertSource:
@@ -238,10 +265,11 @@ class ExpertSource:
             self.tae_dim = int(meta.schema_arrow.field("fm_tae").type.list_size)
         if not len(self):
             raise ValueError("expert_examples partition has no rows")
-        self.label, self.fm_versions, self.stats = self._scan()
         self.cache: _TensorCache | None = None
-        if len(self) > buffer_rows:  # read more than once (eval, training, serving logits): convert once
-            self.cache = _TensorCache.write(self._converted(range(len(self.group_rows))), len(self.group_rows))
+        if len(self) <= buffer_rows:
+            self.label, self.fm_versions, self.stats = self._scan()
+        else:  # read more than once (eval, training, serving logits): convert once, in the statistics' pass
+            self.cache, self.label, self.fm_versions, self.stats = self._convert_once()
 
     def __len__(self) -> int:
         return sum(self.group_rows)
@@ -259,43 +287,64 @@ class ExpertSource:
                     yield pa.Table.from_batches([batch])
 
     def _scan(self) -> tuple[torch.Tensor, list[str], Standardization]:
-        """The first, cheap pass: labels (N,), FM versions, standardisation (module docstring)."""
-        exact = len(self) <= self.buffer_rows
-        tae, hist = _Accumulator(exact), _Accumulator(exact)
+        """A partition within the buffer: one pass over the few columns of its labels (N,), FM versions and
+        exact standardisation (module docstring)."""
+        tae, hist = _Accumulator(exact=True), _Accumulator(exact=True)
         labels, versions = [], set[str]()
         for table in self._tables(STATS_COLUMNS):
             labels.append(table[CLICK].to_numpy().astype(np.float32))
             versions |= set(pc.unique(table[FM_VERSION]).to_pylist())
             tae.add(_vectors(table["fm_tae"]))
             hist.add(_entries(table["loop_hist_repr"].combine_chunks(), self.history_length, self.repr_dim)[2])
-        moments_tae = tae.result()
-        assert moments_tae is not None  # the partition has rows
-        return torch.from_numpy(np.concatenate(labels)), sorted(versions), Standardization(moments_tae, hist.result())
+        return torch.from_numpy(np.concatenate(labels)), sorted(versions), _standardization(tae, hist)
 
-    def _converted(self, groups: Iterable[int] | None) -> Iterator[tuple[int, ExpertData]]:
-        for g in range(len(self.group_rows)) if groups is None else groups:
-            for table in self._tables(TENSOR_COLUMNS, [g]):
-                yield g, to_tensors(table, self.history_length, self.stats)
+    def _convert_once(self) -> tuple[_TensorCache, torch.Tensor, list[str], Standardization]:
+        """A larger partition: one pass that converts every row group into the tensor cache, raw, and gathers
+        the labels (N,), FM versions and float64 standardisation on the way (module docstring)."""
+        tae, hist = _Accumulator(exact=False), _Accumulator(exact=False)
+        labels, versions = [], set[str]()
+
+        def raw() -> Iterator[tuple[int, ExpertData]]:
+            for g in range(len(self.group_rows)):
+                for table in self._tables(TENSOR_COLUMNS, [g]):
+                    chunk = _raw_tensors(table, self.history_length)
+                    labels.append(chunk.label)
+                    versions.update(chunk.fm_versions)
+                    tae.add(chunk.tensors["tae"].numpy())
+                    hist.add(chunk.tensors["loop_repr"][chunk.tensors["loop_mask"]].numpy())
+                    yield g, chunk
+
+        cache = _TensorCache.write(raw(), len(self.group_rows))
+        return cache, torch.cat(labels), sorted(versions), _standardization(tae, hist)
+
 
     def chunks(self, groups: Iterable[int] | None = None) -> Iterator[ExpertData]:
         """ExpertData of at most read_rows rows, standardised with the partition's statistics: of `groups` in
         that order (default: every row, in file order), from the tensor cache when there is one."""
         if self.cache is not None:
-            yield from self.cache.read(range(len(self.group_rows)) if groups is None else groups, self.fm_versions)
+            for raw in self.cache.read(range(len(self.group_rows)) if groups is None else groups, self.fm_versions):
+                yield _standardized(raw, self.stats)
             return
-        for _, chunk in self._converted(groups):
-            yield chunk
+        for table in self._tables(TENSOR_COLUMNS, groups):
+            yield to_tensors(table, self.history_length, self.stats)
 
     def whole(self) -> ExpertData:
         """Every row in file order, as one ExpertData (callers keep this to partitions they may hold)."""
         return concat(self.chunks(), len(self))
 
 
+def _standardization(tae: _Accumulator, hist: _Accumulator) -> Standardization:
+    moments_tae = tae.result()
+    assert moments_tae is not None  # the partition has rows
+    return Standardization(moments_tae, hist.result())
+
+
 class _TensorCache:
-    """A partition's ExpertData chunks, converted once, in an uncompressed Arrow IPC file in a temporary folder
-    (removed with the object): later passes read tensors instead of decoding Parquet again (the nested history
-    column's decode and conversion cost ~20 us a row a pass, more than a training step's share; as fm.stream's
-    example cache). One record batch per chunk; `batches[g]`: the batches of row group g."""
+    """A partition's raw ExpertData chunks (`_raw_tensors`; standardised as they are read), converted once, in
+    an uncompressed Arrow IPC file in a temporary folder (removed with the object): later passes read tensors
+    instead of decoding Parquet again (the nested history column's decode and conversion cost ~20 us a row a
+    pass, more than a training step's share; as fm.stream's example cache). One record batch per chunk;
+    `batches[g]`: the batches of row group g."""
 
     def __init__(self, path: str, batches: list[list[int]], shapes: dict[str, tuple[int, ...]]) -> None:
         self.path, self.batches, self.shapes = path, batches, shapes

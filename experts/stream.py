@@ -60,7 +60,7 @@ def shuffled_batches(rows: Rows, gen: torch.Generator, batch_size: int, buffer_r
         at = 0
         while at < len(chunk):
             take = min(buffer_rows - held, len(chunk) - at)
-            part = chunk.rows(torch.arange(at, at + take))
+            part = chunk.span(at, at + take)
             buffer = _put(buffer, part, held, buffer_rows)
             held, at = held + take, at + take
             if held == buffer_rows:

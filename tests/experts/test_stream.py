@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experts.config import ExpertConfig
-from experts.data import ExpertSource, concat, load_examples, standardize
+from experts.data import ExpertSource, concat, load_examples, standardize, to_tensors
 from experts.evaluate import fm_probs, predict
 from experts.promotion import score
 from experts.stream import fitting, serving_logits, shuffled_batches
@@ -54,6 +54,10 @@ def test_streamed_standardisation_equals_the_whole_partitions(lake_days: tuple[L
     for key in ("cats", "loop_mask", "loop_click", "fm_logit", "counters"):
         assert torch.equal(streamed.tensors[key], whole.tensors[key]), key
     assert torch.equal(tiny.label, whole.label) and tiny.fm_versions == whole.fm_versions
+    # the cache (raw tensors, standardised as they are read) round-trips exactly
+    table = lake.read("expert_examples", fm="small", ds=ws[1].ds, surface="feed")
+    direct = to_tensors(table, 20, tiny.stats)
+    assert all(torch.equal(streamed.tensors[k], direct.tensors[k]) for k in direct.tensors)
     raw = lake.read("expert_examples", columns=["fm_tae"], fm="small", ds=ws[1].ds, surface="feed")["fm_tae"]
     reference = standardize(np.stack(raw.to_numpy(zero_copy_only=False)).astype(np.float32))
     np.testing.assert_allclose(streamed.tensors["tae"].numpy(), reference, atol=1e-5, rtol=0)

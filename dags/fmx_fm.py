@@ -82,11 +82,12 @@ def fmx_fm() -> None:
     def per_fm_preset(day: dict, fm_preset: str) -> None:
         fm_train(day, fm_export(day, fm_preset), fm_preset)
 
-    @task(trigger_rule="none_failed", multiple_outputs=False)  # runs on a done day too, as an empty conf
-    def experts_conf(day: dict | None) -> dict:
+    @task(multiple_outputs=False)
+    def experts_conf(day: dict) -> dict:
         """Day D's fmx_experts conf: ingest's references (the same day, lake, surfaces it decided, variants,
-        FM presets, pipeline run). A done day skips ingest (day None) and trigger_experts: {}."""
-        return {k: day[k] for k in dagkit.RUN_KEYS} if day else {}
+        FM presets, pipeline run). A done day skips it with ingest: it would otherwise resolve the skipped
+        ingest's XCom, which the task SDK reports as an error line although the run is correct."""
+        return {k: day[k] for k in dagkit.RUN_KEYS}
 
     run = plan()
     day = ingest(run)

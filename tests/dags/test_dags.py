@@ -75,7 +75,7 @@ def test_fmx_fm_structure(dags: dict) -> None:
     assert up["fm_preset.fm_export"] >= {"ingest", "fm_presets"}
     assert "fm_preset.fm_export" in up["fm_preset.fm_train"]
     assert "fm_preset.fm_train" in up["experts_conf"] and up["trigger_experts"] == {"plan", "experts_conf"}
-    assert dag.task_dict["experts_conf"].trigger_rule == "none_failed"  # runs on a done day too (fmx run)
+    assert dag.task_dict["experts_conf"].trigger_rule == "all_success"  # skips with ingest on a done day
     assert (
         type(dag.task_group_dict["fm_preset"]).__name__ == "MappedTaskGroup"
     )  # one export->train per preset

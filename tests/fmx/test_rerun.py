@@ -66,7 +66,8 @@ print(json.dumps({"state": str(run.state), "tasks": {ti.task_id: str(ti.state) f
 
 
 def test_a_done_day_runs_no_task_but_plan(tmp_path: Path, lake_uri: str) -> None:
-    """Through Airflow (DAG.test): plan short-circuits; ingest, FM and trigger_experts skip; the run succeeds."""
+    """Through Airflow (DAG.test): plan short-circuits; ingest, FM, experts_conf and trigger_experts skip; the
+    run succeeds and logs no error line."""
     _train(lake_uri, "2026-01-02")
     env = {**os.environ, "FMX_AIRFLOW_LOG_LEVEL": "WARNING"}
     out = subprocess.run([sys.executable, "-c", DAG_TEST, str(tmp_path / "home"), lake_uri],

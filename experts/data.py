@@ -140,9 +140,13 @@ class Moments:
     std: np.ndarray
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        out = x - self.mean  # float32 throughout: (N, W) and (1, W) float32
-        out /= self.std
-        return out
+        return self.apply_(x.astype(np.float32))  # a copy
+
+    def apply_(self, x: np.ndarray) -> np.ndarray:
+        """`x` (..., W) float32 standardised in place (float32 throughout), returned."""
+        x -= self.mean
+        x /= self.std
+        return x
 
 
 def moments(x: np.ndarray) -> Moments:
@@ -236,13 +240,12 @@ def _raw_tensors(table: pa.Table, history_length: int) -> ExpertData:
 
 def _standardized(data: ExpertData, stats: Standardization) -> ExpertData:
     """`data` (raw, as `_raw_tensors` gives it) with tae and the real history entries standardised with
-    `stats` in place (the float32 arithmetic of `Moments.apply`, without allocating); padding stays 0."""
+    `stats` in place (`Moments.apply_` on the tensors' memory); padding stays 0."""
     t = data.tensors
-    t["tae"].sub_(torch.from_numpy(stats.tae.mean)).div_(torch.from_numpy(stats.tae.std))
+    stats.tae.apply_(t["tae"].numpy())
     if stats.hist is not None:
-        hist = t["loop_repr"]
-        hist.sub_(torch.from_numpy(stats.hist.mean)).div_(torch.from_numpy(stats.hist.std))
-        hist.masked_fill_(~t["loop_mask"].unsqueeze(-1), 0.0)
+        stats.hist.apply_(t["loop_repr"].numpy())
+        t["loop_repr"].masked_fill_(~t["loop_mask"].unsqueeze(-1), 0.0)
     return data
 
 
@@ -316,7 +319,6 @@ class ExpertSource:
 
         cache = _TensorCache.write(raw(), len(self.group_rows))
         return cache, torch.cat(labels), sorted(versions), _standardization(tae, hist)
-
 
     def chunks(self, groups: Iterable[int] | None = None) -> Iterator[ExpertData]:
         """ExpertData of at most read_rows rows, standardised with the partition's statistics: of `groups` in

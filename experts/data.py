@@ -2,14 +2,17 @@
 
 - `ExpertData`: rows as tensors (a read chunk, a shuffle buffer, or a whole small partition).
 - `ExpertSource` (issue 12: windows larger than memory): one partition (one day, one surface) read with
-  pyarrow in record batches of `read_rows` rows, never whole. Construction makes one pass for the per-row
+  pyarrow in record batches of `read_rows` rows, never whole. The LoopFM history arrives as the FM exported it,
+  int8 codes and a scale per entry (loop_hist_code, loop_hist_scale); `_standardized` dequantises it (the
+  float32 product ``code * scale``) just before standardising. Construction makes one pass for the per-row
   labels (N,) float32, the FM versions and the per-partition standardisation (`Standardization`); `chunks`
   then yields ExpertData in file order (or by Parquet row group, the shuffle unit of experts.stream).
-  - A partition of at most `buffer_rows` rows: that pass reads the label, fm_version, fm_tae and
-    loop_hist_repr columns only, for exactly `standardize`'s float32 statistics, and each later pass reads
+  - A partition of at most `buffer_rows` rows: that pass reads the label, fm_version, fm_tae and history
+    code and scale columns only, for exactly `standardize`'s float32 statistics, and each later pass reads
     Parquet (its callers read it once, whole: experts.stream.fitting).
-  - A larger one: that pass converts every row into a tensor cache on local disk (`_TensorCache`, ~3 KB a
-    row, unstandardised) and accumulates float64 statistics over the batches on the way (equal up to float32
+  - A larger one: that pass converts every row into a tensor cache on local disk (`_TensorCache`, raw: the
+    history still int8 codes, nothing standardised; ~1.1 KB a row of the bench lakes, 2.9 KB when it held
+    float32 entries) and accumulates float64 statistics over the batches on the way (equal up to float32
     rounding, about 1e-7 relative); every later pass reads the cache and standardises each chunk as it is
     read. One Parquet decode of the nested history column instead of two: measured on the 1M events/day
     bench lake, the separate statistics pass was 8.8 s of the expert stage's 34 s.
@@ -34,14 +37,14 @@ import pyarrow.parquet as pq
 import torch
 
 from experts.config import OWN_FEATURES, ExpertConfig
-from features.lake import DATA_FILE, Lake, PartitionNotFound, check_schema, parquet_reader
+from features.lake import DATA_FILE, Lake, PartitionNotFound, SchemaError, check_schema, parquet_reader
 from features.schemas import CLICK, EXPERT_EXAMPLES, FM_OUTPUTS, FM_VERSION
 from features.windows import Window
 
 READ_ROWS = 8192  # rows per record batch read; a multiple of the scoring batch (experts.evaluate.predict)
-TENSOR_COLUMNS = [*OWN_FEATURES, "fm_tae", "loop_hist_repr", "loop_hist_click", "fm_logit_click", "counters",
-                  CLICK, FM_VERSION]
-STATS_COLUMNS = [CLICK, FM_VERSION, "fm_tae", "loop_hist_repr"]
+TENSOR_COLUMNS = [*OWN_FEATURES, "fm_tae", "loop_hist_code", "loop_hist_scale", "loop_hist_click", "fm_logit_click",
+                  "counters", CLICK, FM_VERSION]
+STATS_COLUMNS = [CLICK, FM_VERSION, "fm_tae", "loop_hist_code", "loop_hist_scale"]
 
 
 @dataclass
@@ -102,34 +105,42 @@ def _vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), width)
 
 
-def _entries(arr: pa.Array, length: int, width: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _entries(arr: pa.Array, length: int, width: int | None, dtype: type = np.float32
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, slots, values) of the newest `length` entries of each list (they are ordered oldest -> newest),
-    row-major: entry j of row i sits in slot j; values (M, width) float32, (M,) when width is None."""
+    row-major: entry j of row i sits in slot j; values (M, width) of `dtype`, (M,) when width is None."""
     full = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
     lengths = np.minimum(full, length)
     rows = np.repeat(np.arange(len(arr)), lengths)
     slots = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     inner = arr.flatten()
     if not len(rows):
-        return rows, slots, np.zeros((0,) if width is None else (0, width), np.float32)
-    values = (inner if width is None else inner.flatten()).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        return rows, slots, np.zeros((0,) if width is None else (0, width), dtype)
+    values = (inner if width is None else inner.flatten()).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     values = values if width is None else values.reshape(len(inner), width)
     offsets = arr.offsets.to_numpy()
     starts = offsets[:-1] - offsets[0] + (full - lengths)  # flatten() starts at the first offset
     return rows, slots, values[np.repeat(starts, lengths) + slots]
 
 
-def _history(column: pa.ChunkedArray, length: int, width: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """list<fixed_size_list<float>[R]> -> (N, L, R) (list<scalar> with width None -> (N, L)), zero padded
+def _history(column: pa.ChunkedArray, length: int, width: int | None, dtype: type = np.float32
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """list<fixed_size_list<T>[R]> -> (N, L, R) of `dtype` (list<scalar> with width None -> (N, L)), zero padded
     after the entries, and the (N, L) mask."""
     arr = column.combine_chunks()
     n = len(arr)
-    out = np.zeros((n, length) if width is None else (n, length, width), dtype=np.float32)
+    out: np.ndarray = np.zeros((n, length) if width is None else (n, length, width), dtype=dtype)
     mask = np.zeros((n, length), dtype=bool)
-    rows, slots, values = _entries(arr, length, width)
+    rows, slots, values = _entries(arr, length, width, dtype)
     out[rows, slots] = values
     mask[rows, slots] = True
     return out, mask
+
+
+def _dequantised(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """History entries as float32: int8 codes (..., R) times their scales (...), one float32 product per value
+    (as LoopFM's int8 representation is read everywhere: fm_outputs' fm_repr * fm_repr_scale)."""
+    return np.multiply(codes, scales[..., None], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -211,22 +222,25 @@ def to_tensors(table: pa.Table, history_length: int, stats: Standardization | No
     `standardize` over its rows). Fails on an empty table."""
     data = _raw_tensors(table, history_length)
     if stats is None:
-        hist = data.tensors["loop_repr"][data.tensors["loop_mask"]].numpy()
+        hist = _real_entries(data)
         stats = Standardization(moments(data.tensors["tae"].numpy()), moments(hist) if len(hist) else None)
     return _standardized(data, stats)
 
 
 def _raw_tensors(table: pa.Table, history_length: int) -> ExpertData:
-    """`to_tensors` without the standardisation: tae and the history entries as the table holds them."""
+    """`to_tensors` without the standardisation: tae as the table holds it, the history as int8 codes
+    ``loop_code`` (N, L, R) and scales ``loop_scale`` (N, L) in place of ``loop_repr``."""
     if table.num_rows == 0:
         raise ValueError("expert_examples partition has no rows")
     cats = np.stack([table[c].to_numpy().astype(np.int64) for c in OWN_FEATURES], axis=1)  # (N, F)
-    width = table["loop_hist_repr"].type.value_type.list_size
-    hist, mask = _history(table["loop_hist_repr"], history_length, width)
-    clicks, _ = _history(table["loop_hist_click"], history_length, None)  # aligned with hist's slots
+    width = table["loop_hist_code"].type.value_type.list_size
+    codes, mask = _history(table["loop_hist_code"], history_length, width, np.int8)
+    scales, _ = _history(table["loop_hist_scale"], history_length, None)  # aligned with the codes' slots
+    clicks, _ = _history(table["loop_hist_click"], history_length, None)
     tensors = {
         "cats": torch.from_numpy(cats),
-        "loop_repr": torch.from_numpy(hist),
+        "loop_code": torch.from_numpy(codes),
+        "loop_scale": torch.from_numpy(scales),
         "loop_mask": torch.from_numpy(mask),
         "loop_click": torch.from_numpy(clicks),
         "tae": torch.from_numpy(_vectors(table["fm_tae"])),
@@ -238,14 +252,23 @@ def _raw_tensors(table: pa.Table, history_length: int) -> ExpertData:
     return ExpertData(tensors, label, versions)
 
 
+def _real_entries(raw: ExpertData) -> np.ndarray:
+    """The real (unmasked) history entries of raw ExpertData, dequantised: (M, R) float32."""
+    mask = raw.tensors["loop_mask"]
+    return _dequantised(raw.tensors["loop_code"][mask].numpy(), raw.tensors["loop_scale"][mask].numpy())
+
+
 def _standardized(data: ExpertData, stats: Standardization) -> ExpertData:
-    """`data` (raw, as `_raw_tensors` gives it) with tae and the real history entries standardised with
-    `stats` in place (`Moments.apply_` on the tensors' memory); padding stays 0."""
+    """`data` (raw, as `_raw_tensors` gives it) with the history dequantised into ``loop_repr`` (N, L, R)
+    float32, and tae and the real history entries standardised with `stats` in place (`Moments.apply_` on the
+    tensors' memory); padding stays 0."""
     t = data.tensors
     stats.tae.apply_(t["tae"].numpy())
+    hist = _dequantised(t.pop("loop_code").numpy(), t.pop("loop_scale").numpy())
     if stats.hist is not None:
-        stats.hist.apply_(t["loop_repr"].numpy())
-        t["loop_repr"].masked_fill_(~t["loop_mask"].unsqueeze(-1), 0.0)
+        stats.hist.apply_(hist)
+        hist[~t["loop_mask"].numpy()] = 0.0
+    t["loop_repr"] = torch.from_numpy(hist)
     return data
 
 
@@ -262,9 +285,12 @@ class ExpertSource:
         self.history_length, self.buffer_rows, self.read_rows = history_length, buffer_rows, read_rows
         with lake.fs.open_input_file(self.path) as f:
             meta = pq.ParquetFile(f)
-            check_schema(EXPERT_EXAMPLES, meta.schema_arrow, f"{EXPERT_EXAMPLES.name} {keys}")
+            try:
+                check_schema(EXPERT_EXAMPLES, meta.schema_arrow, f"{EXPERT_EXAMPLES.name} {keys}")
+            except SchemaError as exc:  # e.g. written before the history kept int8 codes: derived data, rebuild it
+                raise SchemaError(f"{exc}: rebuild it with {_build_command(preset, ds, surface)}") from None
             self.group_rows = [meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups)]
-            self.repr_dim = int(meta.schema_arrow.field("loop_hist_repr").type.value_type.list_size)
+            self.repr_dim = int(meta.schema_arrow.field("loop_hist_code").type.value_type.list_size)
             self.tae_dim = int(meta.schema_arrow.field("fm_tae").type.list_size)
         if not len(self):
             raise ValueError("expert_examples partition has no rows")
@@ -281,7 +307,7 @@ class ExpertSource:
         """Record batches of at most read_rows rows: of `groups` in that order (default: every row, in file order).
 
         One batch reader per row group, without pre-buffering (features.lake.parquet_reader): a pre-buffering
-        reader over the whole file kept the nested loop_hist_repr column's row groups until the file closed
+        reader over the whole file kept the nested history column's row groups until the file closed
         (measured: 1.4 GB of Arrow memory held after one pass over 591k rows)."""
         with self.lake.fs.open_input_file(self.path) as f:
             reader = parquet_reader(f)
@@ -298,7 +324,8 @@ class ExpertSource:
             labels.append(table[CLICK].to_numpy().astype(np.float32))
             versions |= set(pc.unique(table[FM_VERSION]).to_pylist())
             tae.add(_vectors(table["fm_tae"]))
-            hist.add(_entries(table["loop_hist_repr"].combine_chunks(), self.history_length, self.repr_dim)[2])
+            codes = _entries(table["loop_hist_code"].combine_chunks(), self.history_length, self.repr_dim, np.int8)[2]
+            hist.add(_dequantised(codes, _entries(table["loop_hist_scale"].combine_chunks(), self.history_length, None)[2]))
         return torch.from_numpy(np.concatenate(labels)), sorted(versions), _standardization(tae, hist)
 
     def _convert_once(self) -> tuple[_TensorCache, torch.Tensor, list[str], Standardization]:
@@ -314,7 +341,7 @@ class ExpertSource:
                     labels.append(chunk.label)
                     versions.update(chunk.fm_versions)
                     tae.add(chunk.tensors["tae"].numpy())
-                    hist.add(chunk.tensors["loop_repr"][chunk.tensors["loop_mask"]].numpy())
+                    hist.add(_real_entries(chunk))
                     yield g, chunk
 
         cache = _TensorCache.write(raw(), len(self.group_rows))
@@ -410,6 +437,10 @@ class ExamplesMissing(PartitionNotFound):
     """expert_examples(fm, ds, surface) was not built although the FM scored that window or an earlier one."""
 
 
+def _build_command(preset: str, ds: str, surface: str) -> str:
+    return f"`fmx experts examples --ds {ds} --surface {surface} --preset {preset}` (the DAG's expert_examples task)"
+
+
 def examples_for(lake: Lake, window: Window, surface: str, preset: str, history_length: int,
                  buffer_rows: int = ExpertConfig.shuffle_rows) -> ExpertSource | None:
     """expert_examples(window, surface) as an ExpertSource; None before the FM's first scores.
@@ -421,6 +452,5 @@ def examples_for(lake: Lake, window: Window, surface: str, preset: str, history_
             return None
         raise ExamplesMissing(
             f"{EXPERT_EXAMPLES.name}(fm={preset}, ds={window.ds}, surface={surface}) does not exist in lake {lake.uri}: "
-            f"build it first with `fmx experts examples --ds {window.ds} --surface {surface} --preset {preset}` "
-            "(the DAG's expert_examples task)")
+            f"build it first with {_build_command(preset, window.ds, surface)}")
     return ExpertSource(lake, preset, window.ds, surface, history_length, buffer_rows)

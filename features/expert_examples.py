@@ -9,8 +9,9 @@
 - ``counters``: the event's point-in-time counters (features.counters.window_counters over every
   surface's events of the window + the carried counter_state of window.prev(), built on demand) as the
   dense inputs features.counters.DENSE_NAMES: float32 vector, only events strictly before the event's ts;
-- LoopFM history: the user's last L FM representations (``fm_repr * fm_repr_scale``, dequantised) with
-  their click labels, from fm_outputs of ALL surfaces, with ts strictly before the event's ts. Day ds
+- LoopFM history: the user's last L FM representations with their click labels, kept compressed as the FM
+  exported them (int8 codes ``fm_repr`` and scales ``fm_repr_scale``: loop_hist_code, loop_hist_scale; the
+  expert dequantises, experts.data), from fm_outputs of ALL surfaces, with ts strictly before the event's ts. Day ds
   contributes its own earlier rows; older days come from the carried ``loop_state(fm=preset, ds)``.
 
 LOOP_STATE contract: ``loop_state(fm, ds=W)`` is the per-user last-L FM history at the END of window W,
@@ -37,7 +38,7 @@ import polars as pl
 
 from features.counters import CounterStream, dense_counters, read_counter_state, window_counters
 from features.history import HistoryStream, advance_state, asof_snapshot, history_features
-from features.lake import DATA_FILE, Lake, PartitionNotFound, merge_by_time
+from features.lake import DATA_FILE, Lake, PartitionNotFound, SchemaError, merge_by_time
 from features.schemas import (
     CLICK,
     EVENT_ID,
@@ -57,9 +58,10 @@ from features.schemas import (
 )
 from features.windows import Window
 
-LOOP_PAYLOAD = ("repr", CLICK, SURFACE)
+_LOOP_COLUMNS = [pl.col(f"hist_{c}").alias(f"loop_hist_{c}") for c in ("code", "scale", "click")]
+LOOP_PAYLOAD = ("code", "scale", CLICK, SURFACE)  # -> LOOP_STATE hist_code, hist_scale, hist_click, hist_surface
 SOURCE_VERSION = "fmx.source_fm_version"  # loop_state file metadata: the fm_version of the fm_outputs it read
-STREAM_CHUNK = 65_536  # events per chunk of a streamed window (build_expert_examples)  # -> hist_repr, hist_click, hist_surface (LOOP_STATE columns)
+STREAM_CHUNK = 65_536  # events per chunk of a streamed window (build_expert_examples)
 
 
 class MissingFMOutputs(PartitionNotFound):
@@ -109,8 +111,8 @@ def _one_version(frame: pl.DataFrame, what: str) -> str:
 
 
 def _loop_rows(lake: Lake, window: Window, preset: str) -> tuple[pl.DataFrame, str]:
-    """Every FM-scored event of the window (all surfaces): event_id, user_id, ts, repr, click, surface; and the
-    fm_version that scored them."""
+    """Every FM-scored event of the window (all surfaces): event_id, user_id, ts, code, scale, click, surface; and
+    the fm_version that scored them."""
     frames = []
     for surface in fm_surfaces(lake, window, preset):
         fm = lake.scan(FM_OUTPUTS.name, fm=preset, ds=window.ds, surface=surface).select(
@@ -122,7 +124,7 @@ def _loop_rows(lake: Lake, window: Window, preset: str) -> tuple[pl.DataFrame, s
         raise MissingFMOutputs(f"no fm_outputs for fm={preset} window {window} in {lake.uri}")
     rows = pl.concat(frames).collect()
     version = _one_version(rows, f"fm_outputs fm={preset} ds={window.ds} (all surfaces)")
-    return _dequantised(rows), version
+    return _loop_payload(rows), version
 
 
 def build_loop_state(lake: Lake, window: Window, preset: str, length: int = 20) -> str:
@@ -144,11 +146,15 @@ def _scored_version(lake: Lake, window: Window, preset: str, scored: list[str]) 
 
 
 def _is_current(lake: Lake, window: Window, preset: str, scored: list[str]) -> bool:
-    """Whether loop_state(fm=preset, window) exists and was built from the fm_outputs there now (`scored`: their
-    surfaces)."""
+    """Whether loop_state(fm=preset, window) exists, has today's schema and was built from the fm_outputs there now
+    (`scored`: their surfaces). A state of another schema (e.g. written before the history kept int8 codes) is
+    derived data: it is rebuilt like a stale one."""
     if not lake.exists(LOOP_STATE.name, fm=preset, ds=window.ds):
         return False
-    built_from = lake.file_metadata(LOOP_STATE.name, fm=preset, ds=window.ds).get(SOURCE_VERSION)
+    try:
+        built_from = lake.file_metadata(LOOP_STATE.name, fm=preset, ds=window.ds).get(SOURCE_VERSION)
+    except SchemaError:
+        return False
     return built_from == _scored_version(lake, window, preset, scored)
 
 
@@ -228,7 +234,7 @@ def expert_frame(lake: Lake, window: Window, surface: str, preset: str, history_
     _one_version(joined, f"fm_outputs fm={preset} ds={window.ds} surface={surface}")
     state = loop_state_before(lake, window, preset, history_length)
     hist = history_features(_loop_rows(lake, window, preset)[0].lazy(), state, history_length, LOOP_PAYLOAD)
-    hist = hist.select(EVENT_ID, pl.col("hist_repr").alias("loop_hist_repr"), pl.col("hist_click").alias("loop_hist_click"))
+    hist = hist.select(EVENT_ID, *_LOOP_COLUMNS)
     out = _with_side(joined.lazy(), _side(lake, window, USERS.name, USER_ID, USER_FEATURES), USER_ID, USER_FEATURES)
     out = _with_side(out, _side(lake, window, ITEMS.name, ITEM_ID, ITEM_FEATURES), ITEM_ID, ITEM_FEATURES)
     out = out.join(_counters(lake, window), on=EVENT_ID, how="left")
@@ -307,10 +313,9 @@ def stream_expert_frames(lake: Lake, window: Window, surface: str, preset: str, 
         mine = chunk.filter(pl.col(SURFACE) == surface)
         if mine.height == 0:
             if loop.height:
-                hist.features(_dequantised(loop))
+                hist.features(_loop_payload(loop))
             continue
-        h = hist.features(_dequantised(loop)).select(
-            EVENT_ID, pl.col("hist_repr").alias("loop_hist_repr"), pl.col("hist_click").alias("loop_hist_click"))
+        h = hist.features(_loop_payload(loop)).select(EVENT_ID, *_LOOP_COLUMNS)
         out = mine.drop("fm_repr", "fm_repr_scale").lazy()
         for side, key, cols in sides:
             out = _with_side(out, side, key, cols)
@@ -325,8 +330,9 @@ def stream_expert_frames(lake: Lake, window: Window, surface: str, preset: str, 
         raise EmptySurface(f"surface {surface!r} has no events in window {window}")
 
 
-def _dequantised(rows: pl.DataFrame) -> pl.DataFrame:
-    """_loop_rows' columns (event_id, user_id, ts, repr, click, surface) of FM-scored event rows."""
-    width = rows.schema["fm_repr"].size  # type: ignore[attr-defined]
-    dequant = pl.col("fm_repr").cast(pl.Array(pl.Float32, width)) * pl.col("fm_repr_scale")
-    return rows.select(EVENT_ID, USER_ID, TS, dequant.alias("repr"), CLICK, SURFACE)
+def _loop_payload(rows: pl.DataFrame) -> pl.DataFrame:
+    """_loop_rows' columns (event_id, user_id, ts, code, scale, click, surface) of FM-scored event rows: the
+    representation as exported, int8 codes and their scale (a quarter of the float32 vector's bytes in the
+    carried state, the examples table and the expert's tensor cache)."""
+    return rows.select(EVENT_ID, USER_ID, TS, pl.col("fm_repr").alias("code"), pl.col("fm_repr_scale").alias("scale"),
+                       CLICK, SURFACE)

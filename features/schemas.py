@@ -180,7 +180,8 @@ LOOP_STATE = TableSpec(
     (
         (USER_ID, pa.int64(), False),
         ("hist_ts", _list(TS_TYPE), False),
-        ("hist_repr", _list(Vector(pa.float32())), False),
+        ("hist_code", _list(Vector(pa.int8())), False),  # the FM's int8 representation codes (fm_repr) ...
+        ("hist_scale", _list(pa.float32()), False),  # ... and their scales (fm_repr_scale), as exported
         ("hist_click", _list(pa.int8()), False),
         ("hist_surface", _list(pa.string()), False),
     ),
@@ -200,7 +201,8 @@ EXPERT_EXAMPLES = TableSpec(
         (FM_VERSION, pa.string(), False),
         ("fm_logit_click", pa.float32(), False),
         ("fm_tae", Vector(pa.float32()), False),
-        ("loop_hist_repr", _list(Vector(pa.float32())), False),  # last L FM reprs, ts < this ts
+        ("loop_hist_code", _list(Vector(pa.int8())), False),  # last L FM reprs (int8 codes), ts < this ts ...
+        ("loop_hist_scale", _list(pa.float32()), False),  # ... each times its scale (as fm_outputs stores them)
         ("loop_hist_click", _list(pa.int8()), False),
         ("loop_hist_len", pa.int16(), False),
         ("counters", Vector(pa.float32()), False),  # features.counters.DENSE_NAMES, point in time

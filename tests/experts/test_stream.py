@@ -7,6 +7,8 @@ import gc
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from experts.promotion import score
 from experts.stream import fitting, serving_logits, shuffled_batches
 from experts.train import new_checkpoint, train_window
 from features.expert_examples import build_expert_examples
-from features.lake import Lake
+from features.lake import DATA_FILE, Lake, SchemaError
 from features.windows import Window
 from tests.experts.synth import make_lake
 
@@ -68,6 +70,42 @@ def test_streamed_standardisation_equals_the_whole_partitions(lake_days: tuple[L
     del tiny
     gc.collect()
     assert not os.path.exists(os.path.dirname(path))  # the cache goes with its source
+
+
+def test_the_history_is_the_fms_int8_codes_times_their_scales(lake_days: tuple[Lake, list[Window]]) -> None:
+    """expert_examples keeps the FM's history compressed; the expert's float32 input is code * scale, then
+    standardised over the real entries (padding stays 0)."""
+    lake, ws = lake_days
+    table = lake.read("expert_examples", fm="small", ds=ws[1].ds, surface="feed")
+    code_type = table.schema.field("loop_hist_code").type.value_type
+    assert code_type.value_type == pa.int8()
+    codes = table["loop_hist_code"].to_pylist()
+    scales = table["loop_hist_scale"].to_pylist()
+    entries = np.concatenate([np.asarray(c, np.float32).reshape(-1, code_type.list_size) * np.asarray(s, np.float32)[:, None]
+                              for c, s in zip(codes, scales, strict=True) if c])
+    data = to_tensors(table, 20)
+    assert "loop_code" not in data.tensors and len(entries) == int(data.tensors["loop_mask"].sum())
+    want = standardize(entries)
+    first = next(i for i, c in enumerate(codes) if len(c) >= 2)  # a row with two real entries, oldest first
+    got = data.tensors["loop_repr"][first]
+    np.testing.assert_array_equal(got[:len(codes[first])], want[sum(map(len, codes[:first])):][:len(codes[first])])
+    assert not got[len(codes[first]):].any()
+
+
+def test_a_partition_of_the_float32_history_schema_names_the_command_that_rebuilds_it(
+        lake_days: tuple[Lake, list[Window]]) -> None:
+    lake, ws = lake_days
+    path = f"{lake.partition_dir('expert_examples', fm='small', ds=ws[1].ds, surface='feed')}/{DATA_FILE}"
+    table = pq.read_table(path)
+    width = table.schema.field("loop_hist_code").type.value_type.list_size
+    old = table.drop_columns(["loop_hist_code", "loop_hist_scale"]).append_column(
+        "loop_hist_repr", table["loop_hist_code"].cast(pa.list_(pa.list_(pa.float32(), width))))
+    pq.write_table(old, path)
+    with pytest.raises(SchemaError, match=r"loop_hist_code.*rebuild it with `fmx experts examples --ds "
+                                          rf"{ws[1].ds} --surface feed --preset small`"):
+        _source(lake, ws[1])
+    build_expert_examples(lake, ws[1], "feed", "small")
+    assert len(_source(lake, ws[1])) == table.num_rows
 
 
 def test_a_partition_within_the_buffer_trains_exactly_as_in_memory(lake_days: tuple[Lake, list[Window]]) -> None:

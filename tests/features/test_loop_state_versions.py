@@ -5,9 +5,10 @@ later state, when an expert window next needs it (fm.export no longer deletes an
 from __future__ import annotations
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from features.expert_examples import SOURCE_VERSION, build_expert_examples, expert_frame
-from features.lake import Lake
+from features.lake import DATA_FILE, Lake
 from features.schemas import FM_OUTPUTS, LOOP_STATE
 from tests.experts.synth import make_lake, write_fm
 
@@ -51,3 +52,17 @@ def test_a_state_without_a_recorded_version_is_rebuilt(lake_uri: str) -> None:
     lake.write(LOOP_STATE.name, old.head(1), fm="small", ds=ws[1].ds)  # as written before states recorded one
     build_expert_examples(lake, ws[2], "feed", "small")
     assert lake.read(LOOP_STATE.name, fm="small", ds=ws[1].ds).num_rows == old.height
+
+
+def test_a_state_of_the_float32_history_schema_is_rebuilt(lake_uri: str) -> None:
+    """A lake written before the history kept the FM's int8 codes holds states with float32 ``hist_repr``:
+    derived data, rebuilt from fm_outputs when a window needs it, with the same rows as a fresh lake's."""
+    lake, ws = make_lake(lake_uri, days=3)
+    expected = expert_frame(lake, ws[2], "feed", "small")
+    new = pl.from_arrow(lake.read(LOOP_STATE.name, fm="small", ds=ws[1].ds))
+    width = new.schema["hist_code"].inner.size  # type: ignore[attr-defined]
+    old = new.with_columns(pl.col("hist_code").cast(pl.List(pl.Array(pl.Float32, width))).alias("hist_repr"))
+    path = f"{lake.partition_dir(LOOP_STATE.name, fm='small', ds=ws[1].ds)}/{DATA_FILE}"
+    pq.write_table(old.drop("hist_code", "hist_scale").to_arrow(), path, filesystem=lake.fs)
+    assert expert_frame(lake, ws[2], "feed", "small").equals(expected)
+    assert lake.read(LOOP_STATE.name, fm="small", ds=ws[1].ds).column_names == LOOP_STATE.columns

@@ -11,8 +11,8 @@
   dense inputs features.counters.DENSE_NAMES: float32 vector, only events strictly before the event's ts;
 - LoopFM history: the user's last L FM representations with their click labels, kept compressed as the FM
   exported them (int8 codes ``fm_repr`` and scales ``fm_repr_scale``: loop_hist_code, loop_hist_scale; the
-  expert dequantises, experts.data), from fm_outputs of ALL surfaces, with ts strictly before the event's ts. Day ds
-  contributes its own earlier rows; older days come from the carried ``loop_state(fm=preset, ds)``.
+  expert dequantises, experts.data), from fm_outputs of ALL surfaces, with ts strictly before the event's
+  ts. Day ds contributes its own earlier rows; older days come from the carried ``loop_state(fm=preset, ds)``.
 
 LOOP_STATE contract: ``loop_state(fm, ds=W)`` is the per-user last-L FM history at the END of window W,
 built from fm_outputs(fm, W, every surface) ⨝ events(W) and loop_state(fm, W.prev()). It is built once

@@ -25,6 +25,10 @@ the median wall and CPU seconds (marked "x3"; peak RSS: the largest): one run of
 machine varied by 16% (the expert at 1M: 28.5-33.2 s over five runs), near the 20% band the per-event verdict
 tests, while a 10M run averages that noise over minutes. Neither generate (setup) nor fm_train repeats: fm_train
 runs for minutes from 1M up, and a repeat at 0.1M would only lengthen a figure no per-event verdict reads.
+`--repeat-all` repeats the long runs too (every repeatable stage, every size: the 10M stages triple their ~4-7
+minutes each): a minutes-long run does not average this machine's noise out as assumed above. The expert at
+10M took 259.4 and 195.1 s in two runs of the same work on the same lake at 0e77d75 (user CPU 194 and 153 s),
+201.8-300.3 s over three at 73f5590.
 
 `--keep` keeps each size's lake in --workdir; `--reuse --stages a,b` reruns only those stages on a kept lake.
 
@@ -190,7 +194,7 @@ def spawn(stage: str, lake_uri: str, n: int, env: dict[str, str]) -> dict[str, A
 def measure(stage: str, lake_uri: str, n: int, env: dict[str, str]) -> dict[str, Any]:
     """One stage's figures: its run, or the median of REPEATS runs when it is short (module docstring)."""
     got = spawn(stage, lake_uri, n, env)
-    if "error" in got or stage not in REPEATABLE or got["seconds"] >= REPEAT_UNDER_S:
+    if "error" in got or stage not in REPEATABLE or (got["seconds"] >= REPEAT_UNDER_S and not ARGS.repeat_all):
         return got
     runs = [got] + [spawn(stage, lake_uri, n, env) for _ in range(REPEATS - 1)]
     failed = [r for r in runs if "error" in r]
@@ -288,6 +292,8 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true",
                    help="reuse a kept lake of the same size in --workdir (day 2 ingested): skip its setup")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--repeat-all", action="store_true",
+                   help=f"run every repeatable stage {REPEATS} times at every size, long ones too (module docstring)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--lake", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)

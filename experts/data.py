@@ -252,6 +252,13 @@ def _raw_tensors(table: pa.Table, history_length: int) -> ExpertData:
     return ExpertData(tensors, label, versions)
 
 
+def _table_entries(table: pa.Table, length: int, width: int) -> np.ndarray:
+    """The real history entries (each row's newest `length`) of an EXPERT_EXAMPLES table, dequantised: (M, width)
+    float32, as `_real_entries` gives them from the tensors."""
+    codes = _entries(table["loop_hist_code"].combine_chunks(), length, width, np.int8)[2]
+    return _dequantised(codes, _entries(table["loop_hist_scale"].combine_chunks(), length, None)[2])
+
+
 def _real_entries(raw: ExpertData) -> np.ndarray:
     """The real (unmasked) history entries of raw ExpertData, dequantised: (M, R) float32."""
     mask = raw.tensors["loop_mask"]
@@ -324,8 +331,7 @@ class ExpertSource:
             labels.append(table[CLICK].to_numpy().astype(np.float32))
             versions |= set(pc.unique(table[FM_VERSION]).to_pylist())
             tae.add(_vectors(table["fm_tae"]))
-            codes = _entries(table["loop_hist_code"].combine_chunks(), self.history_length, self.repr_dim, np.int8)[2]
-            hist.add(_dequantised(codes, _entries(table["loop_hist_scale"].combine_chunks(), self.history_length, None)[2]))
+            hist.add(_table_entries(table, self.history_length, self.repr_dim))
         return torch.from_numpy(np.concatenate(labels)), sorted(versions), _standardization(tae, hist)
 
     def _convert_once(self) -> tuple[_TensorCache, torch.Tensor, list[str], Standardization]:

@@ -30,6 +30,11 @@ minutes each): a minutes-long run does not average this machine's noise out as a
 10M took 259.4 and 195.1 s in two runs of the same work on the same lake at 0e77d75 (user CPU 194 and 153 s),
 201.8-300.3 s over three at 73f5590.
 
+Before each run the parent writes back the page cache's dirty pages (`os.sync()`): the kernel writes a file back
+~30 s after it was written (vm.dirty_expire_centisecs 3000 here) unless it exceeds the background threshold,
+so the last output of a stage (expert_examples at 1M: 476 MB) was written back inside the clock of the next
+run, which a ~25 s stage at 1M pays in full and a ~4 minute one at 10M amortises.
+
 `--keep` keeps each size's lake in --workdir; `--reuse --stages a,b` reruns only those stages on a kept lake.
 
 Prints one table row per (size, stage): peak RSS MB, wall s, CPU s (user + system: the figure a shared,
@@ -182,6 +187,9 @@ def child(stage: str, lake_uri: str, n: int) -> None:
 
 
 def spawn(stage: str, lake_uri: str, n: int, env: dict[str, str]) -> dict[str, Any]:
+    """Run `stage` in a child process (`child`), after writing back what earlier runs left dirty in the page
+    cache (module docstring); its figures."""
+    os.sync()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, "--lake", lake_uri, "--n", str(n)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]

@@ -75,12 +75,12 @@ def run_cmd(
         rerun=rerun,
         workers=workers,
     )
-    try:  # MLflow and its store for the closing table (~3 s) are made ready while the workers run
-        report = runner.run_job(cfg, echo=click.echo, warm_up=_warm_compare)
+    try:
+        report = runner.run_job(cfg, echo=click.echo, closing=compare_table)
     except runner.JobFailed as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("")
-    _print_compare(report.days)
+    click.echo(report.closing)
     click.echo("")
     total = time.perf_counter() - started
     click.echo(
@@ -102,20 +102,9 @@ def mlflow_command() -> str:
     return str(beside) if beside.exists() else (shutil.which("mlflow") or "mlflow")
 
 
-def _warm_compare() -> None:
-    """What the closing table's first query costs in a new process (~3 s, measured: MLflow's import, its
-    tracking store and the experiment's lookup), paid in a thread while the workers run the job."""
-    try:
-        import experts.compare  # noqa: F401
-        from common.tracking import setup
-
-        setup()
-    except Exception:  # noqa: BLE001 - a warm-up only: _print_compare raises what is wrong
-        pass
-
-
-def _print_compare(days: list[str]) -> None:
-    """The table `fmx compare --from FIRST --to LAST` prints for the days of this job."""
+def compare_table(days: list[str]) -> str:
+    """The table `fmx compare --from FIRST --to LAST` prints for the days of this job (run in a worker of
+    the job: fmx.run.runner.run_job's `closing`)."""
     from experts.compare import compare_rows, format_table
 
-    click.echo(format_table(compare_rows(ds_from=days[0], ds_to=days[-1])))
+    return format_table(compare_rows(ds_from=days[0], ds_to=days[-1]))

@@ -117,6 +117,12 @@ class DagRunner:
         for process in workers:
             process.join()
 
+    def call(self, fn: Any, *args: Any) -> Future:
+        """`fn(*args)` in a worker (after the task instances already handed out): work that needs what the
+        workers have ready (their imports, DB and tracking connections) but is no task, e.g. the closing
+        report. `fn` and `args` are pickled: a module-level function and plain values."""
+        return self._pool.submit(fn, *args)
+
     def sync(self) -> None:
         """Write the DAG bundle to the metadata DB once (DAG.test() does it on every call)."""
         from airflow.dag_processing.bundles.manager import DagBundlesManager
@@ -245,10 +251,9 @@ class DagRunner:
             ti.state = TaskInstanceState.SCHEDULED
             ti.scheduled_dttm = timezone.utcnow()
         session.commit()
-        return [
-            ti for ti in run.get_task_instances(session=session)
-            if ti.state == TaskInstanceState.SCHEDULED and (ti.task_id, ti.map_index) not in exclude
-        ]  # fmt: skip
+        # only the scheduled ones: all of them, as before, cost as much again as update_state's own query
+        scheduled = run.get_task_instances(state=TaskInstanceState.SCHEDULED, session=session)
+        return [ti for ti in scheduled if (ti.task_id, ti.map_index) not in exclude]
 
     def _dispatch(self, ti: Any, session: Any) -> Future:
         from airflow.utils.state import TaskInstanceState

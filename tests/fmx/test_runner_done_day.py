@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 def test_rerun_flag_reaches_fmx_fms_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[runner.JobConfig] = []
 
-    def fake_job(cfg: runner.JobConfig, echo: object = None, warm_up: object = None) -> runner.JobReport:
+    def fake_job(cfg: runner.JobConfig, echo: object = None, closing: object = None) -> runner.JobReport:
         seen.append(cfg)
         raise runner.JobFailed("stop here")
 
